@@ -1,0 +1,3 @@
+"""rft: reinforcement fine-tuning for language models (GRPO, DAPO, GSPO)."""
+
+__version__ = "0.1.0"

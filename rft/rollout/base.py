@@ -1,0 +1,51 @@
+"""The rollout-engine interface: prompts in, completion token ids and per-token log-probs out.
+
+Engines know nothing of the trainer. The trainer calls `generate`, and after each optimizer step
+`sync_weights(policy)` so the engine samples from the updated policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    greedy: bool = False
+
+
+@dataclass
+class RolloutOutput:
+    """Completions in prompt-major order: the n completions of prompt 0, then of prompt 1, ...
+
+    `logprobs[i][t]` is the sampler's log-probability of `completion_ids[i][t]`; `truncated[i]`
+    says the completion hit `max_new_tokens` without an end-of-sequence token.
+    """
+
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]] | None
+    truncated: list[bool]
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+        """Sample `n` completions for each prompt (token ids, no padding)."""
+        ...
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Make the engine sample from `policy`'s current weights."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        ...
