@@ -1,0 +1,66 @@
+"""The `rft` command: parse arguments, call library functions, print results. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rft.config import ConfigError, load_config
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set algorithm.eps_high=0.28 (repeatable)",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rft.trainer import Trainer
+
+    config = load_config(args.recipe, args.overrides)
+    trainer = Trainer(config, resume=args.resume if args.resume != "latest" else True)
+    results = trainer.train()
+    print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
+    if "before" in results and "after" in results:
+        before, after = results["before"], results["after"]
+        change = after["mean"] - before["mean"]
+        noise = (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
+        print(
+            f"held-out mean reward: base {before['mean']:.3f} ± {before['stderr']:.3f} -> "
+            f"trained {after['mean']:.3f} ± {after['stderr']:.3f} (n={after['count']}; change {change:+.3f}, "
+            f"{change / noise if noise else float('inf'):.1f} standard errors)"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rft", description="Reinforcement fine-tuning (GRPO / DAPO / GSPO).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a policy from a recipe")
+    _add_recipe_arguments(train)
+    train.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="continue from the run directory's latest checkpoint (or the one given)",
+    )
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

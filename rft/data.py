@@ -1,0 +1,207 @@
+"""Training and held-out rows: read, validate, turn into prompts, tokenize, check lengths.
+
+Accepted rows (DESIGN.md section 4):
+- Bedrock RFT: {"messages": [{"role": "system"|"user", "content": ...}, ...], "reference_answer": ..., ...}
+- TRL: {"prompt": "text" | [messages], ...columns}
+- anything else through `data.column_map` and `data.prompt_template`.
+Every other field is metadata: it reaches reward functions as a column and serves as an evaluation slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rft.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, Any]]
+
+
+class DataError(ValueError):
+    """Bad input rows; the message names the file, the line and the field."""
+
+
+@dataclass
+class Example:
+    """One prompt ready for sampling: what the model sees and what rewards see."""
+
+    prompt: str | Messages
+    prompt_ids: list[int]
+    row: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    rows: list[tuple[str, dict[str, Any]]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    return rows
+
+
+def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+    """Rows as (location, dict): a .jsonl/.json file, a `save_to_disk` folder, or `hf:name[:config]`."""
+    path = Path(source)
+    if path.suffix == ".jsonl" or (path.is_file() and path.suffix != ".json"):
+        if not path.is_file():
+            raise DataError(f"{source}: data file not found")
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise DataError(f"{source}: data file not found")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(payload, list):
+            raise DataError(f"{source}: a .json data file holds a list of objects")
+        return [(f"{source}[{i}]", row) for i, row in enumerate(payload)]
+    import datasets
+
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+    elif source.startswith("hf:"):
+        name, _, config_name = source[3:].partition(":")
+        dataset = datasets.load_dataset(name, config_name or None)
+    else:
+        raise DataError(f"{source}: not a .jsonl/.json file, a saved dataset folder, or hf:<dataset id>")
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{source}: no split {split!r} (has {sorted(dataset)})")
+        dataset = dataset[split]
+    return [(f"{source}[{i}]", dict(row)) for i, row in enumerate(dataset)]
+
+
+def _check_messages(messages: Any, where: str, name: str) -> Messages:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: field '{name}[{i}]' needs 'role' and 'content'")
+        if message["role"] not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"{where}: field '{name}[{i}].role' is {message['role']!r}; allowed: system, user, assistant, tool")
+    # Bedrock RFT rows may end with a reference assistant turn; the policy must write that turn itself.
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise DataError(f"{where}: field '{name}' has no system or user message")
+    return messages
+
+
+def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | Messages:
+    """The prompt of a row: chat messages (rendered later with the chat template) or plain text."""
+    if "messages" in row:
+        prompt: str | Messages = _check_messages(row["messages"], where, "messages")
+    elif "prompt" in row:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            prompt = _check_messages(prompt, where, "prompt")
+        elif not isinstance(prompt, str):
+            raise DataError(f"{where}: field 'prompt' must be a string or a list of messages")
+    elif config.prompt_template is not None:
+        try:
+            prompt = config.prompt_template.format(**row)
+        except KeyError as exc:
+            raise DataError(f"{where}: data.prompt_template needs field {exc.args[0]!r}; row has {sorted(row)}") from None
+    else:
+        raise DataError(
+            f"{where}: no 'messages' or 'prompt' field (row has {sorted(row)}); "
+            "map one with data.column_map or set data.prompt_template"
+        )
+    if isinstance(prompt, str) and config.use_chat_template:
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and config.system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": config.system_prompt}, *prompt]
+    return prompt
+
+
+def tokenize_prompt(prompt: str | Messages, tokenizer: Any) -> list[int]:
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def prepare_examples(
+    rows: list[tuple[str, dict[str, Any]]], config: DataConfig, tokenizer: Any | None, label: str
+) -> list[Example]:
+    """Validate every row first (cheap, all errors before heavy work), then tokenize and length-check."""
+    prepared: list[tuple[str, dict[str, Any], str | Messages]] = []
+    for where, raw_row in rows:
+        row = {config.column_map.get(key, key): value for key, value in raw_row.items()}
+        prepared.append((where, row, build_prompt(row, config, where)))
+    if tokenizer is None:
+        return [Example(prompt=prompt, prompt_ids=[], row=row, source=where) for where, row, prompt in prepared]
+    examples = []
+    dropped = 0
+    for where, row, prompt in prepared:
+        prompt_ids = tokenize_prompt(prompt, tokenizer)
+        if len(prompt_ids) > config.max_prompt_length:
+            dropped += 1
+            continue
+        examples.append(Example(prompt=prompt, prompt_ids=prompt_ids, row=row, source=where))
+    if dropped:
+        logger.warning(
+            "%s: dropped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+            label, dropped, len(prepared), config.max_prompt_length,
+        )
+    if not examples:
+        raise DataError(f"{label}: no usable prompts (all {len(prepared)} dropped or none given)")
+    return examples
+
+
+def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples. Without `data.eval`, `eval_size` rows are held out from train (seeded)."""
+    train_rows = read_rows(config.train, config.train_split)
+    if config.eval:
+        eval_rows = read_rows(config.eval, config.eval_split)
+    else:
+        shuffled = list(train_rows)
+        random.Random(seed).shuffle(shuffled)
+        eval_rows, train_rows = shuffled[: config.eval_size], shuffled[config.eval_size :]
+    if config.max_train_rows:
+        train_rows = train_rows[: config.max_train_rows]
+    if config.max_eval_rows:
+        eval_rows = eval_rows[: config.max_eval_rows]
+    train = prepare_examples(train_rows, config, tokenizer, f"train ({config.train})")
+    held_out = prepare_examples(eval_rows, config, tokenizer, f"held-out ({config.eval or config.train})") if eval_rows else []
+    return train, held_out
+
+
+class PromptSampler:
+    """Endless, seeded stream of training examples; its position is part of a checkpoint."""
+
+    def __init__(self, examples: list[Example], seed: int, shuffle: bool):
+        self.examples = examples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.position = 0
+        self._epoch = -1
+        self._order: list[int] = []
+
+    def take(self, count: int) -> list[Example]:
+        batch = []
+        for _ in range(count):
+            epoch, index = divmod(self.position, len(self.examples))
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, list(range(len(self.examples)))
+                if self.shuffle:
+                    random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            batch.append(self.examples[self._order[index]])
+            self.position += 1
+        return batch

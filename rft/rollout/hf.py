@@ -1,0 +1,87 @@
+"""Rollouts with transformers `generate`, sampling from the training policy itself (no weight sync)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rft.rollout.base import RolloutOutput, SamplingSettings
+
+
+class TransformersEngine:
+    """Samples with `model.generate` on left-padded prompt batches.
+
+    The engine holds the trainer's own model, so `sync_weights` has nothing to do. Log-probs are
+    those of the sampling distribution (after temperature / top-p / top-k), from
+    `compute_transition_scores`.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+        expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        truncated: list[bool] = []
+        eos_ids = self._eos_ids()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(expanded), self.batch_size):
+                chunk = expanded[start : start + self.batch_size]
+                ids, mask = self._left_pad(chunk)
+                output = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=sampling.max_new_tokens,
+                    do_sample=not sampling.greedy,
+                    temperature=None if sampling.greedy else sampling.temperature,
+                    top_p=None if sampling.greedy else sampling.top_p,
+                    top_k=None if sampling.greedy else (sampling.top_k or 0),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=sorted(eos_ids),
+                    return_dict_in_generate=True,
+                    output_scores=True,
+                )
+                new_tokens = output.sequences[:, ids.shape[1] :]
+                scores = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+                for row, row_scores in zip(new_tokens.tolist(), scores.tolist(), strict=True):
+                    length, ended = len(row), False
+                    for position, token in enumerate(row):
+                        if token in eos_ids:
+                            length, ended = position + 1, True
+                            break
+                    completions.append(row[:length])
+                    logprobs.append(row_scores[:length])
+                    truncated.append(not ended)
+        finally:
+            self.model.train(was_training)
+        return RolloutOutput(completion_ids=completions, logprobs=logprobs, truncated=truncated)
+
+    def _eos_ids(self) -> set[int]:
+        configured = self.model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, list) else [configured]) if configured is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+        return ids, mask
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Nothing to do: the engine samples from the policy object itself."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rft.config import PRESETS, ConfigError, dump_config, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minimal(**extra) -> dict:
+    return {"data": {"train": "rows.jsonl"}, "rewards": [{"fn": "rewards/arithmetic.py:final_number_correct"}], **extra}
+
+
+def test_quickstart_recipe_loads_and_resolves_paths() -> None:
+    config = load_config(REPO / "recipes" / "quickstart.yaml")
+    assert Path(config.data.train).is_file()
+    assert Path(config.rewards[0].fn.rsplit(":", 1)[0]).is_file()
+
+
+def test_override_parses_yaml_types() -> None:
+    config = load_config(raw=minimal(), overrides=["algorithm.eps_high=0.28", "lora.enabled=false", "rewards.0.weight=2"])
+    assert config.algorithm.eps_high == 0.28
+    assert config.lora.enabled is False
+    assert config.rewards[0].weight == 2.0
+
+
+def test_misspelt_field_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"algorithm\.eps_hihg: unknown field"):
+        load_config(raw=minimal(algorithm={"eps_hihg": 0.3}))
+
+
+def test_bad_choice_lists_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"algorithm\.loss_agg: got 'token_mean'.*'seq-mean-token-mean'.*'token-mean'"):
+        load_config(raw=minimal(algorithm={"loss_agg": "token_mean"}))
+
+
+def test_ill_typed_field_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(minimal(training={"steps": "many"})))
+    with pytest.raises(ConfigError, match=rf"{path}: training\.steps: "):
+        load_config(path)
+
+
+def test_preset_fills_unset_fields_and_explicit_fields_win() -> None:
+    config = load_config(raw=minimal(algorithm={"preset": "dapo", "eps_high": 0.3}))
+    assert config.algorithm.loss_agg == "token-mean"
+    assert config.algorithm.dynamic_sampling is True
+    assert config.algorithm.eps_high == 0.3
+    gspo = load_config(raw=minimal(algorithm={"preset": "gspo"})).algorithm
+    assert (gspo.importance_sampling_level, gspo.eps_low, gspo.eps_high) == ("sequence", 3e-4, 4e-4)
+    assert set(PRESETS) == {"grpo", "dapo", "gspo", "dr_grpo"}
+
+
+def test_resolved_config_round_trips() -> None:
+    config = load_config(raw=minimal(algorithm={"preset": "dr_grpo"}))
+    dumped = yaml.safe_load(dump_config(config))
+    assert dumped["algorithm"]["loss_agg"] == "seq-mean-token-sum-norm"
+    assert load_config(raw=dumped) == config
+
+
+def test_inconsistent_options_rejected() -> None:
+    with pytest.raises(ConfigError, match="scale: none"):
+        load_config(raw=minimal(algorithm={"advantage": "dr_grpo", "scale": "group"}))
+    with pytest.raises(ConfigError, match="group_size >= 2"):
+        load_config(raw=minimal(algorithm={"dynamic_sampling": True}, rollout={"group_size": 1}))
+
+
+def test_bad_override_syntax() -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(raw=minimal(), overrides=["algorithm.eps_high"])

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rft.config import DataConfig
+from rft.data import DataError, PromptSampler, load_splits, prepare_examples, read_rows
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_bedrock_rows_keep_metadata_and_drop_trailing_assistant(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "b.jsonl", [{
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "4"}],
+        "reference_answer": {"value": 4}, "domain": "maths",
+    }])
+    [example] = prepare_examples(read_rows(str(path), "train"), DataConfig(train=str(path)), None, "t")
+    assert example.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert example.row["reference_answer"] == {"value": 4} and example.row["domain"] == "maths"
+
+
+def test_bad_json_names_file_and_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a"}, "{not json"])
+    with pytest.raises(DataError, match=rf"{path}:2: not valid JSON"):
+        read_rows(str(path), "train")
+
+
+def test_bad_message_names_field(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "robot", "content": "hi"}]}])
+    with pytest.raises(DataError, match=rf"{path}:1: field 'messages\[0\]\.role' is 'robot'"):
+        prepare_examples(read_rows(str(path), "train"), DataConfig(train=str(path)), None, "t")
+
+
+def test_missing_prompt_suggests_mapping(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q"}])
+    with pytest.raises(DataError, match="column_map"):
+        prepare_examples(read_rows(str(path), "train"), DataConfig(train=str(path)), None, "t")
+
+
+def test_gsm8k_with_column_map_and_template(embedded_model_dir: Path) -> None:
+    from rft.models import load_tokenizer
+
+    config = DataConfig(
+        train=str(GSM8K), column_map={"answer": "reference_answer"}, prompt_template="{question}\nEnd with '#### n'.",
+        system_prompt="You are a careful maths tutor.", eval_size=5, max_train_rows=20,
+    )
+    train, held_out = load_splits(config, load_tokenizer(str(embedded_model_dir)), seed=0)
+    assert len(train) == 20 and len(held_out) == 5
+    assert train[0].prompt[0]["role"] == "system" and "####" in train[0].row["reference_answer"]
+    assert train[0].prompt_ids[-3:] != []  # tokenized through the chat template
+
+
+def test_long_prompts_are_dropped_not_truncated(tmp_path: Path, embedded_model_dir: Path, caplog) -> None:
+    from rft.models import load_tokenizer
+
+    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "short"}, {"prompt": "long " * 400}])
+    config = DataConfig(train=str(path), max_prompt_length=64)
+    train, _ = load_splits(config, load_tokenizer(str(embedded_model_dir)), seed=0)
+    assert [e.row["prompt"] for e in train] == ["short"]
+    assert "dropped 1 of 2 prompts" in caplog.text
+
+
+def test_sampler_is_seeded_and_resumable() -> None:
+    from rft.data import Example
+
+    examples = [Example(prompt=str(i), prompt_ids=[i]) for i in range(5)]
+    first = PromptSampler(examples, seed=3, shuffle=True)
+    sequence = [e.prompt for e in first.take(12)]
+    assert sorted(sequence[:5]) == [str(i) for i in range(5)]  # each epoch is a permutation
+    resumed = PromptSampler(examples, seed=3, shuffle=True)
+    resumed.position = 7
+    assert [e.prompt for e in resumed.take(5)] == sequence[7:12]
