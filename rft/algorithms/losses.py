@@ -1,0 +1,150 @@
+"""Clipped policy-gradient surrogates (GRPO, DAPO, GSPO) and their aggregation into one loss.
+
+Per-token tensors have shape (B, T): B completions, T the padded completion length. `mask` is 1
+(or True) on the completion tokens that count and 0 on padding. Advantages are one scalar per
+completion, shape (B,), broadcast to its tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+from ._masked import masked_max, masked_mean
+
+ImportanceSamplingLevel = Literal["token", "sequence"]
+LossAggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+
+
+def _gspo_token_ratio(log_ratio: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO-token ratio s_i,t = sg[s_i] * pi_theta(o_i,t) / sg[pi_theta(o_i,t)] (Zheng et al. 2025, Sec. 4.3).
+
+    s_i = exp(mean over the counted tokens of log(pi_theta / pi_old)), GSPO eq. 7: the geometric
+    mean of the token ratios.
+    """
+    log_s = log_ratio.sum(dim=-1, keepdim=True) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    # Every token carries the value s_i but the gradient of its own log-prob only; with one
+    # advantage per sequence this is GSPO's gradient (s_i * A_i / |o_i| per token after the
+    # per-sequence token mean). `where` keeps inf - inf on padding out of the graph.
+    own_logp = torch.where(mask, logp - logp.detach(), 0.0)
+    return torch.exp(log_s.detach() + own_logp)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    delta: float | None = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate loss, (B, T), already multiplied by `mask`, and its statistics.
+
+    l_i,t = -min(r_i,t * A_i, clip(r_i,t, 1 - eps_low, 1 + eps_high) * A_i)
+
+    - GRPO (Shao et al. 2024, DeepSeekMath eq. 3) with eps_low = eps_high; DAPO's clip-higher
+      (Yu et al. 2025) decouples them (0.2 / 0.28).
+    - `importance_sampling_level="sequence"`: GSPO (Zheng et al. 2025, eqs. 5 and 7) in its
+      GSPO-token form: r_i,t is replaced by s_i,t, whose value is the sequence ratio s_i.
+    - `delta` (dual clip of INTELLECT-2, Prime Intellect 2025, as in TRL): the ratio in the
+      unclipped term is capped at delta, so a negative-advantage token loses at most delta * |A|.
+    - `is_weights`: truncated importance-sampling weights (see `truncated_importance_weights`),
+      treated as constants, multiply the per-token loss.
+
+    Padding may hold any log-prob (even inf): it never reaches the loss or its gradient, and a row
+    without counted tokens contributes 0.
+
+    Stats (detached 0-dim tensors, means over the counted tokens): `clip_low` (ratio < 1 - eps_low
+    with A < 0), `clip_high` (ratio > 1 + eps_high with A > 0), `clip_region` (either: the tokens
+    whose gradient the clip removes), `ratio_mean`, `ratio_max`. For GSPO the ratio is s_i.
+    """
+    if importance_sampling_level not in get_args(ImportanceSamplingLevel):
+        raise ValueError(
+            f"importance_sampling_level {importance_sampling_level!r}: "
+            f"expected one of {get_args(ImportanceSamplingLevel)}"
+        )
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(
+            f"logp, old_logp and mask must share one (B, T) shape, got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(
+            f"advantages must have shape (B,) = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}"
+        )
+
+    counted = mask.bool()
+    # The old policy and the advantages are constants of the objective.
+    log_ratio = torch.where(counted, logp - old_logp.detach(), 0.0)
+    if importance_sampling_level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        ratio = _gspo_token_ratio(log_ratio, logp, counted)
+    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
+
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(unclipped * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
+    per_token = torch.where(counted, per_token, 0.0)
+
+    low = (ratio < 1 - eps_low) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
+    stats = {
+        "clip_low": masked_mean(low.to(logp.dtype), counted),
+        "clip_high": masked_mean(high.to(logp.dtype), counted),
+        "clip_region": masked_mean((low | high).to(logp.dtype), counted),
+        "ratio_mean": masked_mean(ratio, counted),
+        "ratio_max": masked_max(ratio, counted),
+    }
+    return per_token, stats
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_agg: LossAggregation,
+    num_sequences: int | float,
+    num_tokens: int | float,
+    max_completion_length: int,
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to the 0-dim loss of this micro-batch's share of the batch.
+
+    - `seq-mean-token-mean` (GRPO, Shao et al. 2024, DeepSeekMath eq. 3):
+      sum_i (sum_t l_i,t / max(1, sum_t m_i,t)) / num_sequences
+    - `token-mean` (DAPO, Yu et al. 2025, token-level policy gradient loss, eq. 8):
+      sum_i,t l_i,t / num_tokens
+    - `seq-mean-token-sum-norm` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training"):
+      sum_i (sum_t l_i,t / max_completion_length) / num_sequences
+
+    Built for gradient accumulation: `num_sequences` and `num_tokens` are the GLOBAL counts of the
+    whole batch (every micro-batch, every process), so the sum of the results over the
+    micro-batches is the loss of the whole batch, and so is its gradient. Dividing by per-micro-batch
+    counts instead would weight tokens by the size of the micro-batch they happened to land in.
+    Counts below 1 are read as 1, so a batch without counted tokens gives 0, not NaN.
+    Tokens outside `mask` are ignored whatever they hold (a KL term added to the loss, say).
+    """
+    if loss_agg not in get_args(LossAggregation):
+        raise ValueError(f"loss_agg {loss_agg!r}: expected one of {get_args(LossAggregation)}")
+    if max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    if per_token_loss.shape != mask.shape:
+        raise ValueError(
+            f"per_token_loss {tuple(per_token_loss.shape)} and mask {tuple(mask.shape)} differ in shape"
+        )
+    counted = mask.bool()
+    loss = torch.where(counted, per_token_loss, 0.0)
+    if loss_agg == "token-mean":
+        return loss.sum() / max(num_tokens, 1)
+    if loss_agg == "seq-mean-token-mean":
+        per_sequence = loss.sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)
+    else:
+        per_sequence = loss.sum(dim=-1) / max_completion_length
+    return per_sequence.sum() / max(num_sequences, 1)
