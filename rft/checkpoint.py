@@ -44,9 +44,14 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_policy(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """Adapter (peft) or full model, with the tokenizer, in `save_pretrained` layout."""
-    model.save_pretrained(directory)
+def save_policy(
+    model: torch.nn.Module, tokenizer: Any, directory: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Adapter (peft) or full model, with the tokenizer, in `save_pretrained` layout.
+
+    `state_dict`: the model's full weights when the live ones are sharded across processes (FSDP, ZeRO-3).
+    """
+    model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
 
 
@@ -58,17 +63,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     keep: int,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """Write a checkpoint; `state_dict` / `optimizer_state` stand in for sharded live ones (see `save_policy`)."""
     root = run_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{state.step:06d}"
     partial = root / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_policy(model, tokenizer, partial / "policy")
+    save_policy(model, tokenizer, partial / "policy", state_dict=state_dict)
     torch.save(
         {
             "state": state.__dict__,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_states(),
         },
@@ -95,6 +103,15 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainerState:
     """Restore weights, optimizer, scheduler and RNG from `checkpoint` into live objects."""
+    load_policy_weights(checkpoint, model)
+    payload = load_training_state(checkpoint)
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    return TrainerState(**payload["state"])
+
+
+def load_policy_weights(checkpoint: Path, model: torch.nn.Module) -> None:
+    """Copy the checkpoint's adapter (peft) or full weights into `model`."""
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -106,8 +123,10 @@ def load_checkpoint(
 
         saved = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict())
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state, optimizer and scheduler state dicts; restores the RNG states."""
     payload = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
     restore_rng_states(payload["rng"])
-    return TrainerState(**payload["state"])
+    return payload

@@ -135,6 +135,37 @@ def reference_policy(model: torch.nn.Module, reference: torch.nn.Module | None) 
         yield model
 
 
+class LogProbModel(torch.nn.Module):
+    """The policy with `completion_logprobs` as its forward: the module handed to `Accelerator.prepare`.
+
+    `completion_logprobs` runs the inner transformer and then the LM head in chunks, reaching past the
+    causal LM's own forward. Distributed wrappers hook the forward of the module they wrap: DDP's
+    reducer arms its gradient all-reduce there, FSDP2 gathers the root's shards there, DeepSpeed
+    ZeRO-3 gathers parameters module by module. Making the whole computation this module's forward
+    keeps every wrapper in the loop, at no cost in a single process.
+    """
+
+    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int):
+        super().__init__()
+        self.policy = policy
+        self.temperature = temperature
+        self.chunk_size = chunk_size
+        # FSDP2's auto-wrap policy reads the transformer blocks to shard from the model it is given.
+        self._no_split_modules = getattr(causal_lm(policy), "_no_split_modules", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_start: torch.Tensor,
+        completion_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logprobs(
+            self.policy, input_ids, attention_mask, completion_start, completion_lengths,
+            temperature=self.temperature, chunk_size=self.chunk_size,
+        )
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

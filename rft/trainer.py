@@ -16,17 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rft import algorithms
-from rft.checkpoint import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint, save_policy
-from rft.config import RecipeConfig, dump_config
+from rft import algorithms, distributed
+from rft.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_policy_weights,
+    load_training_state,
+    save_checkpoint,
+    save_policy,
+)
+from rft.config import ConfigError, RecipeConfig, dump_config
 from rft.data import Example, PromptSampler, load_splits
 from rft.evaluation import EvalResult, decode_completions, evaluate
-from rft.models import completion_logprobs, load_policy, reference_policy
+from rft.models import LogProbModel, load_policy, reference_policy
 from rft.rollout import make_engine
 from rft.rollout.base import SamplingSettings
 from rft.scoring import RewardScorer
@@ -59,6 +65,8 @@ class MicroBatch:
     mask: torch.Tensor
     advantages: torch.Tensor
     rollout_logp: torch.Tensor | None
+    # A stand-in with nothing to learn from, run so that this process joins every collective of the update.
+    padding: bool = False
 
 
 def _pad(rows: list[list[float]], width: int, value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -75,6 +83,36 @@ def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
     }
 
 
+def _pool_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """Per-process reward metrics over `n` completions each, combined as if computed on all of them.
+
+    Means and shares are weighted by the values they averaged (a reward's `none_share` says how many
+    of the `n` were present); a `.../std` (population, as the scorer computes it) is pooled from the
+    parts' means and stds.
+    """
+    def weight(part: dict[str, float], n: int, key: str) -> float:
+        prefix = key.rsplit("/", 1)[0]
+        if key.endswith("/none_share") or f"{prefix}/none_share" not in part:
+            return float(n)
+        return n * (1 - part[f"{prefix}/none_share"])
+
+    pooled: dict[str, float] = {}
+    for key in sorted({key for part, _ in parts for key in part}):
+        present = [(part, weight(part, n, key)) for part, n in parts if key in part]
+        total = sum(w for _, w in present)
+        if total == 0:
+            pooled[key] = present[0][0][key]
+            continue
+        prefix = key.rsplit("/", 1)[0]
+        if key.endswith("/std") and all(f"{prefix}/mean" in part for part, _ in present):
+            mean = sum(w * part[f"{prefix}/mean"] for part, w in present) / total
+            second_moment = sum(w * (part[key] ** 2 + part[f"{prefix}/mean"] ** 2) for part, w in present) / total
+            pooled[key] = math.sqrt(max(0.0, second_moment - mean**2))
+        else:
+            pooled[key] = sum(w * part[key] for part, w in present) / total
+    return pooled
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -84,7 +122,12 @@ def peak_memory_mb() -> float:
 class Trainer:
     def __init__(self, config: RecipeConfig, resume: bool | str = False):
         self.config = config
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = distributed.make_accelerator()
+        if config.training.prompts_per_step < self.accelerator.num_processes:
+            raise ConfigError(
+                f"training.prompts_per_step ({config.training.prompts_per_step}) is below the number of processes "
+                f"({self.accelerator.num_processes}): every process generates at least one group"
+            )
         if config.training.threads:
             torch.set_num_threads(config.training.threads)
         set_seed(config.training.seed)
@@ -93,10 +136,15 @@ class Trainer:
         self.scorer = RewardScorer(config.rewards)
         load_splits(config.data, None, config.training.seed)
         self.model, self.tokenizer = load_policy(config, self.accelerator.device)
+        checkpoint = self._checkpoint_to_resume(resume)
+        if checkpoint is not None:
+            # Before `prepare`: FSDP2 / ZeRO-3 then shard the restored weights, DDP broadcasts them.
+            load_policy_weights(checkpoint, self.model)
         self.reference = None
         if config.algorithm.beta > 0 and not config.lora.enabled:
             self.reference, _ = load_policy(config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})}), self.accelerator.device)
             self.reference.eval().requires_grad_(False)
+            self.reference = self._logprob_model(self.reference)
         self.train_examples, self.eval_examples = load_splits(config.data, self.tokenizer, config.training.seed)
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
         self.engine = make_engine(config, self.model, self.tokenizer)
@@ -110,15 +158,20 @@ class Trainer:
             config.training.lr_scheduler, self.optimizer, num_warmup_steps=config.training.warmup_steps,
             num_training_steps=updates,
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.policy = self.accelerator.unwrap_model(self.model)
+        # What gets prepared is the log-prob computation around the policy, so that DDP / FSDP2 / ZeRO-3
+        # see every forward of the update (see `LogProbModel`); the engine keeps the bare policy.
+        self.model, self.optimizer = self.accelerator.prepare(self._logprob_model(self.model), self.optimizer)
+        self.policy = self.accelerator.unwrap_model(self.model).policy
+        if self.accelerator.num_processes > 1:
+            # Same seed above for identical initialisation everywhere; now one sampling stream per process.
+            set_seed(config.training.seed + self.accelerator.process_index)
         self.sampling = SamplingSettings(
             max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
             top_p=config.rollout.top_p, top_k=config.rollout.top_k,
         )
         self.start_step = self.step = 0
-        if resume:
-            self._resume(resume)
+        if checkpoint is not None:
+            self._resume(checkpoint)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -138,7 +191,8 @@ class Trainer:
             update_start = time.perf_counter()
             update_metrics = self.update(batch) if len(batch) else {"update/skipped": 1.0}
             sync_start = time.perf_counter()
-            self.engine.sync_weights(self.policy)
+            with distributed.full_weights(self.accelerator, self.model):
+                self.engine.sync_weights(self.policy)
             now = time.perf_counter()
             metrics = {
                 **batch.metrics, **update_metrics,
@@ -161,7 +215,8 @@ class Trainer:
         self._save_final()
         if config.eval.after_training and self.eval_examples:
             results["after"] = self._evaluate("trained", step=config.training.steps).summary()
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if self.accelerator.is_main_process:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
         return results
 
     # ------------------------------------------------------------------ rollout and scoring
@@ -174,15 +229,24 @@ class Trainer:
         metrics: dict[str, float] = {"time/generation": 0.0, "time/reward": 0.0}
         generated_groups = zero_variance_groups = rounds_used = 0
         reward_metrics: list[dict[str, float]] = []
+        accelerator = self.accelerator
         for _ in range(rounds):
             rounds_used += 1
-            examples = self.sampler.take(wanted)
+            # Every process draws the same global prompts (so the data position is the same everywhere and
+            # resume works) and generates and scores whole groups for its own contiguous share.
+            examples = self.sampler.take(wanted)[
+                distributed.process_share(wanted, accelerator.process_index, accelerator.num_processes)
+            ]
             start = time.perf_counter()
-            rollout = self.engine.generate([e.prompt_ids for e in examples], group_size, self.sampling)
+            with distributed.full_weights(accelerator, self.model):
+                rollout = self.engine.generate([e.prompt_ids for e in examples], group_size, self.sampling)
             metrics["time/generation"] += time.perf_counter() - start
             start = time.perf_counter()
             groups, round_metrics = self._score(examples, rollout.completion_ids, rollout.logprobs, rollout.truncated)
             metrics["time/reward"] += time.perf_counter() - start
+            # From here on every process holds the global batch, in global prompt order, and takes the
+            # same decisions on it: advantages, dynamic sampling, metrics.
+            groups, round_metrics = self._gather_groups(groups, round_metrics, len(examples) * group_size)
             reward_metrics.append(round_metrics)
             generated_groups += len(groups)
             for group in groups:
@@ -207,6 +271,18 @@ class Trainer:
             metrics[key] = sum(m[key] for m in reward_metrics) / len(reward_metrics)
         metrics["groups/zero_variance_share"] = zero_variance_groups / max(1, generated_groups)
         return self._assemble(kept, metrics)
+
+    def _gather_groups(
+        self, groups: list[dict[str, Any]], metrics: dict[str, float], count: int
+    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """All processes' scored groups in process order, and their reward metrics weighted by completions."""
+        if self.accelerator.num_processes == 1:
+            return groups, metrics
+        gathered = distributed.gather_from_processes(self.accelerator, (groups, metrics, count))
+        combined = _pool_metrics([(part, n) for _, part, n in gathered])
+        # Whole-batch statistics are recomputed exactly from the gathered rewards.
+        combined.update(_stats("reward", torch.cat([g["rewards"] for part, _, _ in gathered for g in part])))
+        return [g for part, _, _ in gathered for g in part], combined
 
     def _score(
         self, examples: list[Example], completion_ids: list[list[int]], logprobs: list[list[float]] | None,
@@ -270,6 +346,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the update
     def _collate(self, batch: Batch, indices: list[int]) -> MicroBatch:
+        if not indices:
+            return self._padding_micro_batch(batch)
         pad = self.tokenizer.pad_token_id
         sequences = [batch.prompt_ids[i] + batch.completion_ids[i] for i in indices]
         width = max(len(s) for s in sequences)
@@ -293,18 +371,49 @@ class Trainer:
             rollout_logp=rollout_logp.to(device) if rollout_logp is not None else None,
         )
 
-    def _logprobs(self, model: torch.nn.Module, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        return completion_logprobs(
-            model, micro.input_ids, micro.attention_mask, micro.completion_start, micro.completion_lengths,
-            temperature=self.config.rollout.temperature, chunk_size=self.config.training.logprob_chunk_size,
+    def _padding_micro_batch(self, batch: Batch) -> MicroBatch:
+        """One fully masked token: a forward/backward with zero loss and zero gradient."""
+        device = self.accelerator.device
+        pad = self.tokenizer.pad_token_id
+        zeros = torch.zeros((1, 1), device=device)
+        return MicroBatch(
+            input_ids=torch.full((1, 2), pad, dtype=torch.long, device=device),
+            attention_mask=torch.ones((1, 2), dtype=torch.long, device=device),
+            completion_start=torch.ones(1, dtype=torch.long, device=device),
+            completion_lengths=torch.ones(1, dtype=torch.long, device=device),
+            mask=zeros, advantages=torch.zeros(1, device=device),
+            rollout_logp=zeros if batch.rollout_logprobs is not None else None, padding=True,
         )
 
+    def _logprob_model(self, policy: torch.nn.Module) -> LogProbModel:
+        return LogProbModel(
+            policy, temperature=self.config.rollout.temperature, chunk_size=self.config.training.logprob_chunk_size
+        )
+
+    def _logprobs(self, model: torch.nn.Module, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(micro.input_ids, micro.attention_mask, micro.completion_start, micro.completion_lengths)
+
     def _partition(self, size: int) -> list[list[list[int]]]:
-        """Mini-batches (one optimizer update each) of micro-batches (one forward/backward each)."""
-        training = self.config.training
+        """This process's micro-batches (one forward/backward each) of each mini-batch (one optimizer update).
+
+        Mini-batches are cut from the global batch the same way in every process; each process takes
+        its share of every mini-batch. Shares may differ by a sequence or, under dynamic sampling, be
+        empty, so a process short of micro-batches gets padding ones (an empty index list): every
+        process must run as many forward/backward passes as the others, since each pass holds
+        collectives (DDP's gradient all-reduce and buffer broadcast, FSDP2 / ZeRO-3 parameter gathers).
+        """
+        training, accelerator = self.config.training, self.accelerator
+        processes, per_micro = accelerator.num_processes, training.micro_batch_size
         per_mini = math.ceil(size / training.mini_batches)
-        minis = [list(range(s, min(s + per_mini, size))) for s in range(0, size, per_mini)]
-        return [[mini[s : s + training.micro_batch_size] for s in range(0, len(mini), training.micro_batch_size)] for mini in minis]
+        partition = []
+        for start in range(0, size, per_mini):
+            mini = list(range(start, min(start + per_mini, size)))
+            shares = [mini[distributed.process_share(len(mini), rank, processes)] for rank in range(processes)]
+            passes = max(math.ceil(len(share) / per_micro) for share in shares)
+            own = shares[accelerator.process_index]
+            micros = [own[s : s + per_micro] for s in range(0, len(own), per_micro)]
+            partition.append(micros + [[]] * (passes - len(micros)))
+        return partition
 
     def update(self, batch: Batch) -> dict[str, float]:
         config, algorithm = self.config, self.config.algorithm
@@ -322,7 +431,9 @@ class Trainer:
                     old_logps[i] = self._logprobs(self.model, micro)[0]
                 if algorithm.beta > 0:
                     with reference_policy(self.policy, self.reference) as reference:
-                        ref_logps[i] = self._logprobs(reference, micro)[0]
+                        # With LoRA the reference is the policy itself, adapter off: run it through the
+                        # prepared module like every other forward.
+                        ref_logps[i] = self._logprobs(self.model if reference is self.policy else reference, micro)[0]
         metrics: dict[str, float] = {"time/logprobs": time.perf_counter() - start}
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -331,68 +442,91 @@ class Trainer:
             sums[key] = sums.get(key, 0.0) + value
             counts[key] = counts.get(key, 0) + 1
 
-        processes = self.accelerator.num_processes
+        accelerator = self.accelerator
         micro_index = 0
         for _ in range(algorithm.num_iterations):
             micro_index = 0
             for mini in partition:
                 minis = micro_batches[micro_index : micro_index + len(mini)]
-                update_loss = 0.0
+                update_loss = torch.zeros((), device=accelerator.device)
                 # Global normalisers over the whole mini-batch (all micro-batches, all processes):
                 # this is what makes token-mean independent of how the batch is split.
+                real = [m for m in minis if not m.padding]
                 totals = torch.tensor(
-                    [float(sum(m.mask.shape[0] for m in minis)), float(sum(m.mask.sum().item() for m in minis))],
-                    device=self.accelerator.device,
+                    [float(sum(m.mask.shape[0] for m in real)), float(sum(m.mask.sum().item() for m in real))],
+                    device=accelerator.device,
                 )
-                num_sequences, num_tokens = self.accelerator.reduce(totals, reduction="sum").tolist()
-                for micro in minis:
-                    logp, entropy = self._logprobs(self.model, micro)
-                    old_logp = logp.detach() if reuse_current else old_logps[micro_index]
-                    is_weights = None
-                    if micro.rollout_logp is not None:
-                        mismatch = algorithms.rollout_mismatch(old_logp, micro.rollout_logp, micro.mask)
-                        for key, value in mismatch.items():
-                            record(f"rollout/{key}", value.item())
-                        if algorithm.tis_cap is not None:
-                            is_weights, tis_stats = algorithms.truncated_importance_weights(
-                                old_logp, micro.rollout_logp, micro.mask, algorithm.tis_cap
-                            )
-                            record("rollout/tis_capped_share", tis_stats["tis_capped_share"].item())
-                    per_token, stats = algorithms.policy_loss(
-                        logp, old_logp, micro.advantages, micro.mask,
-                        eps_low=algorithm.eps_low, eps_high=algorithm.eps_high, delta=algorithm.delta,
-                        importance_sampling_level=algorithm.importance_sampling_level, is_weights=is_weights,
-                    )
-                    if ref_logps[micro_index] is not None:
-                        kl = algorithms.kl_penalty(logp, ref_logps[micro_index], algorithm.kl_estimator)
-                        per_token = per_token + algorithm.beta * kl * micro.mask
-                        record("kl/ref", ((kl * micro.mask).sum() / micro.mask.sum().clamp(min=1)).item())
-                    loss = algorithms.aggregate_loss(
-                        per_token, micro.mask, loss_agg=algorithm.loss_agg, num_sequences=num_sequences,
-                        num_tokens=max(num_tokens, 1.0), max_completion_length=config.rollout.max_new_tokens,
-                    )
-                    # DDP averages gradients over processes; the loss is already a global sum.
-                    self.accelerator.backward(loss * processes)
+                num_sequences, num_tokens = accelerator.reduce(totals, reduction="sum").tolist()
+                for position, micro in enumerate(minis):
+                    with distributed.accumulate_gradients(accelerator, self.model, sync=position == len(minis) - 1):
+                        logp, entropy = self._logprobs(self.model, micro)
+                        old_logp = logp.detach() if reuse_current else old_logps[micro_index]
+                        is_weights = tis_stats = mismatch = kl = None
+                        if micro.rollout_logp is not None:
+                            mismatch = algorithms.rollout_mismatch(old_logp, micro.rollout_logp, micro.mask)
+                            if algorithm.tis_cap is not None:
+                                is_weights, tis_stats = algorithms.truncated_importance_weights(
+                                    old_logp, micro.rollout_logp, micro.mask, algorithm.tis_cap
+                                )
+                        per_token, stats = algorithms.policy_loss(
+                            logp, old_logp, micro.advantages, micro.mask,
+                            eps_low=algorithm.eps_low, eps_high=algorithm.eps_high, delta=algorithm.delta,
+                            importance_sampling_level=algorithm.importance_sampling_level, is_weights=is_weights,
+                        )
+                        if ref_logps[micro_index] is not None:
+                            kl = algorithms.kl_penalty(logp, ref_logps[micro_index], algorithm.kl_estimator)
+                            per_token = per_token + algorithm.beta * kl * micro.mask
+                        loss = algorithms.aggregate_loss(
+                            per_token, micro.mask, loss_agg=algorithm.loss_agg, num_sequences=num_sequences,
+                            num_tokens=max(num_tokens, 1.0), max_completion_length=config.rollout.max_new_tokens,
+                        )
+                        # The loss is this micro-batch's share of the global loss, and DDP / FSDP2 / ZeRO-3
+                        # average gradients over processes: scaling by their number makes the result the
+                        # gradient of the global loss.
+                        accelerator.backward(loss * accelerator.num_processes)
+                    micro_index += 1
+                    update_loss += loss.detach()
+                    if micro.padding:
+                        continue
                     token_count = micro.mask.sum().clamp(min=1)
-                    update_loss += loss.item()
+                    for key, value in (mismatch or {}).items():
+                        record(f"rollout/{key}", value.item())
+                    if tis_stats is not None:
+                        record("rollout/tis_capped_share", tis_stats["tis_capped_share"].item())
+                    if kl is not None:
+                        record("kl/ref", ((kl * micro.mask).sum() / token_count).item())
                     record("entropy", ((entropy * micro.mask).sum() / token_count).item())
                     kl_old = algorithms.kl_penalty(logp.detach(), old_logp, "k3")
                     record("kl/old", ((kl_old * micro.mask).sum() / token_count).item())
                     for key, value in stats.items():
                         record(f"clip/{key}" if key.startswith("clip") else f"policy/{key}", value.item())
-                    micro_index += 1
                 if config.training.max_grad_norm is not None:
-                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.training.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.training.max_grad_norm)
                 else:
                     grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None))
-                record("loss", update_loss)
+                record("loss", accelerator.reduce(update_loss, reduction="sum").item())
                 record("grad_norm", float(grad_norm))
                 record("learning_rate", self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        metrics.update({key: total / counts[key] for key, total in sums.items()})
+        metrics.update(self._combine_update_metrics(sums, counts))
         return metrics
+
+    def _combine_update_metrics(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        """Per-micro-batch averages over every process's micro-batches (global values are the same everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return {key: total / counts[key] for key, total in sums.items()}
+        total_sums: dict[str, float] = {}
+        total_counts: dict[str, int] = {}
+        for part_sums, part_counts in distributed.gather_from_processes(self.accelerator, (sums, counts)):
+            for key, value in part_sums.items():
+                total_sums[key] = total_sums.get(key, 0.0) + value
+                total_counts[key] = total_counts.get(key, 0) + part_counts[key]
+        for key in ("loss", "grad_norm", "learning_rate"):
+            # Already global and identical in every process: counted once, not once per process.
+            total_sums[key], total_counts[key] = sums[key], counts[key]
+        return {key: total / total_counts[key] for key, total in total_sums.items()}
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def _evaluate(self, label: str, step: int) -> EvalResult:
@@ -402,7 +536,8 @@ class Trainer:
             temperature=self.config.rollout.temperature, top_p=self.config.rollout.top_p,
             top_k=self.config.rollout.top_k, greedy=eval_config.greedy,
         )
-        result = evaluate(label, self.engine, self.tokenizer, self.eval_examples, self.scorer, sampling, eval_config.batch_size)
+        with distributed.full_weights(self.accelerator, self.model):
+            result = evaluate(label, self.engine, self.tokenizer, self.eval_examples, self.scorer, sampling, eval_config.batch_size)
         if self.accelerator.is_main_process:
             record = {"step": step, **result.summary(), "samples": result.samples}
             with (self.run_dir / "evaluations.jsonl").open("a") as handle:
@@ -437,30 +572,49 @@ class Trainer:
         return TrainerState(step=step, data_position=self.sampler.position, engine_name=self.engine.name)
 
     def _save(self, step: int) -> None:
+        # Every process takes part in gathering sharded weights; only the main one writes.
+        state_dict = distributed.full_state_dict(self.accelerator, self.model, prefix="policy.")
+        optimizer_state = distributed.optimizer_state(self.accelerator, self.model, self.optimizer)
         if self.accelerator.is_main_process:
             save_checkpoint(
                 self.run_dir, self._state(step), self.policy, self.tokenizer, self.optimizer, self.scheduler,
-                keep=self.config.output.keep_checkpoints,
+                keep=self.config.output.keep_checkpoints, state_dict=state_dict, optimizer_state=optimizer_state,
             )
+        # Nobody moves on (or resumes, or exits) before the checkpoint is complete.
         self.accelerator.wait_for_everyone()
 
     def _save_final(self) -> None:
+        state_dict = distributed.full_state_dict(self.accelerator, self.model, prefix="policy.")
         if self.accelerator.is_main_process:
-            save_policy(self.policy, self.tokenizer, self.run_dir / "final")
+            save_policy(self.policy, self.tokenizer, self.run_dir / "final", state_dict=state_dict)
+        self.accelerator.wait_for_everyone()
 
-    def _resume(self, resume: bool | str) -> None:
+    def _checkpoint_to_resume(self, resume: bool | str) -> Path | None:
+        if not resume:
+            return None
         checkpoints = list_checkpoints(self.run_dir)
         checkpoint = Path(resume) if isinstance(resume, str) else (checkpoints[-1] if checkpoints else None)
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s; starting from scratch", self.run_dir / "checkpoints")
-            return
-        state = load_checkpoint(checkpoint, self.policy, self.optimizer, self.scheduler)
+        return checkpoint
+
+    def _resume(self, checkpoint: Path) -> None:
+        """Everything but the weights (already loaded before `prepare`); every process reads the same checkpoint."""
+        payload = load_training_state(checkpoint)
+        if not distributed.load_optimizer_state(self.accelerator, self.model, self.optimizer, payload["optimizer"]):
+            logger.warning("%s holds no optimizer state (DeepSpeed ZeRO-3): the optimizer moments restart", checkpoint)
+        self.scheduler.load_state_dict(payload["scheduler"])
+        state = TrainerState(**payload["state"])
         self.start_step = state.step
         self.sampler.position = state.data_position
-        self.engine.sync_weights(self.policy)
+        if self.accelerator.num_processes > 1:
+            # The checkpoint holds the main process's random state; give each process its own stream again.
+            set_seed(self.config.training.seed + self.accelerator.process_index + 1_000_003 * state.step)
+        with distributed.full_weights(self.accelerator, self.model):
+            self.engine.sync_weights(self.policy)
         # Metrics written after the checkpoint belong to the lost part of the killed run.
         metrics_path = self.run_dir / "metrics.jsonl"
-        if metrics_path.exists():
+        if metrics_path.exists() and self.accelerator.is_main_process:
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))
         logger.info("resumed from %s at step %d", checkpoint, state.step)
