@@ -124,13 +124,22 @@ def full_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[N
             finally:
                 add_hooks(model)
         return
+    with fsdp2_full_weights(model, bool(accelerator.state.fsdp_plugin.reshard_after_forward)):
+        yield
+
+
+@contextmanager
+def fsdp2_full_weights(model: torch.nn.Module, reshard_after_forward: bool) -> Iterator[None]:
+    """`full_weights` for a model sharded with FSDP2's `fully_shard` (root and blocks).
+
+    `reshard_after_forward`: the blocks' setting, restored on the way out.
+    """
     from torch.distributed.fsdp import FSDPModule
 
     root, *blocks = [module for module in model.modules() if isinstance(module, FSDPModule)]
     # FSDP2 initialises its state on the root's first forward and refuses a block called before it;
     # generation calls the policy's blocks directly, so initialise here (there is no public call).
     root._get_fsdp_state()._lazy_init()
-    reshard = bool(accelerator.state.fsdp_plugin.reshard_after_forward)
     for unit in (root, *blocks):
         unit.unshard()
     for block in blocks:
@@ -140,7 +149,7 @@ def full_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[N
         yield
     finally:
         for block in blocks:
-            block.set_reshard_after_forward(reshard, recurse=False)
+            block.set_reshard_after_forward(reshard_after_forward, recurse=False)
         for unit in (root, *blocks):
             unit.reshard()
 
@@ -188,3 +197,29 @@ def load_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optim
         return True
     optimizer.load_state_dict(state)
     return True
+
+
+def configure_strategy(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float | None) -> None:
+    """Check the sharding strategy and fill the DeepSpeed settings `accelerate` would take from a dataloader.
+
+    FSDP must be version 2 (`full_weights` and the optimizer checkpoint use FSDP2's API). Gradient
+    accumulation is driven by the trainer (`accumulate_gradients` marks the boundary), so DeepSpeed's
+    own accumulation count must stay 1: above 1 it would also divide every loss by it.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError("FSDP: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/fsdp2.yaml)")
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if plugin.is_auto("gradient_accumulation_steps"):
+        config["gradient_accumulation_steps"] = 1
+    if config.get("gradient_accumulation_steps", 1) != 1:
+        raise ValueError(
+            "DeepSpeed config: gradient_accumulation_steps must be 1 (or auto); the trainer accumulates over "
+            "training.micro_batch_size itself"
+        )
+    if plugin.is_auto("gradient_clipping"):
+        config["gradient_clipping"] = max_grad_norm or 0.0

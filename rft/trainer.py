@@ -158,6 +158,7 @@ class Trainer:
             config.training.lr_scheduler, self.optimizer, num_warmup_steps=config.training.warmup_steps,
             num_training_steps=updates,
         )
+        distributed.configure_strategy(self.accelerator, config.training.micro_batch_size, config.training.max_grad_norm)
         # What gets prepared is the log-prob computation around the policy, so that DDP / FSDP2 / ZeRO-3
         # see every forward of the update (see `LogProbModel`); the engine keeps the bare policy.
         self.model, self.optimizer = self.accelerator.prepare(self._logprob_model(self.model), self.optimizer)
@@ -505,7 +506,8 @@ class Trainer:
                 else:
                     grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None))
                 record("loss", accelerator.reduce(update_loss, reduction="sum").item())
-                record("grad_norm", float(grad_norm))
+                # DeepSpeed clips inside its engine and may report no norm.
+                record("grad_norm", float(grad_norm) if grad_norm is not None else math.nan)
                 record("learning_rate", self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.scheduler.step()

@@ -196,3 +196,13 @@ def test_collective_timeout_reads_the_environment(monkeypatch: pytest.MonkeyPatc
         distributed.collective_timeout()
     monkeypatch.delenv(distributed.TIMEOUT_ENV)
     assert distributed.collective_timeout().total_seconds() == distributed.DEFAULT_TIMEOUT_S
+
+
+def test_fsdp2_logprob_gradients_and_generation(stopping_model_dir: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(REPO / "tests" / "fsdp2_worker.py"), str(stopping_model_dir),
+    ]
+    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.count("fsdp2 ok") == 2
