@@ -26,6 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
+class RewardContractError(Exception):
+    """A reward broke its contract (wrong number of values, results for unknown ids): raising it
+    stops the run at once whatever `scoring.on_error` says, since every later batch would fail too."""
+
+
 class RewardValues(list):
     """A list of rewards that also carries per-completion components and counters for logging."""
 

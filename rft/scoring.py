@@ -19,8 +19,9 @@ non-number is a *failure*, handled by `scoring.on_error`:
 - `stop`: `RewardError` at the first failure.
 
 Failures are counted in the metrics under every policy. A function that returns something other
-than a list, or the wrong number of values, breaks its contract: `RewardError` at once, whatever the
-policy, because every later batch would fail the same way.
+than a list, or the wrong number of values, or raises `rewards.base.RewardContractError` (e.g. a
+Bedrock Lambda answering for ids it was not sent), breaks its contract: `RewardError` at once,
+whatever the policy, because every later batch would fail the same way.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rewards.base import RewardValues
+from rewards.base import RewardContractError, RewardValues
 from rft.config import RewardConfig, ScoringConfig
 
 RewardFunction = Callable[..., Any]
@@ -258,6 +259,8 @@ class RewardScorer:
                 continue
             del deadlines[index]
             call = calls[index]
+            if isinstance(error, RewardContractError):
+                raise RewardError(f"reward {call.reward.name!r}: {error}") from error
             if error is not None:
                 outcomes[index] = _Outcome(
                     failure=f"reward {call.reward.name!r} raised {type(error).__name__}: {error}", kind="error"
