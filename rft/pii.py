@@ -127,7 +127,15 @@ class PIIDetector:
 
 
 def canonical(span: PIISpan) -> str:
-    """A form of a PII value that survives reformatting: digits only for numbers, lower case otherwise."""
+    """A form of a PII value that survives reformatting: a phone number's national digits (so
+    "+1 (415) 555-0132" and "415.555.0132" agree), other numbers' digits, lower case otherwise."""
+    if span.entity == "PHONE_NUMBER":
+        import phonenumbers  # Presidio's own phone dependency
+
+        try:
+            return str(phonenumbers.parse(span.text, "US").national_number)
+        except phonenumbers.NumberParseException:
+            pass
     if span.entity in ("PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "US_ITIN", "UK_NHS"):
         return "".join(ch for ch in span.text if ch.isdigit())
     return "".join(span.text.lower().split())

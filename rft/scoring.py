@@ -99,10 +99,13 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
         raise RewardError(f"reward {spec!r}: {type(target).__name__} is not callable")
     name = getattr(target, "__name__", spec.rsplit(":", 1)[1])
     if kwargs:
-        try:
-            inspect.signature(target).bind_partial(**kwargs)
-        except TypeError as exc:
-            raise RewardError(f"reward {spec!r}: kwargs {sorted(kwargs)} do not fit {name}: {exc}") from exc
+        # Named parameters only: a reward's **kwargs also catches the dataset columns, so a misspelt
+        # recipe kwarg would otherwise vanish into it without a word.
+        parameters = inspect.signature(target).parameters
+        named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(named))
+        if unknown:
+            raise RewardError(f"reward {spec!r}: unknown kwargs {unknown}; {name} takes {named}")
         target = functools.partial(target, **kwargs)
     return name, target
 
