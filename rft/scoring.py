@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
 import queue
+import re
 import sys
 import threading
 import time
@@ -63,7 +65,11 @@ def load_function(spec: str) -> Callable[..., Any]:
         path = Path(target)
         if not path.is_file():
             raise RewardError(f"reward {spec!r}: file {target} not found")
-        module_name = f"rft_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
+        # One module per file path and content: two rewards from one file share its state, as an
+        # import would, and a file rewritten in the same process is loaded afresh.
+        digest = hashlib.sha256(f"{path.resolve()}\0".encode() + path.read_bytes()).hexdigest()[:16]
+        stem = re.sub(r"\W", "_", path.stem)
+        module_name = f"rft_reward_{stem}_{digest}"
         module = sys.modules.get(module_name)
         if module is None:
             module_spec = importlib.util.spec_from_file_location(module_name, path)
