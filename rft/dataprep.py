@@ -20,7 +20,7 @@ What happens, in order, each step counted in the printed report:
    field, or is dropped (`--assistant reference|metadata|drop`).
 3. PII redaction (rft/pii.py: Presidio's validated pattern recognizers, offline) of every message
    and the reply: emails, phone and card numbers, IBANs, IP addresses, US SSN... become `<ENTITY>`.
-4. Near-duplicate removal: MinHash (datasketch) of the prompt's word 3-grams, LSH lookup, and the
+4. Near-duplicate removal: MinHash (datasketch) of the prompt's character 5-grams, LSH lookup, and the
    first occurrence kept when the estimated Jaccard similarity reaches `--dedup-threshold`.
 5. Tags: `domain`, `intent`, `difficulty` (or `--tag-keys`) from the record's own fields, its
    `metadata` object, the log's `requestMetadata`, then `--tag key=value` defaults; written as
@@ -274,18 +274,22 @@ def _prompt_text(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(m["content"] for m in messages if m["role"] != "system")
 
 
-def _shingles(text: str, size: int = 3) -> set[bytes]:
-    words = _WORD.findall(text.lower())
-    if len(words) < size:
-        return {" ".join(words).encode()} if words else {b""}
-    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
+def _shingles(text: str, size: int = 5) -> set[bytes]:
+    """Character 5-grams of the text's words, lower-cased and single-spaced. Characters rather than
+    word n-grams because prompts are short: one changed word in a 15-word prompt removes three of
+    its 13 word 3-grams (Jaccard 0.69) but few of its character 5-grams (0.88)."""
+    normal = " ".join(_WORD.findall(text.lower()))
+    if len(normal) <= size:
+        return {normal.encode()}
+    return {normal[i : i + size].encode() for i in range(len(normal) - size + 1)}
 
 
 def remove_near_duplicates(rows: list[Row], threshold: float, num_perm: int = 128) -> tuple[list[Row], list[str]]:
     """Keep the first of each group of prompts whose MinHash Jaccard estimate reaches `threshold`."""
     from datasketch import MinHash, MinHashLSH
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    # LSH only proposes candidates (it cannot band at threshold 1); the signature comparison decides.
+    lsh = MinHashLSH(threshold=min(threshold, 0.9), num_perm=num_perm)
     kept: list[Row] = []
     signatures: dict[str, MinHash] = {}
     dropped: list[str] = []
