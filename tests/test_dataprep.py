@@ -156,7 +156,7 @@ def test_dedup_threshold_is_configurable(inputs):
 
 def test_assistant_reply_options_and_bad_options(inputs):
     train, _, _ = prepare(inputs, PrepOptions(skip_malformed=True, redact=False, assistant="metadata", held_out=0.0))
-    assert sum("logged_response" in row for row in train) == 13  # every row that had a reply
+    assert sum("logged_response" in row for row in train) == 14  # every kept row that had a reply
     assert not any("reference_answer" in row for row in train)
     dropped, _, _ = prepare(inputs, PrepOptions(skip_malformed=True, redact=False, assistant="drop", held_out=0.0))
     assert not any("logged_response" in row or "reference_answer" in row for row in dropped)
