@@ -21,6 +21,8 @@ import re
 import threading
 from typing import Any
 
+import math_verify.grader
+import math_verify.parser
 from math_verify import parse, verify
 
 from rewards.base import column, completion_text, reference_value
@@ -28,6 +30,9 @@ from rewards.base import column, completion_text, reference_value
 # math-verify's own timeouts use signal.alarm, which only works in the main thread; in the scorer's
 # worker threads they are turned off and the scorer's per-call time limit bounds the work instead.
 _MAIN_THREAD_TIMEOUT_S = 5
+# Its one-time warning that timeouts are off would then mislead: the scorer's limit applies.
+math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+math_verify.grader.TIMEOUT_WARNING_SHOWN = True
 
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _GSM8K_FINAL_LINE = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*\Z")
