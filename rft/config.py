@@ -352,9 +352,19 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
     if config.data.eval:
         config.data.eval = _resolve_against(config.data.eval, base)
     for reward in config.rewards:
-        if ":" in reward.fn and reward.fn.rsplit(":", 1)[0].endswith(".py"):
-            file, function = reward.fn.rsplit(":", 1)
-            reward.fn = f"{_resolve_against(file, base)}:{function}"
+        reward.fn = _resolve_spec(reward.fn, base)
+        # Handler files, schema files and the like in kwargs are relative to the recipe too.
+        reward.kwargs = {
+            key: _resolve_spec(value, base) if isinstance(value, str) else value for key, value in reward.kwargs.items()
+        }
+
+
+def _resolve_spec(value: str, base: Path) -> str:
+    """`file.py:name` or a plain path, resolved against the recipe folder when it exists there."""
+    if ":" in value and value.rsplit(":", 1)[0].endswith(".py"):
+        file, name = value.rsplit(":", 1)
+        return f"{_resolve_against(file, base)}:{name}"
+    return _resolve_against(value, base)
 
 
 def dump_config(config: RecipeConfig) -> str:

@@ -332,15 +332,63 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="range of the total reward, for the 'already aces it' and 'unreachable' warnings "
                         "(default: from the rewards' declared ranges)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
+    parser.add_argument("--prompts", type=int, default=16, help="sampling mode: training prompts to sample (default 16)")
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="sampling mode: completions per prompt (default rollout.group_size)"
+    )
+
+
+def sample_and_score(
+    config: RecipeConfig, scorer: RewardScorer, prompts: int, group_size: int
+) -> tuple[ScoreOutput, list[int]]:
+    """Sample `group_size` completions from the base model for `prompts` training prompts and score them."""
+    import torch
+
+    from rft.data import PromptSampler, load_splits
+    from rft.evaluation import decode_completions
+    from rft.models import load_policy
+    from rft.rollout import make_engine
+    from rft.rollout.base import SamplingSettings
+
+    load_splits(config.data, None, config.training.seed)  # bad rows fail before the model loads
+    base = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_policy(base, device)
+    train, _ = load_splits(config.data, tokenizer, config.training.seed)
+    examples = PromptSampler(train, config.training.seed, config.data.shuffle).take(min(prompts, len(train)))
+    engine = make_engine(base, model, tokenizer)
+    rollout_settings = config.rollout
+    sampling = SamplingSettings(
+        max_new_tokens=rollout_settings.max_new_tokens, temperature=rollout_settings.temperature,
+        top_p=rollout_settings.top_p, top_k=rollout_settings.top_k,
+    )
+    try:
+        rollout = engine.generate([e.prompt_ids for e in examples], group_size, sampling)
+    finally:
+        engine.close()
+    completions = decode_completions(tokenizer, examples, rollout.completion_ids, group_size)
+    rows = [examples[i // group_size] for i in range(len(completions))]
+    output = scorer.score(
+        [e.prompt for e in rows], completions, rollout.completion_ids, [e.row for e in rows], group_size=group_size
+    )
+    return output, [group_size] * len(examples)
 
 
 def run(args: argparse.Namespace) -> int:
-    """The from-file mode of `rft reward check`; returns the exit code (1: an expectation failed)."""
-    if args.completions is None:
-        raise ConfigError("rft reward check: give --completions FILE.jsonl (sampling mode is run by the trainer)")
+    """`rft reward check`: sample the base model and report, or (--completions) score a file of
+    hand-written completions; returns the exit code (1: an expectation failed)."""
     if args.reward_range is not None and args.reward_range[0] >= args.reward_range[1]:
         raise ConfigError(f"--reward-range: LOW {args.reward_range[0]} must be below HIGH {args.reward_range[1]}")
     config = load_config(args.recipe, args.overrides)
+    if args.completions is None:
+        scorer = RewardScorer(config.rewards, config.scoring)
+        output, group_sizes = sample_and_score(config, scorer, args.prompts, args.group_size or config.rollout.group_size)
+        reward_range = tuple(args.reward_range) if args.reward_range else recipe_reward_range(scorer)
+        report = summarize_scores(output, group_sizes, reward_range)
+        print(format_report(report))
+        if args.json is not None:
+            args.json.write_text(json.dumps(report.to_dict(), indent=2))
+        return 0
     try:
         text, report, failures = check_file(config, args.completions, tuple(args.reward_range) if args.reward_range else None)
     except RewardError as exc:

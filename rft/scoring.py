@@ -333,7 +333,7 @@ class RewardScorer:
         metrics.update(counters)
         metrics.update(_stats("reward/total", list(total), none_share=False))
         metrics["reward/failed_share"] = sum(failed) / max(1, count)
-        metrics["reward/seconds"] = seconds
+        metrics["time/reward_functions"] = seconds
         return ScoreOutput(
             total=total, per_function=per_function, metrics=metrics, failed=failed, components=components, errors=errors
         )

@@ -145,13 +145,14 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir: Path, tmp_path: 
     for name in ("straight", "killed"):
         recipe = tiny_recipe(tiny_model_dir, tmp_path / name, training={"steps": 4}, output={"save_every": 2})
         recipe["rewards"] = [{"fn": f"{reward_file}:reward"}]
+        recipe["scoring"] = {"concurrency": 1}  # one call per group, in order: call 5 is step 3's first
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(recipe))
 
     straight = _train_subprocess(recipes["straight"], tmp_path / "c1", kill_at=0)
     assert straight.returncode == 0, straight.stderr[-2000:]
     # SIGKILL inside step 3's scoring, after the step-2 checkpoint was written.
-    killed = _train_subprocess(recipes["killed"], tmp_path / "c2", kill_at=3)
+    killed = _train_subprocess(recipes["killed"], tmp_path / "c2", kill_at=5)
     assert killed.returncode == -9
     assert (tmp_path / "killed" / "checkpoints" / "step-000002").is_dir()
     assert not (tmp_path / "killed" / "final").exists()
