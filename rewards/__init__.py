@@ -1,0 +1,13 @@
+"""Reward plugins for rft recipes. Every reward has TRL's signature, `fn(completions, **columns)`.
+
+- `rewards.base`: the helper API (`RewardValues` for per-component values and counters, text helpers)
+- `rewards.maths`: `math_answer` (math-verify, GSM8K `#### n`), `gsm8k_format`
+- `rewards.text`: `exact_match`, `numeric_match`, `regex_format`, `length_band`
+- `rewards.structured`: `json_valid`, `JsonSchemaReward`
+- `rewards.grounding`: `cited_sources`
+- `rewards.policy`: `blocked_terms`, `PIIEcho`
+- `rewards.code`: `code_tests` (sandboxed subprocess)
+- `rewards.rubric`: `Rubric` (weighted components, each logged)
+- `rewards.judge`: `LLMJudge` (OpenAI-compatible endpoints; score or pairwise)
+- `rewards.bedrock_lambda`: `BedrockLambdaReward` (an unmodified Bedrock reward Lambda handler)
+"""

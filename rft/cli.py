@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
-from rft.config import ConfigError, load_config
+from rft.config import EMBEDDED_MODEL, ConfigError, load_config
+from rft.data import DataError
+from rft.scoring import RewardError
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +38,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(args: argparse.Namespace) -> int:
+    from rft.models import resolve_model_path
+
+    print(resolve_model_path(args.model))
+    return 0
+
+
+def _add_module_command(
+    commands: argparse._SubParsersAction,
+    groups: dict[str, argparse._SubParsersAction],
+    group: str,
+    name: str | None,
+    module: str,
+    help_text: str,
+) -> None:
+    """`rft GROUP [NAME]` backed by a module's `configure_parser(parser)` and `run(args) -> int`."""
+    import importlib
+
+    target = importlib.import_module(module)
+    if name is None:
+        parser = commands.add_parser(group, help=help_text)
+    else:
+        if group not in groups:
+            groups[group] = commands.add_parser(group, help=f"{group} commands").add_subparsers(
+                dest=f"{group}_command", required=True
+            )
+        parser = groups[group].add_parser(name, help=help_text)
+    target.configure_parser(parser)
+    parser.set_defaults(handler=target.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rft", description="Reinforcement fine-tuning (GRPO / DAPO / GSPO).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the run directory's latest checkpoint (or the one given)",
     )
     train.set_defaults(handler=_train)
+
+    groups: dict[str, argparse._SubParsersAction] = {}
+    _add_module_command(commands, groups, "reward", "check", "rft.reward_check",
+                        "score base-model samples (or a file of completions) with the recipe's rewards")
+    _add_module_command(commands, groups, "data", "prep", "rft.dataprep",
+                        "invocation logs / chat JSONL -> training JSONL (PII redaction, dedup, tags, split)")
+
+    prepare = commands.add_parser(
+        "prepare-model", help="convert the embedded SmolLM2 (or resolve a model id) and print its local path"
+    )
+    prepare.add_argument("model", nargs="?", default=EMBEDDED_MODEL)
+    prepare.set_defaults(handler=_prepare_model)
     return parser
 
 
@@ -57,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError, RewardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -83,7 +83,29 @@ class RewardConfig(_Section):
     fn: str = Field(..., description="`path/to/file.py:function` or `package.module:function` (TRL signature).")
     weight: float = Field(1.0, description="Weight in the summed reward.")
     name: str | None = Field(None, description="Name in metrics; defaults to the function's name.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments bound to the function.")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments bound to the function (functools.partial); when `fn` names a class, "
+        "the class is built once with them and the instance is called.",
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Limit for one call of this reward (one group of completions); default scoring.timeout_s."
+    )
+
+
+class ScoringConfig(_Section):
+    concurrency: int = Field(
+        4, ge=1, description="Reward calls running at once (threads; async reward functions are awaited in them)."
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="Default limit in seconds for one reward call (one group of completions)."
+    )
+    on_error: Literal["zero", "skip_group", "stop"] = Field(
+        "stop",
+        description="A reward call that raises, times out or returns NaN/inf/non-numbers: `zero` scores its completions 0, "
+        "`skip_group` drops their groups from the update, `stop` ends the run. Failures are counted in the metrics "
+        "either way; a wrong number of values always stops the run.",
+    )
 
 
 Preset = Literal["grpo", "dapo", "gspo", "dr_grpo"]
@@ -221,6 +243,7 @@ class RecipeConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
     rewards: list[RewardConfig] = Field(..., min_length=1)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -329,9 +352,19 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
     if config.data.eval:
         config.data.eval = _resolve_against(config.data.eval, base)
     for reward in config.rewards:
-        if ":" in reward.fn and reward.fn.rsplit(":", 1)[0].endswith(".py"):
-            file, function = reward.fn.rsplit(":", 1)
-            reward.fn = f"{_resolve_against(file, base)}:{function}"
+        reward.fn = _resolve_spec(reward.fn, base)
+        # Handler files, schema files and the like in kwargs are relative to the recipe too.
+        reward.kwargs = {
+            key: _resolve_spec(value, base) if isinstance(value, str) else value for key, value in reward.kwargs.items()
+        }
+
+
+def _resolve_spec(value: str, base: Path) -> str:
+    """`file.py:name` or a plain path, resolved against the recipe folder when it exists there."""
+    if ":" in value and value.rsplit(":", 1)[0].endswith(".py"):
+        file, name = value.rsplit(":", 1)
+        return f"{_resolve_against(file, base)}:{name}"
+    return _resolve_against(value, base)
 
 
 def dump_config(config: RecipeConfig) -> str:

@@ -1,26 +1,55 @@
-"""Run reward functions: load them by spec, call them with the TRL signature, weight and check them.
+"""Run reward functions: load them by spec, call them concurrently with time limits, weight and check them.
 
-A reward function is `fn(completions: list, **columns) -> list[float | None]`. It receives
-`prompts`, `completions`, `completion_ids` and every dataset column as lists aligned with the
-completions. `None` means "not applicable": excluded from that function's mean and contributing 0
-to the weighted sum.
+A reward function is `fn(completions: list, **columns) -> list[float | None]` (TRL's signature). It
+receives `prompts`, `completions`, `completion_ids` and every dataset column as lists aligned with
+the completions. `None` means "not applicable": excluded from that function's mean and contributing 0
+to the weighted sum. A recipe's `kwargs` are bound with functools.partial; when `fn` names a class,
+the class is built once with them and the instance is the reward (for rewards that keep clients,
+caches or loaded handlers between calls). `async def` rewards are awaited.
+
+Calls and failures. With `group_size`, each reward function is called once per group of completions
+(the G completions of one prompt), so a failure touches one group only; without it, once per batch.
+Calls run in threads, at most `scoring.concurrency` at once, each with a time limit. A call that
+raises, times out (its thread is abandoned, the result ignored), or returns NaN, infinity or a
+non-number is a *failure*, handled by `scoring.on_error`:
+
+- `zero`: its completions score 0 for that function;
+- `skip_group`: its completions get `None` for that function and `ScoreOutput.failed` is True for
+  them; **the trainer drops every group that contains a failed completion** from the update;
+- `stop`: `RewardError` at the first failure.
+
+Failures are counted in the metrics under every policy. A function that returns something other
+than a list, or the wrong number of values, or raises `rewards.base.RewardContractError` (e.g. a
+Bedrock Lambda answering for ids it was not sent), breaks its contract: `RewardError` at once,
+whatever the policy, because every later batch would fail the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
+import queue
+import re
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rft.config import RewardConfig
+from rewards.base import RewardContractError, RewardValues
+from rft.config import RewardConfig, ScoringConfig
 
-RewardFunction = Callable[..., list[float | None]]
+RewardFunction = Callable[..., Any]
+
+# Columns the scorer passes itself; a row field of the same name would shadow them.
+_RESERVED_COLUMNS = ("prompt", "prompts", "completions", "completion_ids")
 
 
 class RewardError(RuntimeError):
@@ -28,7 +57,7 @@ class RewardError(RuntimeError):
 
 
 def load_function(spec: str) -> Callable[..., Any]:
-    """Import `path/to/file.py:function` or `package.module:function`."""
+    """Import `path/to/file.py:function` or `package.module:function` (a function or a class)."""
     if ":" not in spec:
         raise RewardError(f"reward {spec!r}: expected 'file.py:function' or 'package.module:function'")
     target, name = spec.rsplit(":", 1)
@@ -36,12 +65,22 @@ def load_function(spec: str) -> Callable[..., Any]:
         path = Path(target)
         if not path.is_file():
             raise RewardError(f"reward {spec!r}: file {target} not found")
-        module_name = f"rft_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        # One module per file path and content: two rewards from one file share its state, as an
+        # import would, and a file rewritten in the same process is loaded afresh.
+        digest = hashlib.sha256(f"{path.resolve()}\0".encode() + path.read_bytes()).hexdigest()[:16]
+        stem = re.sub(r"\W", "_", path.stem)
+        module_name = f"rft_reward_{stem}_{digest}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise RewardError(f"reward {spec!r}: importing {target} raised {type(exc).__name__}: {exc}") from exc
     else:
         try:
             module = importlib.import_module(target)
@@ -52,31 +91,108 @@ def load_function(spec: str) -> Callable[..., Any]:
     return getattr(module, name)
 
 
+def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, RewardFunction]:
+    """Load a reward and bind its kwargs: (default name, callable)."""
+    target = load_function(spec)
+    kwargs = kwargs or {}
+    if inspect.isclass(target):
+        try:
+            instance = target(**kwargs)
+        except (TypeError, ValueError, KeyError, OSError) as exc:
+            raise RewardError(f"reward {spec!r}: {exc}") from exc
+        return getattr(instance, "__name__", target.__name__), instance
+    if not callable(target):
+        raise RewardError(f"reward {spec!r}: {type(target).__name__} is not callable")
+    name = getattr(target, "__name__", spec.rsplit(":", 1)[1])
+    if kwargs:
+        # Named parameters only: a reward's **kwargs also catches the dataset columns, so a misspelt
+        # recipe kwarg would otherwise vanish into it without a word.
+        parameters = inspect.signature(target).parameters
+        named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(named))
+        if unknown:
+            raise RewardError(f"reward {spec!r}: unknown kwargs {unknown}; {name} takes {named}")
+        target = functools.partial(target, **kwargs)
+    return name, target
+
+
 @dataclass
 class ScoreOutput:
+    """Rewards of one batch.
+
+    `total[i]` is the weighted sum for completion i; `per_function[name][i]` the function's value
+    (None: not applicable, or failed under `skip_group`); `components["name/component"][i]` the
+    per-completion parts a function reported through `RewardValues`; `failed[i]` says a reward call
+    covering completion i failed under `skip_group`, and the trainer must drop that completion's
+    whole group; `errors` holds one line per failed call, for the log.
+    """
+
     total: list[float]
     per_function: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
+    failed: list[bool] = field(default_factory=list)
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Reward:
+    name: str
+    weight: float
+    function: RewardFunction
+    timeout_s: float
+
+
+@dataclass
+class _Call:
+    reward: _Reward
+    start: int
+    stop: int
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class _Outcome:
+    values: list[float | None] | None = None
+    components: dict[str, list[float | None]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None
+    kind: str = ""  # "error", "timeout" or "invalid" for failures
+
+
+class _ContractError(Exception):
+    pass
 
 
 class RewardScorer:
     """Calls every configured reward function on a batch and combines them with their weights."""
 
-    def __init__(self, configs: Sequence[RewardConfig]):
-        self.functions: list[tuple[str, float, RewardFunction]] = []
+    def __init__(self, configs: Sequence[RewardConfig], scoring: ScoringConfig | None = None):
+        self.scoring = scoring or ScoringConfig()
+        self.rewards: list[_Reward] = []
         for config in configs:
-            function = load_function(config.fn)
-            name = config.name or getattr(function, "__name__", config.fn.rsplit(":", 1)[1])
-            if config.kwargs:
-                function = functools.partial(function, **config.kwargs)
-            self.functions.append((name, config.weight, function))
-        names = [name for name, _, _ in self.functions]
+            default_name, function = build_reward(config.fn, config.kwargs)
+            self.rewards.append(
+                _Reward(
+                    name=config.name or default_name,
+                    weight=config.weight,
+                    function=function,
+                    timeout_s=config.timeout_s or self.scoring.timeout_s,
+                )
+            )
+        names = self.names
         if len(set(names)) != len(names):
             raise RewardError(f"reward names must be unique, got {names}; set `name:` in the recipe")
+        # Run-long failure counts, so a slow trickle of failures is visible at any step.
+        self.failure_totals: dict[str, int] = {name: 0 for name in names}
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _, _ in self.functions]
+        return [reward.name for reward in self.rewards]
+
+    @property
+    def functions(self) -> list[tuple[str, float, RewardFunction]]:
+        return [(r.name, r.weight, r.function) for r in self.rewards]
 
     def score(
         self,
@@ -84,51 +200,212 @@ class RewardScorer:
         completions: Sequence[Any],
         completion_ids: Sequence[Sequence[int]],
         rows: Sequence[dict[str, Any]],
+        group_size: int | None = None,
     ) -> ScoreOutput:
-        columns: dict[str, list[Any]] = {}
-        for key in rows[0] if rows else []:
-            if key not in ("prompt", "completions", "completion_ids"):
-                columns[key] = [row.get(key) for row in rows]
-        total = [0.0] * len(completions)
-        per_function: dict[str, list[float | None]] = {}
-        metrics: dict[str, float] = {}
-        for name, weight, function in self.functions:
-            try:
-                values = function(
-                    prompts=list(prompts), completions=list(completions), completion_ids=[list(c) for c in completion_ids],
-                    **columns,
+        """Score a batch. `rows[i]` is the dataset row of completion i; with `group_size`, the batch is
+        prompt-major groups of that size and each reward is called once per group."""
+        count = len(completions)
+        if not (len(prompts) == len(completion_ids) == len(rows) == count):
+            raise RewardError(
+                f"score(): {len(prompts)} prompts, {count} completions, {len(completion_ids)} id lists and "
+                f"{len(rows)} rows; they must be aligned"
+            )
+        if group_size is not None and (group_size < 1 or count % group_size):
+            raise RewardError(f"score(): {count} completions do not split into groups of {group_size}")
+        columns = _columns(rows)
+        unit = group_size or max(1, count)
+        calls = []
+        for start in range(0, count, unit):
+            stop = min(count, start + unit)
+            kwargs = {
+                "prompts": list(prompts[start:stop]),
+                "completions": list(completions[start:stop]),
+                "completion_ids": [list(ids) for ids in completion_ids[start:stop]],
+                **{key: values[start:stop] for key, values in columns.items()},
+            }
+            calls.extend(_Call(reward, start, stop, kwargs) for reward in self.rewards)
+        started = time.perf_counter()
+        outcomes = self._run(calls, rows) if count else []
+        return self._combine(calls, outcomes, count, time.perf_counter() - started)
+
+    def _run(self, calls: list[_Call], rows: Sequence[dict[str, Any]]) -> list[_Outcome]:
+        """Run calls in daemon threads, at most `concurrency` at once, each under its own deadline.
+
+        Daemon threads rather than a ThreadPoolExecutor: a hung call must not occupy a pool worker
+        for the rest of the run or block interpreter exit.
+        """
+        results: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
+        outcomes: list[_Outcome | None] = [None] * len(calls)
+        deadlines: dict[int, float] = {}
+        next_call = 0
+        while next_call < len(calls) or deadlines:
+            while next_call < len(calls) and len(deadlines) < self.scoring.concurrency:
+                call = calls[next_call]
+                deadlines[next_call] = time.monotonic() + call.reward.timeout_s
+                thread = threading.Thread(
+                    target=_invoke, args=(next_call, call, results), daemon=True,
+                    name=f"reward-{call.reward.name}-{call.start}",
                 )
-            except Exception as exc:
-                raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
-            values = self._check(name, values, len(completions), rows)
-            per_function[name] = values
-            present = [v for v in values if v is not None]
+                thread.start()
+                next_call += 1
+            wait = max(0.0, min(deadlines.values()) - time.monotonic())
+            try:
+                index, value, error = results.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                for index, deadline in list(deadlines.items()):
+                    if deadline <= now:
+                        del deadlines[index]
+                        call = calls[index]
+                        outcomes[index] = _Outcome(
+                            failure=f"reward {call.reward.name!r} timed out after {call.reward.timeout_s:g} s "
+                            f"on completions {call.start}..{call.stop - 1}",
+                            kind="timeout",
+                        )
+                        self._stop_if_asked(outcomes[index])
+                continue
+            if index not in deadlines:  # finished after its deadline: already counted as a timeout
+                continue
+            del deadlines[index]
+            call = calls[index]
+            if isinstance(error, RewardContractError):
+                raise RewardError(f"reward {call.reward.name!r}: {error}") from error
+            if error is not None:
+                outcomes[index] = _Outcome(
+                    failure=f"reward {call.reward.name!r} raised {type(error).__name__}: {error}", kind="error"
+                )
+            else:
+                try:
+                    outcomes[index] = _check(call, value, rows)
+                except _ContractError as exc:
+                    raise RewardError(str(exc)) from None
+            self._stop_if_asked(outcomes[index], error)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _stop_if_asked(self, outcome: _Outcome | None, cause: BaseException | None = None) -> None:
+        if outcome is not None and outcome.failure and self.scoring.on_error == "stop":
+            raise RewardError(
+                f"{outcome.failure} (scoring.on_error: stop; set it to zero or skip_group to go on)"
+            ) from cause
+
+    def _combine(self, calls: list[_Call], outcomes: list[_Outcome], count: int, seconds: float) -> ScoreOutput:
+        total = [0.0] * count
+        failed = [False] * count
+        per_function: dict[str, list[float | None]] = {r.name: [None] * count for r in self.rewards}
+        components: dict[str, list[float | None]] = {}
+        counters: dict[str, float] = {}
+        failures = {r.name: {"error": 0, "timeout": 0, "invalid": 0} for r in self.rewards}
+        errors: list[str] = []
+        for call, outcome in zip(calls, outcomes, strict=True):
+            name = call.reward.name
+            span = range(call.start, call.stop)
+            if outcome.failure:
+                failures[name][outcome.kind] += 1
+                self.failure_totals[name] += 1
+                errors.append(outcome.failure)
+                for i in span:
+                    if self.scoring.on_error == "zero":
+                        per_function[name][i] = 0.0
+                    else:
+                        failed[i] = True
+                continue
+            assert outcome.values is not None
+            for i, value in zip(span, outcome.values, strict=True):
+                per_function[name][i] = value
+            for key, series in outcome.components.items():
+                column = components.setdefault(f"{name}/{key}", [None] * count)
+                for i, value in zip(span, series, strict=True):
+                    column[i] = value
+            for key, value in outcome.counters.items():
+                counters[f"reward/{name}/{key}"] = counters.get(f"reward/{name}/{key}", 0.0) + value
+        metrics: dict[str, float] = {}
+        for reward in self.rewards:
+            values = per_function[reward.name]
             for i, value in enumerate(values):
                 if value is not None:
-                    total[i] += weight * value
-            if present:
-                mean = sum(present) / len(present)
-                metrics[f"reward/{name}/mean"] = mean
-                metrics[f"reward/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
-            metrics[f"reward/{name}/none_share"] = 1 - len(present) / max(1, len(values))
-        return ScoreOutput(total=total, per_function=per_function, metrics=metrics)
+                    total[i] += reward.weight * value
+            metrics.update(_stats(f"reward/{reward.name}", values))
+            for kind, number in failures[reward.name].items():
+                metrics[f"reward/{reward.name}/{kind}s"] = float(number)
+            metrics[f"reward/{reward.name}/failures_total"] = float(self.failure_totals[reward.name])
+        for key, series in components.items():
+            metrics.update(_stats(f"reward/{key}", series, std=False, none_share=False))
+        metrics.update(counters)
+        metrics.update(_stats("reward/total", list(total), none_share=False))
+        metrics["reward/failed_share"] = sum(failed) / max(1, count)
+        metrics["time/reward_functions"] = seconds
+        return ScoreOutput(
+            total=total, per_function=per_function, metrics=metrics, failed=failed, components=components, errors=errors
+        )
 
-    @staticmethod
-    def _check(name: str, values: Any, expected: int, rows: Sequence[dict[str, Any]]) -> list[float | None]:
-        if not isinstance(values, list | tuple):
-            raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a list of floats")
-        if len(values) != expected:
-            raise RewardError(f"reward {name!r} returned {len(values)} values for {expected} completions")
-        checked: list[float | None] = []
-        for i, value in enumerate(values):
-            if value is None:
-                checked.append(None)
-                continue
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    return {key: [row.get(key) for row in rows] for key in keys if key not in _RESERVED_COLUMNS}
+
+
+def _invoke(index: int, call: _Call, results: queue.Queue) -> None:
+    try:
+        value = call.reward.function(**call.kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value, call.reward.timeout_s))
+        results.put((index, value, None))
+    except BaseException as exc:  # reported to the scorer thread, which applies the policy
+        results.put((index, None, exc))
+
+
+async def _await(awaitable: Any, timeout_s: float) -> Any:
+    return await asyncio.wait_for(awaitable, timeout_s)
+
+
+def _check(call: _Call, values: Any, rows: Sequence[dict[str, Any]]) -> _Outcome:
+    name = call.reward.name
+    expected = call.stop - call.start
+    if not isinstance(values, list | tuple):
+        raise _ContractError(f"reward {name!r} returned {type(values).__name__}, expected a list of floats")
+    if len(values) != expected:
+        raise _ContractError(f"reward {name!r} returned {len(values)} values for {expected} completions")
+    checked: list[float | None] = []
+    for offset, value in enumerate(values):
+        if value is None:
+            checked.append(None)
+            continue
+        where = _where(call.start + offset, rows)
+        number = None
+        if not isinstance(value, bool | str):
             try:
-                number = float(value)
+                number = float(value)  # also numpy and torch scalars
             except (TypeError, ValueError):
-                raise RewardError(f"reward {name!r} returned {value!r} (not a number) for row {rows[i]!r}") from None
-            if not math.isfinite(number):
-                raise RewardError(f"reward {name!r} returned {number} for row {rows[i]!r}; rewards must be finite")
-            checked.append(number)
-        return checked
+                number = None
+        if number is None:
+            return _Outcome(failure=f"reward {name!r} returned {value!r} (not a number) for {where}", kind="invalid")
+        if not math.isfinite(number):
+            return _Outcome(failure=f"reward {name!r} returned {number} for {where}; rewards must be finite", kind="invalid")
+        checked.append(number)
+    components: dict[str, list[float | None]] = {}
+    counters: dict[str, float] = {}
+    if isinstance(values, RewardValues):
+        components = values.components
+        counters = values.counters
+    return _Outcome(values=checked, components=components, counters=counters)
+
+
+def _where(index: int, rows: Sequence[dict[str, Any]]) -> str:
+    row = rows[index]
+    for key in ("id", "row_id", "uid"):
+        if key in row:
+            return f"completion {index} (row {key}={row[key]!r})"
+    return f"completion {index}"
+
+
+def _stats(prefix: str, values: Sequence[float | None], std: bool = True, none_share: bool = True) -> dict[str, float]:
+    present = [v for v in values if v is not None]
+    metrics = {f"{prefix}/none_share": 1 - len(present) / max(1, len(values))} if none_share else {}
+    if present:
+        mean = sum(present) / len(present)
+        metrics[f"{prefix}/mean"] = mean
+        if std:
+            metrics[f"{prefix}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
+    return metrics

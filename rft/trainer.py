@@ -133,7 +133,7 @@ class Trainer:
         set_seed(config.training.seed)
         self.run_dir = config.run_dir
         # Rewards and data are checked before the model loads: bad input fails in seconds.
-        self.scorer = RewardScorer(config.rewards)
+        self.scorer = RewardScorer(config.rewards, config.scoring)
         load_splits(config.data, None, config.training.seed)
         self.model, self.tokenizer = load_policy(config, self.accelerator.device)
         checkpoint = self._checkpoint_to_resume(resume)
@@ -292,9 +292,14 @@ class Trainer:
         config, group_size = self.config, self.config.rollout.group_size
         completions = decode_completions(self.tokenizer, examples, completion_ids, group_size)
         rows = [examples[i // group_size] for i in range(len(completion_ids))]
-        scores = self.scorer.score([e.prompt for e in rows], completions, completion_ids, [e.row for e in rows])
+        scores = self.scorer.score(
+            [e.prompt for e in rows], completions, completion_ids, [e.row for e in rows], group_size=group_size
+        )
+        for error in scores.errors:
+            logger.warning("reward: %s", error)
         rewards = torch.tensor(scores.total, dtype=torch.float64)
         metrics = dict(scores.metrics)
+        failed = scores.failed or [False] * len(completion_ids)
         if config.algorithm.soft_overlong:
             max_length, cache_length = config.overlong_lengths
             lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
@@ -308,6 +313,8 @@ class Trainer:
         groups = []
         for g in range(len(examples)):
             members = slice(g * group_size, (g + 1) * group_size)
+            if any(failed[members]):
+                continue  # scoring.on_error: skip_group drops the whole group
             groups.append({
                 "prompt_ids": [rows[g * group_size].prompt_ids] * group_size,
                 "completion_ids": completion_ids[members],

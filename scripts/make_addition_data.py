@@ -13,7 +13,10 @@ PHRASINGS = ["What is {a} + {b}?", "Compute {a} + {b}.", "What is the sum of {a}
 TAGS = ["what_is", "compute", "sum_of"]
 
 
-def main(out_dir: Path = Path(__file__).resolve().parent.parent / "recipes" / "data", held_out: int = 64) -> None:
+OUT_DIR = Path(__file__).resolve().parent.parent / "recipes" / "data"
+
+
+def main(out_dir: Path = OUT_DIR, held_out: int = 64) -> None:
     pairs = [(a, b) for a in range(10) for b in range(10)]
     random.Random(0).shuffle(pairs)
     out_dir.mkdir(parents=True, exist_ok=True)

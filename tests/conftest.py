@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 ADDITION_TRAIN = REPO / "recipes" / "data" / "addition_train.jsonl"
 ADDITION_HELDOUT = REPO / "recipes" / "data" / "addition_heldout.jsonl"
 ARITHMETIC_REWARD = f"{REPO / 'rewards' / 'arithmetic.py'}:final_number_correct"
+TINY_REWARD = f"{REPO / 'tests' / 'tiny_rewards.py'}:length_mod_three"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -56,7 +57,7 @@ def tiny_recipe(model_dir: Path, run_dir: Path, **sections: dict) -> dict:
         "model": {"name_or_path": str(model_dir)},
         "lora": {"enabled": True, "r": 4, "alpha": 8},
         "data": {"train": str(ADDITION_TRAIN), "eval": str(ADDITION_HELDOUT), "max_eval_rows": 8},
-        "rewards": [{"fn": ARITHMETIC_REWARD}],
+        "rewards": [{"fn": TINY_REWARD}, {"fn": ARITHMETIC_REWARD, "weight": 0.5}],
         "algorithm": {},
         "rollout": {"group_size": 4, "max_new_tokens": 6},
         "training": {"steps": 2, "prompts_per_step": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "threads": 1},

@@ -1,0 +1,132 @@
+"""The small public helper API for reward plugins.
+
+A reward is a plain callable with the TRL signature::
+
+    def my_reward(completions: list, **columns) -> list[float | None]
+
+To report more than one number per completion (rubric components, a Bedrock Lambda's
+`metrics_list`) or counters (judge cache hits, retries), return a `RewardValues`: it *is* a list of
+floats, so TRL and any other caller that expects a plain list keep working, and rft's scorer also
+logs what it carries::
+
+    return RewardValues(scores, components={"grounded": grounded, "concise": concise},
+                        counters={"cache_hits": hits})
+
+`components` are per-completion values (aligned with `completions`, `None` = not applicable) that
+the scorer averages and logs as `reward/<name>/<component>/mean`; `counters` are counts that the
+scorer sums over the calls of a batch and logs as `reward/<name>/<counter>`.
+
+The other helpers turn the shapes rows and completions come in (strings, chat message lists,
+content-part lists, Bedrock `reference_answer` objects) into text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+
+class RewardContractError(Exception):
+    """A reward broke its contract (wrong number of values, results for unknown ids): raising it
+    stops the run at once whatever `scoring.on_error` says, since every later batch would fail too."""
+
+
+class RewardValues(list):
+    """A list of rewards that also carries per-completion components and counters for logging."""
+
+    def __init__(
+        self,
+        values: Iterable[float | None],
+        *,
+        components: Mapping[str, Sequence[float | None]] | None = None,
+        counters: Mapping[str, float] | None = None,
+    ):
+        super().__init__(values)
+        self.components: dict[str, list[float | None]] = {k: list(v) for k, v in (components or {}).items()}
+        self.counters: dict[str, float] = dict(counters or {})
+        for key, series in self.components.items():
+            if len(series) != len(self):
+                raise ValueError(f"component {key!r} has {len(series)} values for {len(self)} rewards")
+
+
+def content_text(content: Any) -> str:
+    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or `{"text": ...}`)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    return str(content)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: the string itself, or the assistant messages' text for chat completions."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence):
+        return "\n".join(
+            content_text(message.get("content"))
+            for message in completion
+            if isinstance(message, Mapping) and message.get("role", "assistant") == "assistant"
+        )
+    return str(completion)
+
+
+def prompt_text(prompt: Any) -> str:
+    """All text of a prompt: the string itself, or every message's text joined by newlines."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence):
+        return "\n".join(content_text(m.get("content")) for m in prompt if isinstance(m, Mapping))
+    return str(prompt)
+
+
+def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
+    """A prompt as chat messages: a string becomes one user message."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, Sequence):
+        return [dict(message) for message in prompt]
+    raise TypeError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
+
+
+# Keys under which Bedrock RFT examples and common datasets keep the answer inside a
+# `reference_answer` object, tried in this order when the recipe names none.
+_ANSWER_KEYS = ("final_answer", "answer", "reference_answer", "ground_truth", "solution", "label")
+
+
+def reference_value(value: Any, key: str | None = None) -> Any:
+    """The answer inside a reference: `value[key]` for a dict when `key` is given, else the dict's one
+    value or its first well-known answer key; other values are returned as they are."""
+    if not isinstance(value, Mapping):
+        return value
+    if key is not None:
+        if key not in value:
+            raise KeyError(f"reference {value!r} has no key {key!r}")
+        return value[key]
+    if len(value) == 1:
+        return next(iter(value.values()))
+    for candidate in _ANSWER_KEYS:
+        if candidate in value:
+            return value[candidate]
+    raise KeyError(f"reference {value!r}: several keys and none of {_ANSWER_KEYS}; set `answer_key` in the recipe")
+
+
+def column(columns: Mapping[str, Any], name: str, count: int, reward: str) -> list[Any]:
+    """The dataset column `name` (one value per completion), or one clear error naming the reward."""
+    if name not in columns:
+        available = ", ".join(sorted(k for k in columns if k not in ("completion_ids",))) or "none"
+        raise KeyError(f"reward {reward} needs a column {name!r}; the rows have: {available}")
+    values = list(columns[name])
+    if len(values) != count:
+        raise ValueError(f"reward {reward}: column {name!r} has {len(values)} values for {count} completions")
+    return values

