@@ -194,6 +194,8 @@ def completion_logprobs(
     holds float32 logits for more than `chunk_size` tokens. For 16 completions of 256 tokens and a
     49k vocabulary that is 0.2 GB per 1024-token chunk instead of 0.8 GB (plus the same again for
     log-softmax and its gradient) for the batch; the prompt positions' logits are never computed.
+    Reaching past the causal LM's forward like this bypasses distributed wrappers: under DDP, FSDP2
+    or ZeRO-3 call it through `LogProbModel`, the module that gets prepared.
     """
     lm = causal_lm(model)
     outputs = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

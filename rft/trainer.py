@@ -135,7 +135,9 @@ class Trainer:
         # Rewards and data are checked before the model loads: bad input fails in seconds.
         self.scorer = RewardScorer(config.rewards, config.scoring)
         load_splits(config.data, None, config.training.seed)
-        self.model, self.tokenizer = load_policy(config, self.accelerator.device)
+        # One process per machine converts or downloads the model; the others then read it from the cache.
+        with self.accelerator.local_main_process_first():
+            self.model, self.tokenizer = load_policy(config, self.accelerator.device)
         checkpoint = self._checkpoint_to_resume(resume)
         if checkpoint is not None:
             # Before `prepare`: FSDP2 / ZeRO-3 then shard the restored weights, DDP broadcasts them.

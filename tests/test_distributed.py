@@ -142,7 +142,7 @@ def test_a_lost_process_stops_the_other_with_an_error(
     The processes are started by hand, as on two nodes, so no launcher kills the survivor: only the
     collective timeout (hang) or the closed connection (die) can stop it.
     """
-    timeout_s = 20
+    timeout_s = 10
     recipe = tiny_recipe(stopping_model_dir, tmp_path / "run", training={"steps": 2, "prompts_per_step": 2, "threads": 1})
     recipe["rewards"] = [{"fn": f"{REWARDS}:second_process_fails"}]
     recipe_path = _write_recipe(tmp_path / "recipe.yaml", recipe)

@@ -1,0 +1,1 @@
+"""SageMaker Training jobs: `launcher` packs a recipe and starts the job; `entry` runs it inside the container."""

@@ -1,0 +1,365 @@
+"""`rft sagemaker launch RECIPE.yaml`: pack the project and the recipe, start a SageMaker Training job.
+
+What goes where:
+- the source directory (`sourcedir.tar.gz` on S3, unpacked to /opt/ml/code): the `rft` and
+  `rewards` packages, the recipe with every setting resolved (`recipe.yaml`), the reward files and
+  other files it names (`recipe_files/`), `requirements.txt` (installed by the container before
+  the entry point runs) and `rft_sagemaker_entry.py` (the entry point, see `rft.sagemaker.entry`);
+- local data files and a local model directory go up as input channels `train`, `eval`, `model`;
+  hub data sets (`hf:`) and hub model ids are fetched inside the job;
+- checkpoints live in /opt/ml/checkpoints, synced to `<s3 prefix>/<job>/checkpoints`, so a spot job
+  that is interrupted resumes where it stopped.
+
+The job is created with boto3's `create_training_job`, from a request built here, not with the
+SageMaker Python SDK: `sagemaker` 3.x would downgrade protobuf (7 -> 6) and pyarrow (26 -> 25) in
+this environment and pull in mlflow and some thirty other packages, all for one API call that
+boto3 makes directly. `--dry-run` prints the request and needs no credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rft.config import EMBEDDED_MODEL, RecipeConfig, dump_config, load_config
+from rft.sagemaker.entry import ENTRY_SCRIPT
+
+PROJECT = "rft-trainer"
+PACKAGES = ("rft", "rewards")
+# The Hugging Face PyTorch training container (torch 2.9, CUDA 13, Python 3.12); requirements.txt
+# brings transformers and the rest up to this project's versions. Account 763104351884 serves most
+# regions; elsewhere pass --image-uri.
+DEFAULT_IMAGE = (
+    "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-training:"
+    "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
+)
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
+DRY_RUN_ROLE = "arn:aws:iam::111122223333:role/REPLACE-WITH-YOUR-SAGEMAKER-EXECUTION-ROLE"
+DRY_RUN_S3_PREFIX = "s3://REPLACE-WITH-YOUR-BUCKET/rft"
+ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in rft/sagemaker/entry.py."""
+
+import sys
+
+from rft.sagemaker.entry import main
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+class LaunchError(ValueError):
+    """The job cannot be launched as asked (one line, naming the option)."""
+
+
+@dataclass
+class LaunchOptions:
+    recipe: Path
+    overrides: list[str]
+    instance_type: str
+    instance_count: int = 1
+    spot: bool = False
+    s3_prefix: str | None = None
+    role: str | None = None
+    region: str = "us-east-1"
+    image_uri: str | None = None
+    job_name: str | None = None
+    max_run_hours: float = 24.0
+    max_wait_hours: float | None = None
+    volume_gb: int = 200
+    accelerate_config: Path | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SourcePackage:
+    """A staged source directory and the local data / model to upload as channels."""
+
+    directory: Path
+    channels: dict[str, Path]
+    config: RecipeConfig
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def requirements(config: RecipeConfig) -> list[str]:
+    """This project's dependencies for the container: without torch (the container's CUDA build stays),
+    with vLLM when the recipe samples with it."""
+    try:
+        declared = metadata.requires(PROJECT) or []
+    except metadata.PackageNotFoundError:
+        raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies are unknown") from None
+    lines = []
+    for requirement in declared:
+        spec, _, marker = requirement.partition(";")
+        name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        wanted = extra is None or (extra.group(1) == "vllm" and config.rollout.engine == "vllm")
+        if wanted and name != "torch":
+            lines.append(spec.strip())
+    return lines
+
+
+def _carry_file(source: Path, directory: Path, carried: dict[Path, str]) -> str:
+    """Copy a local file the recipe names into recipe_files/; its path relative to the source directory."""
+    if source not in carried:
+        target = Path("recipe_files") / f"{len(carried)}_{source.name}"
+        (directory / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, directory / target)
+        carried[source] = str(target)
+    return carried[source]
+
+
+def _carry_reward_files(config: RecipeConfig, directory: Path) -> None:
+    """Point reward specs and file-valued kwargs at copies inside the source directory."""
+    carried: dict[Path, str] = {}
+    for reward in config.rewards:
+        target, _, name = reward.fn.rpartition(":")
+        if target.endswith(".py"):
+            reward.fn = f"{_carry_file(Path(target).resolve(), directory, carried)}:{name}"
+        reward.kwargs = {
+            key: _carry_file(Path(value).resolve(), directory, carried) if isinstance(value, str) and Path(value).is_file() else value
+            for key, value in reward.kwargs.items()
+        }
+
+
+def stage_source(options: LaunchOptions, directory: Path) -> SourcePackage:
+    """Validate the recipe and lay out the source directory; nothing leaves this machine here."""
+    config = load_config(options.recipe, options.overrides)
+    packaged = copy.deepcopy(config)
+    root = project_root()
+    for package in PACKAGES:
+        shutil.copytree(root / package, directory / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _carry_reward_files(packaged, directory)
+    channels: dict[str, Path] = {}
+    for channel, source in (("train", config.data.train), ("eval", config.data.eval)):
+        if source and not source.startswith("hf:"):
+            path = Path(source)
+            if not path.exists():
+                raise LaunchError(f"{options.recipe}: data.{channel}: {source} not found")
+            channels[channel] = path
+    if config.model.name_or_path == EMBEDDED_MODEL or Path(config.model.name_or_path).is_dir():
+        from rft.models import resolve_model_path
+
+        channels["model"] = Path(resolve_model_path(config.model.name_or_path))
+    # The entry point replaces these with the channel paths; the names say what the channels hold.
+    if "train" in channels:
+        packaged.data.train = f"channel:train/{channels['train'].name}"
+    if "eval" in channels:
+        packaged.data.eval = f"channel:eval/{channels['eval'].name}"
+    if "model" in channels:
+        packaged.model.name_or_path = "channel:model"
+    (directory / "recipe.yaml").write_text(
+        f"# {options.recipe.name} as launched, every setting resolved (rft sagemaker launch)\n"
+        + dump_config(packaged)
+    )
+    (directory / "requirements.txt").write_text("\n".join(requirements(config)) + "\n")
+    (directory / ENTRY_SCRIPT).write_text(ENTRY_SHIM)
+    if options.accelerate_config is not None:
+        if not options.accelerate_config.is_file():
+            raise LaunchError(f"--accelerate-config {options.accelerate_config}: file not found")
+        shutil.copy2(options.accelerate_config, directory / "accelerate_config.yaml")
+    return SourcePackage(directory=directory, channels=channels, config=config)
+
+
+def pack(directory: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return archive
+
+
+def default_job_name(config: RecipeConfig) -> str:
+    slug = re.sub(r"[^a-zA-Z0-9]+", "-", config.output.name).strip("-") or "run"
+    return f"rft-{slug}"[:46].rstrip("-") + time.strftime("-%Y%m%d-%H%M%S", time.gmtime())
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", uri)
+    if not match:
+        raise LaunchError(f"--s3-prefix {uri!r}: expected s3://bucket[/prefix]")
+    return match.group(1), match.group(2).strip("/")
+
+
+def job_prefix(s3_prefix: str, job_name: str) -> str:
+    bucket, prefix = split_s3(s3_prefix)
+    return f"s3://{bucket}/{prefix + '/' if prefix else ''}{job_name}"
+
+
+def build_request(options: LaunchOptions, package: SourcePackage, job_name: str) -> dict[str, Any]:
+    """The CreateTrainingJob request (botocore's shape); S3 locations under <s3 prefix>/<job name>/."""
+    s3_prefix = options.s3_prefix or DRY_RUN_S3_PREFIX
+    base = job_prefix(s3_prefix, job_name)
+    launcher = "accelerate" if options.accelerate_config is not None else "torchrun"
+    hyperparameters = {
+        # The training toolkit's own settings: what to download and run.
+        "sagemaker_program": ENTRY_SCRIPT,
+        "sagemaker_submit_directory": f"{base}/source/sourcedir.tar.gz",
+        "sagemaker_region": options.region,
+        "sagemaker_job_name": job_name,
+        "sagemaker_container_log_level": 20,
+        "recipe": "recipe.yaml",
+        "launcher": launcher,
+        "checkpoint_dir": CHECKPOINT_LOCAL_PATH,
+    }
+    if options.accelerate_config is not None:
+        hyperparameters["accelerate_config"] = "accelerate_config.yaml"
+    max_run = int(options.max_run_hours * 3600)
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_run}
+    if options.spot:
+        max_wait = int((options.max_wait_hours or 2 * options.max_run_hours) * 3600)
+        if max_wait < max_run:
+            raise LaunchError(f"--max-wait-hours ({options.max_wait_hours}) must be at least --max-run-hours ({options.max_run_hours})")
+        stopping["MaxWaitTimeInSeconds"] = max_wait
+    request: dict[str, Any] = {
+        "TrainingJobName": job_name,
+        # The SDK's convention, which the toolkit decodes: every hyperparameter value JSON-encoded.
+        "HyperParameters": {key: json.dumps(value) for key, value in hyperparameters.items()},
+        "AlgorithmSpecification": {
+            "TrainingImage": options.image_uri or DEFAULT_IMAGE.format(region=options.region),
+            "TrainingInputMode": "File",
+        },
+        "RoleArn": options.role or DRY_RUN_ROLE,
+        "InputDataConfig": [
+            {
+                "ChannelName": channel,
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix", "S3Uri": f"{base}/data/{channel}/",
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            }
+            for channel in sorted(package.channels)
+        ],
+        "OutputDataConfig": {"S3OutputPath": f"{base}/output"},
+        "ResourceConfig": {
+            "InstanceType": options.instance_type, "InstanceCount": options.instance_count,
+            "VolumeSizeInGB": options.volume_gb,
+        },
+        "StoppingCondition": stopping,
+        "EnableManagedSpotTraining": options.spot,
+        "CheckpointConfig": {"S3Uri": f"{base}/checkpoints", "LocalPath": CHECKPOINT_LOCAL_PATH},
+        "Environment": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **options.environment},
+        "Tags": [{"Key": "rft-recipe", "Value": options.recipe.stem[:256]}],
+    }
+    if not request["InputDataConfig"]:
+        del request["InputDataConfig"]
+    return request
+
+
+def uploads(package: SourcePackage, archive: Path, request: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(local file, s3 uri) for the source archive and every file of every channel."""
+    pairs = [(archive, json.loads(request["HyperParameters"]["sagemaker_submit_directory"]))]
+    channel_uris = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request.get("InputDataConfig", [])}
+    for channel, source in sorted(package.channels.items()):
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            relative = path.name if source.is_file() else str(path.relative_to(source))
+            pairs.append((path, channel_uris[channel] + relative))
+    return pairs
+
+
+def launch(request: dict[str, Any], files: list[tuple[Path, str]], session: Any) -> str:
+    """Upload, then create the job; the job's ARN."""
+    s3 = session.client("s3")
+    for path, uri in files:
+        bucket, key = split_s3(uri)
+        s3.upload_file(str(path), bucket, key)
+    return session.client("sagemaker").create_training_job(**request)["TrainingJobArn"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, help="recipe YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field (repeatable), as in rft train")
+    parser.add_argument("--instance-type", required=True, help="e.g. ml.g5.2xlarge, ml.p4d.24xlarge")
+    parser.add_argument("--instance-count", type=int, default=1, help="hosts; all their GPUs train together")
+    parser.add_argument("--spot", action="store_true", help="managed spot training (resumes from checkpoints)")
+    parser.add_argument("--max-run-hours", type=float, default=24.0, help="stop the job after this long")
+    parser.add_argument("--max-wait-hours", type=float, default=None,
+                        help="spot: give up waiting for capacity after this long (default twice --max-run-hours)")
+    parser.add_argument("--s3-prefix", help="s3://bucket/prefix for code, data, checkpoints and output")
+    parser.add_argument("--role", help="the SageMaker execution role ARN")
+    parser.add_argument("--region", help="AWS region (default: your AWS configuration, else us-east-1)")
+    parser.add_argument("--image-uri", help=f"training container (default: {DEFAULT_IMAGE})")
+    parser.add_argument("--job-name", help="default: rft-<output.name>-<UTC time>")
+    parser.add_argument("--volume-gb", type=int, default=200, help="EBS volume per host")
+    parser.add_argument("--accelerate-config", type=Path,
+                        help="launch with accelerate and this config (e.g. recipes/accelerate/fsdp2.yaml); default torchrun")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job (repeatable), e.g. HF_TOKEN=...")
+    parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; upload and start nothing")
+
+
+def _region(requested: str | None) -> str:
+    if requested:
+        return requested
+    import boto3
+
+    return boto3.session.Session().region_name or "us-east-1"
+
+
+def options_from_args(args: argparse.Namespace) -> LaunchOptions:
+    environment = {}
+    for item in args.env:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise LaunchError(f"--env {item!r}: expected KEY=VALUE")
+        environment[key] = value
+    if args.instance_count < 1:
+        raise LaunchError(f"--instance-count {args.instance_count}: must be at least 1")
+    if not args.dry_run and (not args.role or not args.s3_prefix):
+        raise LaunchError("--role and --s3-prefix are required to launch (or use --dry-run)")
+    return LaunchOptions(
+        recipe=args.recipe, overrides=args.overrides, instance_type=args.instance_type,
+        instance_count=args.instance_count, spot=args.spot, s3_prefix=args.s3_prefix, role=args.role,
+        region=_region(args.region), image_uri=args.image_uri, job_name=args.job_name,
+        max_run_hours=args.max_run_hours, max_wait_hours=args.max_wait_hours, volume_gb=args.volume_gb,
+        accelerate_config=args.accelerate_config, environment=environment,
+    )
+
+
+def run(args: argparse.Namespace, session: Any = None) -> int:
+    """`rft sagemaker launch`; `session` (a boto3 Session) is for tests."""
+    try:
+        options = options_from_args(args)
+        with tempfile.TemporaryDirectory(prefix="rft-sagemaker-") as staging:
+            package = stage_source(options, Path(staging) / "source")
+            job_name = options.job_name or default_job_name(package.config)
+            request = build_request(options, package, job_name)
+            archive = pack(package.directory, Path(staging) / "sourcedir.tar.gz")
+            files = uploads(package, archive, request)
+            if args.dry_run:
+                print(json.dumps(request, indent=2))
+                names = sorted(str(p.relative_to(package.directory)) for p in package.directory.iterdir())
+                print(f"would upload the source directory ({', '.join(names)}) -> {files[0][1]}", file=sys.stderr)
+                for path, uri in files[1:]:
+                    print(f"would upload {path} -> {uri}", file=sys.stderr)
+                if not options.role or not options.s3_prefix:
+                    print("placeholders stand in for --role / --s3-prefix", file=sys.stderr)
+                return 0
+            if session is None:
+                import boto3
+
+                session = boto3.session.Session(region_name=options.region)
+            arn = launch(request, files, session)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"started {arn}")
+    print(f"https://{options.region}.console.aws.amazon.com/sagemaker/home?region={options.region}#/jobs/{job_name}")
+    return 0
