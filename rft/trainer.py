@@ -605,6 +605,15 @@ class Trainer:
             return None
         checkpoints = list_checkpoints(self.run_dir)
         checkpoint = Path(resume) if isinstance(resume, str) else (checkpoints[-1] if checkpoints else None)
+        # Each machine reads its own copy of the run directory; a process that saw another checkpoint (or
+        # none) would train from a different step and leave the others waiting in a collective.
+        seen = distributed.gather_from_processes(self.accelerator, checkpoint.name if checkpoint else None)
+        if len(set(seen)) > 1:
+            raise RuntimeError(
+                f"--resume: the processes see different checkpoints in {self.run_dir / 'checkpoints'} "
+                f"(by process: {seen}); every machine needs the same run directory (shared, or synced as "
+                "SageMaker does with /opt/ml/checkpoints)"
+            )
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s; starting from scratch", self.run_dir / "checkpoints")
         return checkpoint

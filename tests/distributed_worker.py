@@ -1,6 +1,8 @@
 """One training run, under `torchrun`, with rollouts that depend only on the prompt and the weights.
 
-`python tests/distributed_worker.py RECIPE.yaml [--resume]` (via torchrun). Sampling randomness normally differs
+`python tests/distributed_worker.py RECIPE.yaml [--resume] [--run-dir-per-process]` (via torchrun).
+`--run-dir-per-process` gives each process its own run directory (`<run_dir>-<rank>`), as machines
+that do not share one would have. Sampling randomness normally differs
 between processes, so a run on two processes and one on a single process would train on different
 completions. Seeding each prompt's sampling with the prompt itself makes a group's completions the
 same whichever process generates it, so the two runs can be compared weight for weight.
@@ -8,6 +10,7 @@ same whichever process generates it, so the two runs can be compared weight for 
 
 from __future__ import annotations
 
+import os
 import sys
 import zlib
 from collections.abc import Sequence
@@ -43,11 +46,14 @@ class PromptSeededEngine:
         self.engine.close()
 
 
-def main(recipe: str, resume: bool) -> None:
-    trainer = Trainer(load_config(recipe), resume=resume)
+def main(recipe: str, resume: bool, run_dir_per_process: bool) -> None:
+    config = load_config(recipe)
+    if run_dir_per_process:
+        config.output.run_dir = f"{config.output.run_dir}-{os.environ['RANK']}"
+    trainer = Trainer(config, resume=resume)
     trainer.engine = PromptSeededEngine(trainer.engine)
     trainer.train()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], resume="--resume" in sys.argv[2:])
+    main(sys.argv[1], resume="--resume" in sys.argv[2:], run_dir_per_process="--run-dir-per-process" in sys.argv[2:])

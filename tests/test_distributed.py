@@ -127,6 +127,21 @@ def test_two_processes_match_one_process_and_resume(stopping_model_dir: Path, tm
     assert [m["step"] for m in _metrics(resumed)] == [1, 2]
 
 
+def test_processes_that_see_different_checkpoints_refuse_to_resume(stopping_model_dir: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(stopping_model_dir, tmp_path / "run", training={"steps": 1, "threads": 1},
+                         output={"save_every": 1, "log_completions": 0})
+    recipe_path = _write_recipe(tmp_path / "recipe.yaml", recipe)
+    _torchrun(1, str(WORKER), str(recipe_path))
+    # Process 0's run directory has the checkpoint, process 1's has none: as two machines without a shared disk.
+    shutil.copytree(tmp_path / "run", tmp_path / "run-0")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), str(recipe_path), "--resume", "--run-dir-per-process"]
+    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0
+    assert "the processes see different checkpoints" in result.stdout + result.stderr
+    assert "['step-000001', None]" in result.stdout + result.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -245,7 +245,7 @@ def test_launch_commands_for_several_hosts() -> None:
         channels={}, hosts=["algo-1", "algo-2"], current_host="algo-2", num_gpus=8,
     )
     plan = entry.RunPlan(recipe=Path("/opt/ml/code/recipe.yaml"), overrides=["output.run_dir=/x"], run_dir=Path("/x"),
-                         resume=True, launcher="torchrun", accelerate_config=None)
+                         found_checkpoint=False, launcher="torchrun", accelerate_config=None)
     command = entry.launch_command(plan, environment)
     joined = " ".join(command)
     assert "--nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr algo-1" in joined

@@ -136,7 +136,7 @@ class RunPlan:
     recipe: Path
     overrides: list[str]
     run_dir: Path
-    resume: bool
+    found_checkpoint: bool
     launcher: str
     accelerate_config: Path | None
 
@@ -169,7 +169,7 @@ def plan_run(environment: SageMakerEnvironment, code_dir: Path) -> RunPlan:
         recipe=recipe,
         overrides=overrides,
         run_dir=run_dir,
-        resume=bool(list_checkpoints(run_dir)),
+        found_checkpoint=bool(list_checkpoints(run_dir)),
         launcher=launcher,
         accelerate_config=code_dir / str(accelerate_config) if accelerate_config else None,
     )
@@ -182,9 +182,8 @@ def launch_command(plan: RunPlan, environment: SageMakerEnvironment) -> list[str
     # One host: the loopback interface, so the job does not depend on resolving its own host name.
     master = environment.hosts[0] if nodes > 1 else "127.0.0.1"
     per_host = environment.processes_per_host
-    train = ["rft", "train", str(plan.recipe), *[arg for o in plan.overrides for arg in ("--set", o)]]
-    if plan.resume:
-        train.append("--resume")
+    # Always --resume: every process then checks that it sees the checkpoint the others see (or none).
+    train = ["rft", "train", str(plan.recipe), *[arg for o in plan.overrides for arg in ("--set", o)], "--resume"]
     if plan.launcher == "accelerate":
         return [
             "accelerate", "launch", "--config_file", str(plan.accelerate_config),
@@ -218,7 +217,7 @@ def run_processes(command: list[str], code_dir: Path) -> None:
 def train_here(plan: RunPlan) -> None:
     from rft.trainer import Trainer
 
-    Trainer(load_config(plan.recipe, plan.overrides), resume=plan.resume).train()
+    Trainer(load_config(plan.recipe, plan.overrides), resume=True).train()
 
 
 def export_outputs(plan: RunPlan, environment: SageMakerEnvironment) -> None:
@@ -247,7 +246,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         plan = plan_run(environment, code_dir)
         logger.info(
             "host %s of %s, %d process(es) each; run directory %s%s", environment.current_host, environment.hosts,
-            environment.processes_per_host, plan.run_dir, " (resuming)" if plan.resume else "",
+            environment.processes_per_host, plan.run_dir, " (resuming)" if plan.found_checkpoint else "",
         )
         if len(environment.hosts) * environment.processes_per_host == 1:
             train_here(plan)
