@@ -86,9 +86,10 @@ def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
 def _pool_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
     """Per-process reward metrics over `n` completions each, combined as if computed on all of them.
 
-    Means and shares are weighted by the values they averaged (a reward's `none_share` says how many
-    of the `n` were present); a `.../std` (population, as the scorer computes it) is pooled from the
-    parts' means and stds.
+    By the scorer's naming: a `.../mean` or `..._share` is weighted by the values it averaged (a
+    reward's `none_share` says how many of the `n` were present); a `.../std` (population, as the
+    scorer computes it) is pooled from the parts' means and stds; a `time/...` is the slowest
+    process's; anything else is a count (errors, timeouts, a reward's counters) and adds up.
     """
     def weight(part: dict[str, float], n: int, key: str) -> float:
         prefix = key.rsplit("/", 1)[0]
@@ -99,12 +100,15 @@ def _pool_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]
     pooled: dict[str, float] = {}
     for key in sorted({key for part, _ in parts for key in part}):
         present = [(part, weight(part, n, key)) for part, n in parts if key in part]
-        total = sum(w for _, w in present)
-        if total == 0:
-            pooled[key] = present[0][0][key]
-            continue
         prefix = key.rsplit("/", 1)[0]
-        if key.endswith("/std") and all(f"{prefix}/mean" in part for part, _ in present):
+        total = sum(w for _, w in present)
+        if key.startswith("time/"):
+            pooled[key] = max(part[key] for part, _ in present)
+        elif not (key.endswith(("/mean", "/std", "_share"))):
+            pooled[key] = sum(part[key] for part, _ in present)
+        elif total == 0:
+            pooled[key] = present[0][0][key]
+        elif key.endswith("/std") and all(f"{prefix}/mean" in part for part, _ in present):
             mean = sum(w * part[f"{prefix}/mean"] for part, w in present) / total
             second_moment = sum(w * (part[key] ** 2 + part[f"{prefix}/mean"] ** 2) for part, w in present) / total
             pooled[key] = math.sqrt(max(0.0, second_moment - mean**2))

@@ -221,3 +221,28 @@ def test_fsdp2_logprob_gradients_and_generation(stopping_model_dir: Path) -> Non
     result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count("fsdp2 ok") == 2
+
+
+def test_pooled_reward_metrics_equal_those_of_the_whole_batch() -> None:
+    """Two processes' scorer metrics, pooled, match the scorer's metrics on all completions at once."""
+    from rft.config import RewardConfig, ScoringConfig
+    from rft.scoring import RewardScorer
+    from rft.trainer import _pool_metrics
+
+    rewards = [
+        RewardConfig(fn=f"{REWARDS}:first_token_grade"),
+        RewardConfig(fn=f"{REPO / 'tests' / 'tiny_rewards.py'}:length_mod_three", name="length"),
+    ]
+    scorer = RewardScorer(rewards, ScoringConfig())
+    ids = [[3], [8], [12, 1], [7, 7, 7], [5], [9, 9], [4], [11, 2, 6], [0]]
+
+    def score(rows: list[list[int]]) -> dict[str, float]:
+        count, texts = len(rows), ["x" * sum(row) for row in rows]
+        return scorer.score(["p"] * count, texts, rows, [{"answer": 1}] * count, group_size=1).metrics
+
+    whole = score(ids)
+    pooled = _pool_metrics([(score(ids[:4]), 4), (score(ids[4:]), 5)])
+    for key, value in whole.items():
+        if key.startswith("time/") or key.endswith("failures_total"):
+            continue
+        assert pooled[key] == pytest.approx(value, abs=1e-9), key
