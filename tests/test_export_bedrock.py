@@ -79,8 +79,9 @@ def test_export_has_the_files_bedrock_reads_in_the_4x_layout(llama_export: Path)
     assert "<|im_start|>assistant" in tokenizer_config["chat_template"]
     assert tokenizer_config["eos_token"] == "<|im_end|>"
     with safe_open(str(llama_export / "model.safetensors"), "pt") as weights:
-        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
-        assert not any("lora" in name for name in weights.keys())
+        names = list(weights.keys())
+        assert {weights.get_slice(name).get_dtype() for name in names} == {"BF16"}
+        assert not any("lora" in name for name in names)
 
 
 def test_merged_export_gives_the_trained_policys_logits(llama_run: Path, llama_export: Path, prompts: list[list[int]]) -> None:

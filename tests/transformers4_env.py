@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from export_fixtures import CHAT_PROMPTS, cache_dir
 
 TRANSFORMERS4_REQUIREMENTS = ("torch==2.13.0", "transformers==4.51.3", "numpy")

@@ -31,7 +31,11 @@ from rft.export.merge import (
     locate_policy,
     merge_policy,
 )
-from rft.export.transformers4 import TRANSFORMERS4_ARCHITECTURES, TRANSFORMERS4_VERSION, write_transformers4_checkpoint
+from rft.export.transformers4 import (
+    TRANSFORMERS4_ARCHITECTURES,
+    TRANSFORMERS4_VERSION,
+    write_transformers4_checkpoint,
+)
 
 # Architectures Bedrock Custom Model Import accepts (its documentation, by config.json `architectures`).
 BEDROCK_ARCHITECTURES: dict[str, str] = {
