@@ -163,6 +163,12 @@ def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
 
 
+def bf16_tolerance(policy_float32: torch.Tensor, policy_bfloat16: torch.Tensor) -> float:
+    """Allowed |logit difference| for a bfloat16 export: twice what running the unmerged policy in
+    bfloat16 costs (the rounding any bf16 copy of the policy pays), plus a hair for tiny logits."""
+    return 2 * (policy_bfloat16 - policy_float32).abs().max().item() + 1e-3
+
+
 @torch.no_grad()
 def next_token_logits(model: Any, prompts: list[list[int]]) -> torch.Tensor:
     """Float32 next-token logits after each prompt, one row per prompt."""

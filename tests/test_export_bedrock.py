@@ -16,6 +16,7 @@ import pytest
 import torch
 from botocore.stub import Stubber
 from export_fixtures import (
+    bf16_tolerance,
     build_base_model,
     build_full_run,
     build_lora_run,
@@ -28,11 +29,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rft.export import bedrock
 from rft.export.merge import load_policy, locate_policy
-
-
-def bf16_tolerance(reference: torch.Tensor) -> float:
-    """Allowed |logit difference| after rounding weights to bfloat16 (8 mantissa bits)."""
-    return 0.05 * reference.abs().max().item() + 1e-3
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -85,9 +81,10 @@ def test_export_has_the_files_bedrock_reads_in_the_4x_layout(llama_export: Path)
 
 
 def test_merged_export_gives_the_trained_policys_logits(llama_run: Path, llama_export: Path, prompts: list[list[int]]) -> None:
-    policy = next_token_logits(load_policy(locate_policy(llama_run)), prompts)
-    base = logits_of(json.loads((llama_run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"], prompts)
-    tolerance = bf16_tolerance(policy)
+    source = locate_policy(llama_run)
+    policy = next_token_logits(load_policy(source), prompts)
+    tolerance = bf16_tolerance(policy, next_token_logits(load_policy(source, torch.bfloat16), prompts))
+    base = logits_of(source.base_model, prompts)
     # The adapter moves the logits far beyond bf16 rounding, so a merge that dropped it would fail here.
     assert (base - policy).abs().max() > 10 * tolerance
     assert (logits_of(llama_export, prompts) - policy).abs().max() < tolerance

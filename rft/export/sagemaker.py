@@ -51,6 +51,11 @@ def check_adapter_servable(source: PolicySource) -> None:
     where = source.checkpoint_dir / ADAPTER_CONFIG_FILE
     if config.get("use_dora"):
         raise ExportError(f"{where}: use_dora: true; vLLM serves plain LoRA only; use --merged")
+    if config.get("target_parameters"):
+        raise ExportError(
+            f"{where}: target_parameters: {config['target_parameters']}: LoRA on raw parameters (fused MoE "
+            "experts) is not something vLLM loads as an adapter; use --merged"
+        )
     if config.get("modules_to_save"):
         raise ExportError(
             f"{where}: modules_to_save: {config['modules_to_save']}: vLLM loads only LoRA weights, these full "
