@@ -121,6 +121,14 @@ def test_intermediate_checkpoint_and_full_finetune_runs_export(
     assert (logits_of(out, prompts) - logits_of(full_run / "final", prompts)).abs().max() < 1e-5
 
 
+def test_sentencepiece_model_is_shipped_when_the_tokenizer_has_one(llama_run: Path, tmp_path: Path) -> None:
+    run_dir = shutil.copytree(llama_run, tmp_path / "run")
+    # The exporter copies the file as is; its content is the tokenizer's business, not the export's.
+    (run_dir / "final" / "tokenizer.model").write_bytes(b"\x0a\x05sentencepiece-model")
+    out = export(run_dir, tmp_path / "out")
+    assert (out / "tokenizer.model").read_bytes() == (run_dir / "final" / "tokenizer.model").read_bytes()
+
+
 @pytest.mark.parametrize(
     ("config_class", "architecture", "overrides", "message"),
     [
