@@ -10,7 +10,6 @@ the export with the trained policy can fail.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +149,6 @@ def build_full_run(base_dir: Path, run_dir: Path, seed: int = 2) -> Path:
     AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(run_dir / "final")
     write_recipe(run_dir, str(base_dir), 16, 32.0, lora_enabled=False)
     return run_dir
-
-
-def copy_tree(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
 
 
 def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
