@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_command(commands, groups, "data", "prep", "rft.dataprep",
                         "invocation logs / chat JSONL -> training JSONL (PII redaction, dedup, tags, split)")
 
+    _add_module_command(commands, groups, "export", "bedrock", "rft.export.bedrock",
+                        "merged model for Amazon Bedrock Custom Model Import (optionally upload and import)")
+    _add_module_command(commands, groups, "export", "sagemaker", "rft.export.sagemaker",
+                        "LMI (DJL, vLLM) deployment for a SageMaker endpoint: adapter or merged model")
+
     prepare = commands.add_parser(
         "prepare-model", help="convert the embedded SmolLM2 (or resolve a model id) and print its local path"
     )

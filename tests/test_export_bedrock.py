@@ -15,7 +15,13 @@ import boto3
 import pytest
 import torch
 from botocore.stub import Stubber
-from export_fixtures import (
+from moto import mock_aws
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rft.export import bedrock
+from rft.export.merge import load_policy, locate_policy
+from tests.export_fixtures import (
     bf16_tolerance,
     build_base_model,
     build_full_run,
@@ -23,12 +29,6 @@ from export_fixtures import (
     chat_prompt_ids,
     next_token_logits,
 )
-from moto import mock_aws
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from rft.export import bedrock
-from rft.export.merge import load_policy, locate_policy
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_fixtures import (
-    build_base_model,
-    build_lora_run,
-    chat_prompt_ids,
-    embedded_model_dir,
-    next_token_logits,
-)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rft.config import EMBEDDED_MODEL
 from rft.export import sagemaker
 from rft.export.merge import EMBEDDED_MODEL_HUB_ID, load_policy, locate_policy
+from tests.export_fixtures import (
+    build_base_model,
+    build_lora_run,
+    chat_prompt_ids,
+    embedded_model_dir,
+    next_token_logits,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from export_fixtures import (
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from rft.config import EMBEDDED_MODEL
+from rft.export import bedrock
+from rft.export.merge import load_policy, load_tokenizer, locate_policy, merge_policy
+from rft.export.transformers4 import TRANSFORMERS4_ARCHITECTURES
+from tests.export_fixtures import (
     CHAT_PROMPTS,
     bf16_tolerance,
     build_base_model,
@@ -25,13 +31,7 @@ from export_fixtures import (
     embedded_model_dir,
     next_token_logits,
 )
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers4_env import probe_with_transformers4
-
-from rft.config import EMBEDDED_MODEL
-from rft.export import bedrock
-from rft.export.merge import load_policy, load_tokenizer, locate_policy, merge_policy
-from rft.export.transformers4 import TRANSFORMERS4_ARCHITECTURES
+from tests.transformers4_env import probe_with_transformers4
 
 pytestmark = pytest.mark.slow
 

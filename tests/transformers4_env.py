@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from export_fixtures import CHAT_PROMPTS, cache_dir
+
+from tests.export_fixtures import CHAT_PROMPTS, cache_dir
 
 TRANSFORMERS4_REQUIREMENTS = ("torch==2.13.0", "transformers==4.51.3", "numpy")
 PROBE_SCRIPT = Path(__file__).with_name("transformers4_probe.py")
