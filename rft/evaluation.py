@@ -121,11 +121,13 @@ class EvalPlan:
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the scores (part of the baseline cache key and of every summary)."""
-        return {
+        settings = {
             "mode": self.mode, "sampling": self.sampling.__dict__, "samples_per_prompt": self.samples_per_prompt,
             "pass_k": list(self.pass_k), "pass_threshold": self.pass_threshold, "exact_match": self.exact_match,
-            "seed": self.seed, "keep_samples": self.keep_samples,
+            "keep_samples": self.keep_samples,
         }
+        # Greedy decoding draws no random numbers: runs with other seeds score (and cache) the same.
+        return settings if self.sampling.greedy else {**settings, "seed": self.seed}
 
 
 def eval_plans(config: RecipeConfig) -> list[EvalPlan]:

@@ -241,23 +241,27 @@ class Monitors:
             earlier_step, earlier = self.evaluations[max(0, len(self.evaluations) - 1 - span)]
             held_out = trend(_held_out_stat(earlier), _held_out_stat(summary), self.sigmas)
             train = self._train_trend(TRAIN_REWARD, span)
+            train_up = train is not None and train[2].up
+            component_trends = {key: found for key in self.components if (found := self._train_trend(key, span))}
             if held_out is not None and train is not None:
-                alerts += self._fire("overfitting", train[2].up and held_out.down, lambda: Alert(
+                rising = [_name(key) for key, (_, _, t) in component_trends.items() if t.up]
+                alerts += self._fire("overfitting", train_up and held_out.down, lambda: Alert(
                     "overfitting", step,
                     f"training reward rose {train[2].change:+.3f} while held-out reward fell {held_out.change:+.3f} "
-                    f"(step {earlier_step} -> {step}; both beyond {self.sigmas:g} s.e.)",
-                    {"train_change": train[2].change, "held_out_change": held_out.change, "from_step": earlier_step},
+                    f"(step {earlier_step} -> {step}; both beyond {self.sigmas:g} s.e.)"
+                    + (f"; rising components: {', '.join(rising)}" if len(self.components) > 1 else ""),
+                    {"train_change": train[2].change, "held_out_change": held_out.change, "from_step": earlier_step,
+                     "rising_components": rising},
                 ))
-            if held_out is not None and len(self.components) > 1:
-                for key in self.components:
-                    component = self._train_trend(key, span)
-                    if component is None:
-                        continue
-                    alerts += self._fire(f"component_vs_held_out:{key}", component[2].up and held_out.down, lambda k=key, c=component: Alert(
+            # With the total training reward up, overfitting above already says it; a component rising
+            # on its own (the total flat) while held-out falls is the signal left to catch here.
+            if held_out is not None and len(self.components) > 1 and not train_up:
+                for key, (_, _, component) in component_trends.items():
+                    alerts += self._fire(f"component_vs_held_out:{key}", component.up and held_out.down, lambda k=key, c=component: Alert(
                         "component_divergence", step,
-                        f"reward {_name(k)} rose {c[2].change:+.3f} in training while the held-out reward fell "
+                        f"reward {_name(k)} rose {c.change:+.3f} in training while the held-out reward fell "
                         f"{held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
-                        {"rising": _name(k), "rise": c[2].change, "held_out_change": held_out.change},
+                        {"rising": _name(k), "rise": c.change, "held_out_change": held_out.change},
                     ))
         baseline_step, baseline = self.evaluations[0]
         if len(self.evaluations) >= 2:

@@ -157,8 +157,8 @@ def plot_reward(run: Run) -> bytes | None:
         return None
     figure, (ax,) = _new_figure()
     if steps:
-        ax.plot(steps, rewards, color="C0", alpha=0.35, lw=1, label="train reward (step mean)")
         width = max(1, len(steps) // 10)
+        ax.plot(steps, rewards, color="C0", alpha=0.35 if width > 1 else 1.0, lw=1, label="train reward (step mean)")
         if width > 1:
             ax.plot(steps, _rolling(rewards, width), color="C0", lw=2, label=f"train reward ({width}-step mean)")
     for index, mode in enumerate(sorted({e.get("mode", "greedy") for e in evaluations})):
@@ -459,6 +459,12 @@ def _alerts_html(run: Run) -> str:
     return "\n".join(out)
 
 
+def _completion_html(completion: Any) -> str:
+    text = completion_text(completion)
+    # An empty or blank completion would otherwise look like a rendering fault.
+    return f"<pre>{_e(text)}</pre>" if text.strip() else f"<pre class='muted'>(blank: {_e(repr(text))})</pre>"
+
+
 def _prompt_text(prompt: Any) -> str:
     if isinstance(prompt, list):
         return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt if m.get("role") != "system")
@@ -475,8 +481,8 @@ def _samples_html(run: Run) -> str:
         for before, after in zip(first["samples"], last["samples"], strict=False):
             out.append(
                 f"<tr><td><pre>{_e(_prompt_text(before['prompt']))}</pre></td>"
-                f"<td><pre>{_e(completion_text(before['completion']))}</pre>reward {_num(before['reward'])}</td>"
-                f"<td><pre>{_e(completion_text(after['completion']))}</pre>reward {_num(after['reward'])}</td></tr>"
+                f"<td>{_completion_html(before['completion'])}reward {_num(before['reward'])}</td>"
+                f"<td>{_completion_html(after['completion'])}reward {_num(after['reward'])}</td></tr>"
             )
         out.append("</table>")
     if run.completions:
@@ -487,7 +493,7 @@ def _samples_html(run: Run) -> str:
             for sample in [c for c in run.completions if c["step"] == step][:4]:
                 out.append(
                     f"<tr><td><pre>{_e(_prompt_text(sample['prompt']))}</pre></td>"
-                    f"<td><pre>{_e(completion_text(sample['completion']))}</pre></td>"
+                    f"<td>{_completion_html(sample['completion'])}</td>"
                     f"<td class='num'>{_num(sample['reward'])}</td></tr>"
                 )
             out.append("</table>")

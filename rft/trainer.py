@@ -420,9 +420,16 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def _evaluate(self, label: str, step: int) -> EvalResult:
         """Every configured pass (greedy / sampled) on the held-out split; the base model's come from the cache."""
+        if self._last_evaluation is not None and self._last_evaluation[0] == step and label == "trained":
+            # The weights have not moved since this step's periodic evaluation: same scores, no second pass.
+            results = self._last_evaluation[1]
+            if self.accelerator.is_main_process:
+                record_evaluation(self.run_dir, label, [result.summary() for result in results])
+            return results[0]
         args = (self.engine, self.tokenizer, self.eval_examples, self.scorer, self.eval_plans, self.eval_slices,
                 self.eval_metric_scorer)
         results = baseline_results(self.config, *args) if label == "base" else run_plans(label, *args)
+        self._last_evaluation = (step, results)
         if self.accelerator.is_main_process:
             tracked: dict[str, float] = {}
             with (self.run_dir / "evaluations.jsonl").open("a") as handle:
@@ -447,6 +454,7 @@ class Trainer:
         self.eval_slices = resolve_slices(self.eval_examples, config.eval.slices) if self.eval_examples else []
         self.eval_metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
         self.monitors: Monitors | None = None
+        self._last_evaluation: tuple[int, list[EvalResult]] | None = None
         start_trackers(self.accelerator, config)
         if not self.accelerator.is_main_process:
             return
