@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from rft.config import ConfigError, RecipeConfig, load_config
+from rft.config import ConfigError, EvalConfig, RecipeConfig, load_config
 from rft.data import Example, load_splits
 from rft.manifest import data_fingerprint, model_fingerprint, reward_fingerprints, sha256_json
 from rft.rollout.base import RolloutEngine, SamplingSettings
@@ -187,6 +188,17 @@ def resolve_slices(examples: Sequence[Example], slices: list[str] | str) -> list
     return chosen
 
 
+def check_held_out(examples: Sequence[Example], config: EvalConfig) -> list[str]:
+    """Reject evaluation settings the held-out rows cannot serve (before any model loads); the slices to use."""
+    if config.exact_match is not None:
+        lacking = [example.source for example in examples if config.exact_match not in example.row]
+        if lacking:
+            raise EvalError(
+                f"eval.exact_match: field {config.exact_match!r} missing on {len(lacking)} held-out row(s), e.g. {lacking[0]}"
+            )
+    return resolve_slices(examples, config.slices)
+
+
 # ---------------------------------------------------------------------------- results
 @dataclass
 class EvalResult:
@@ -325,8 +337,6 @@ def evaluate(
 
 
 def _exact_match(example: Example, completions: list[Any], field_name: str) -> float:
-    if field_name not in example.row:
-        raise EvalError(f"eval.exact_match: held-out row {example.source} has no field {field_name!r}")
     expected = example.row[field_name]
     expected_text = normalize_answer(expected if isinstance(expected, str) else json.dumps(expected))
     return sum(normalize_answer(completion_text(c)) == expected_text for c in completions) / len(completions)
@@ -376,13 +386,14 @@ def compare(before: dict[str, Any], after: dict[str, Any], sigmas: float) -> lis
     return rows
 
 
-def format_comparison(rows: list[dict[str, Any]], sigmas: float, metrics: Sequence[str] | None = None) -> str:
-    """A plain-text before / after table (metric, slice, both scores, change, its s.e., verdict)."""
-    lines = [f"{'metric':<22} {'slice':<24} {'before':>15} {'after':>15} {'change':>8} {'s.e.':>6}  verdict"]
-    for row in rows:
-        if metrics is not None and row["metric"] not in metrics:
-            continue
-        where = f"{row['tag']}={row['value']}" if row["tag"] else "(all)"
+def format_comparison(rows: list[dict[str, Any]], sigmas: float, slice_metrics: Sequence[str] = ("reward",)) -> str:
+    """A plain-text before / after table: every metric overall, then `slice_metrics` per slice value."""
+    shown = [r for r in rows if r["tag"] is None] + [r for r in rows if r["tag"] is not None and r["metric"] in slice_metrics]
+    wheres = [f"{r['tag']}={r['value']}" if r["tag"] else "(all)" for r in shown]
+    metric_width = max([len("metric"), *(len(r["metric"]) for r in shown)])
+    where_width = max([len("slice"), *(len(w) for w in wheres)])
+    lines = [f"{'metric':<{metric_width}} {'slice':<{where_width}} {'before':>15} {'after':>15} {'change':>8} {'s.e.':>6}  verdict"]
+    for row, where in zip(shown, wheres, strict=True):
         b, a = row["before"], row["after"]
         if row["z"] is None:
             verdict = "too few prompts to tell"
@@ -391,20 +402,23 @@ def format_comparison(rows: list[dict[str, Any]], sigmas: float, metrics: Sequen
         else:
             verdict = f"within noise ({row['z']:+.1f} s.e.)"
         lines.append(
-            f"{row['metric']:<22} {where[:24]:<24} {b['mean']:>7.3f} ± {b['stderr']:<5.3f} {a['mean']:>7.3f} ± "
-            f"{a['stderr']:<5.3f} {row['change']:>+8.3f} {row['stderr']:>6.3f}  {verdict}"
+            f"{row['metric']:<{metric_width}} {where:<{where_width}} {b['mean']:>7.3f} ± {b['stderr']:<5.3f} "
+            f"{a['mean']:>7.3f} ± {a['stderr']:<5.3f} {row['change']:>+8.3f} {row['stderr']:>6.3f}  {verdict}"
         )
     return "\n".join(lines)
 
 
 def format_result(result: EvalResult) -> str:
+    """Every metric of one pass, then the reward per slice value."""
+    names = [*result.stats, *(f"{tag}={value}" for tag, values in result.slices.items() for value in values)]
+    width = max(len(name) for name in names)
     lines = [f"[{result.label}] {result.mode}, n={result.count}{' (cached)' if result.cached else ''}"]
     for key, stat in result.stats.items():
-        lines.append(f"  {key:<24} {stat.mean:.3f} ± {stat.stderr:.3f}")
+        lines.append(f"  {key:<{width}}  {stat.mean:.3f} ± {stat.stderr:.3f}")
     for tag, values in result.slices.items():
         for value, stats in values.items():
             reward = stats["reward"]
-            lines.append(f"  {tag}={value:<20} reward {reward.mean:.3f} ± {reward.stderr:.3f} (n={reward.count})")
+            lines.append(f"  {f'{tag}={value}':<{width}}  {reward.mean:.3f} ± {reward.stderr:.3f} reward (n={reward.count})")
     return "\n".join(lines)
 
 
@@ -453,7 +467,8 @@ def load_baseline(key: str) -> list[EvalResult] | None:
 def store_baseline(key: str, parts: dict[str, Any], results: Sequence[EvalResult]) -> None:
     path = baseline_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    # Every process of a multi-process run evaluates; each writes its own partial file, the rename is atomic.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps({"key": parts, "results": [r.to_dict() for r in results]}, default=str))
     partial.replace(path)
 
@@ -545,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
     if not raw_held_out:
         raise ConfigError(f"{args.recipe}: no held-out rows: set data.eval or data.eval_size")
     try:
-        slices = resolve_slices(raw_held_out, config.eval.slices)
+        slices = check_held_out(raw_held_out, config.eval)
         checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     except EvalError as exc:
         raise ConfigError(str(exc)) from None

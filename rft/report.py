@@ -54,6 +54,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _with_stats(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Rows written before per-metric stats existed carry only the overall reward: give them that much."""
+    if "stats" in evaluation:
+        return evaluation
+    reward = {key: evaluation[key] for key in ("mean", "stderr", "count")}
+    return {**evaluation, "stats": {"reward": reward}, "slices": {}}
+
+
 @dataclass
 class Run:
     """Everything a run directory holds, read once."""
@@ -81,7 +89,7 @@ class Run:
         return cls(
             run_dir=run_dir, config=config, manifest=manifest,
             metrics=_read_jsonl(run_dir / "metrics.jsonl"),
-            evaluations=_read_jsonl(run_dir / "evaluations.jsonl"),
+            evaluations=[_with_stats(row) for row in _read_jsonl(run_dir / "evaluations.jsonl")],
             completions=_read_jsonl(run_dir / "completions.jsonl"),
             alerts=read_alerts(run_dir),
         )
@@ -197,9 +205,17 @@ def plot_lengths(run: Run) -> bytes | None:
         return None
     figure, (ax, ax_truncated) = _new_figure(width=10, columns=2)
     _, stds = run.series("completion/length/std")
+    _, lows = run.series("completion/length/min")
+    _, highs = run.series("completion/length/max")
     if len(stds) == len(means):
-        ax.fill_between(steps, [m - s for m, s in zip(means, stds, strict=True)],
-                        [m + s for m, s in zip(means, stds, strict=True)], color="C0", alpha=0.2, label="mean ± std")
+        # The band stays within the observed range: lengths are bounded by 0 and the token limit.
+        if not len(lows) == len(highs) == len(means):
+            lows, highs = [0.0] * len(means), [math.inf] * len(means)
+        ax.fill_between(
+            steps, [max(m - s, lo) for m, s, lo in zip(means, stds, lows, strict=True)],
+            [min(m + s, hi) for m, s, hi in zip(means, stds, highs, strict=True)], color="C0", alpha=0.2,
+            label="mean ± std",
+        )
     for key, style in (("completion/length/min", ":"), ("completion/length/max", ":")):
         xs, ys = run.series(key)
         if xs:

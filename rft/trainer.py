@@ -28,10 +28,10 @@ from rft.data import Example, PromptSampler, load_splits
 from rft.evaluation import (
     EvalResult,
     baseline_results,
+    check_held_out,
     compare,
     decode_completions,
     eval_plans,
-    resolve_slices,
     run_plans,
 )
 from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
@@ -451,7 +451,7 @@ class Trainer:
         config = self.config
         # Evaluation inputs are resolved (and bad ones rejected) before the first rollout.
         self.eval_plans = eval_plans(config)
-        self.eval_slices = resolve_slices(self.eval_examples, config.eval.slices) if self.eval_examples else []
+        self.eval_slices = check_held_out(self.eval_examples, config.eval) if self.eval_examples else []
         self.eval_metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
         self.monitors: Monitors | None = None
         self._last_evaluation: tuple[int, list[EvalResult]] | None = None

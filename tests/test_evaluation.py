@@ -310,3 +310,5 @@ def test_rft_eval_rejects_a_folder_without_weights_before_loading_a_model(tmp_pa
         run(_eval_args(str(recipe), "--checkpoint", str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match=r"eval\.slices: \['domain'\] on no held-out row"):
         run(_eval_args(str(recipe), "--set", "eval.slices=[domain]"))
+    with pytest.raises(ConfigError, match=r"eval\.exact_match: field 'solution' missing on 8 held-out row\(s\), e\.g\. .*addition_heldout\.jsonl:1"):
+        run(_eval_args(str(recipe), "--set", "eval.exact_match=solution"))
