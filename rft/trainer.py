@@ -480,7 +480,7 @@ class Trainer:
             main_mode = self.eval_plans[0].mode
             rows = {name: [json.loads(line) for line in (self.run_dir / name).read_text().splitlines()]
                     if (self.run_dir / name).exists() else [] for name in ("metrics.jsonl", "evaluations.jsonl")}
-            self.monitors.replay(rows["metrics.jsonl"], [r for r in rows["evaluations.jsonl"] if r["mode"] == main_mode])
+            self.monitors.replay(rows["metrics.jsonl"], [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode])
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
