@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     groups: dict[str, argparse._SubParsersAction] = {}
+    _add_module_command(commands, groups, "eval", None, "rft.evaluation",
+                        "held-out evaluation of the base model or a checkpoint, with per-slice results")
+    _add_module_command(commands, groups, "report", None, "rft.report", "an HTML report with plots of a run")
     _add_module_command(commands, groups, "reward", "check", "rft.reward_check",
                         "score base-model samples (or a file of completions) with the recipe's rewards")
     _add_module_command(commands, groups, "data", "prep", "rft.dataprep",
