@@ -96,7 +96,7 @@ def test_a_run_writes_a_manifest_and_a_resumed_run_keeps_its_scores(
         tiny_model_dir, tmp_path / "run", training={"steps": 2, "seed": 7}, output={"save_every": 1, "report": False},
         eval={"before_training": True, "after_training": True},
     )
-    recipe["rewards"][0]["version"] = "exact-int-v1"
+    recipe["rewards"][1]["version"] = "exact-int-v1"  # the arithmetic reward
     config = load_config(raw=recipe)
     Trainer(config).train()
     manifest = read_manifest(tmp_path / "run")
@@ -112,7 +112,8 @@ def test_a_run_writes_a_manifest_and_a_resumed_run_keeps_its_scores(
     assert manifest["data"] == {"train": data_fingerprint(train), "held_out": data_fingerprint(held_out)}
     assert manifest["data"]["held_out"]["rows"] == 8
     assert manifest["model"]["weights_sha256"] == weights_fingerprint(tiny_model_dir)
-    (reward,) = manifest["rewards"]
+    tiny_reward, reward = manifest["rewards"]
+    assert tiny_reward["version"] is None
     assert reward["version"] == "exact-int-v1"
     assert reward["source_sha256"] == hashlib.sha256((REPO / "rewards" / "arithmetic.py").read_bytes()).hexdigest()
     assert set(manifest["evaluation"]) == {"base", "trained", "before_after"}
