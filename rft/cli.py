@@ -82,10 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     groups: dict[str, argparse._SubParsersAction] = {}
+    _add_module_command(commands, groups, "eval", None, "rft.evaluation",
+                        "held-out evaluation of the base model or a checkpoint, with per-slice results")
+    _add_module_command(commands, groups, "report", None, "rft.report", "an HTML report with plots of a run")
     _add_module_command(commands, groups, "reward", "check", "rft.reward_check",
                         "score base-model samples (or a file of completions) with the recipe's rewards")
     _add_module_command(commands, groups, "data", "prep", "rft.dataprep",
                         "invocation logs / chat JSONL -> training JSONL (PII redaction, dedup, tags, split)")
+
+    _add_module_command(commands, groups, "export", "bedrock", "rft.export.bedrock",
+                        "merged model for Amazon Bedrock Custom Model Import (optionally upload and import)")
+    _add_module_command(commands, groups, "export", "sagemaker", "rft.export.sagemaker",
+                        "LMI (DJL, vLLM) deployment for a SageMaker endpoint: adapter or merged model")
 
     prepare = commands.add_parser(
         "prepare-model", help="convert the embedded SmolLM2 (or resolve a model id) and print its local path"

@@ -91,6 +91,9 @@ class RewardConfig(_Section):
     timeout_s: float | None = Field(
         None, gt=0, description="Limit for one call of this reward (one group of completions); default scoring.timeout_s."
     )
+    version: str | None = Field(
+        None, description="Your version label for this reward (recorded in the run manifest beside a hash of its source)."
+    )
 
 
 class ScoringConfig(_Section):
@@ -227,15 +230,92 @@ class OutputConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
     log_completions: int = Field(2, ge=0, description="Sampled completions written to completions.jsonl per step.")
+    report: bool = Field(True, description="Write report.html and summary.json into the run directory at the end.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "clearml", "dvclive", "swanlab"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (accelerate's) that receive every metric, e.g. [tensorboard]; each must be "
+        "installed. Local ones write under RUN_DIR/trackers. Empty: none.",
+    )
 
 
 class EvalConfig(_Section):
-    before_training: bool = Field(True, description="Score the base model on the held-out split before training.")
+    before_training: bool = Field(
+        True, description="Score the base model on the held-out split before training (cached per model, data, rewards)."
+    )
     after_training: bool = Field(True, description="Score the trained policy on the held-out split at the end.")
     every: int = Field(0, ge=0, description="Evaluate every N steps during training (0: off).")
     greedy: bool = Field(True, description="Greedy decoding for evaluation; False samples with the rollout settings.")
+    sampled: bool = Field(
+        False, description="With greedy: true, also run a sampled pass (rollout temperature / top_p / top_k), "
+        "reported as mode `sampled` beside `greedy`."
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Completions per prompt in the sampled pass; each prompt's score is their mean."
+    )
+    pass_k: list[int] = Field(
+        default_factory=list,
+        description="pass@k values to report from the sampled pass (unbiased estimator over samples_per_prompt "
+        "samples), e.g. [1, 4]. Needs a sampled pass and samples_per_prompt >= max k.",
+    )
+    pass_threshold: float = Field(1.0, description="A completion passes (for pass@k) when its total reward >= this.")
+    exact_match: str | None = Field(
+        None, description="Row field with the expected answer: report the share of completions equal to it "
+        "(after stripping, case folding, collapsing spaces, dropping a final period)."
+    )
+    metrics: list[RewardConfig] = Field(
+        default_factory=list,
+        description="Evaluation-only scorers (same signature as rewards, e.g. an LLM judge): reported as "
+        "metric/<name>, never trained on.",
+    )
+    slices: list[str] | Literal["auto"] = Field(
+        "auto", description="Row metadata fields to report per value (e.g. [domain, difficulty_level]). auto: every "
+        "string/integer/boolean field with 2 to 20 values, each value on 2+ rows on average (answer fields excluded)."
+    )
+    noise_sigmas: float = Field(
+        2.0, gt=0, description="A change counts as larger than its noise when |change| > noise_sigmas x its "
+        "two-sample standard error (monitors use the same rule)."
+    )
+    baseline_cache: bool = Field(
+        True, description="Reuse the base model's scores from $RFT_CACHE/baselines when model weights, held-out "
+        "data, reward sources and evaluation settings are unchanged."
+    )
+    keep_samples: int = Field(4, ge=0, description="Completions kept per evaluation for the report.")
     max_new_tokens: int | None = Field(None, ge=1, description="Default rollout.max_new_tokens.")
     batch_size: int = Field(64, ge=1, description="Prompts per generate call during evaluation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.sampled and not self.greedy:
+            raise ValueError("eval.sampled adds a sampled pass to the greedy one; with greedy: false every pass samples")
+        if self.pass_k:
+            if self.greedy and not self.sampled:
+                raise ValueError("eval.pass_k needs sampled completions: set eval.sampled: true (or greedy: false)")
+            if min(self.pass_k) < 1 or max(self.pass_k) > self.samples_per_prompt:
+                raise ValueError(
+                    f"eval.pass_k {self.pass_k}: each k must be between 1 and eval.samples_per_prompt ({self.samples_per_prompt})"
+                )
+        return self
+
+
+class MonitorConfig(_Section):
+    enabled: bool = Field(True, description="Watch training for plateaus, overfitting and reward hacking signals.")
+    every: int | None = Field(
+        None, ge=2, description="Steps per monitoring window; default eval.every (at least 2), else 10. Noise is "
+        "the spread of step values within a window."
+    )
+    window: int = Field(3, ge=1, description="K: trends compare the latest window (or evaluation) with the one K before.")
+    length_limit_fraction: float = Field(
+        0.9, gt=0, le=1, description="Warn when mean completion length climbs to this fraction of the maximum."
+    )
+    truncation_jump: float = Field(
+        0.2, gt=0, le=1, description="Warn when the truncated share rises by more than this from one window to the next."
+    )
+    entropy_collapse_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Warn when entropy falls below this fraction of the first window's."
+    )
+    judge_rewards: list[str] | None = Field(
+        None, description="Reward names that are judges (compared with the rule rewards); default: names containing 'judge'."
+    )
 
 
 class RecipeConfig(_Section):
@@ -249,6 +329,7 @@ class RecipeConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    monitors: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -351,7 +432,7 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
     config.data.train = _resolve_against(config.data.train, base)
     if config.data.eval:
         config.data.eval = _resolve_against(config.data.eval, base)
-    for reward in config.rewards:
+    for reward in [*config.rewards, *config.eval.metrics]:
         reward.fn = _resolve_spec(reward.fn, base)
         # Handler files, schema files and the like in kwargs are relative to the recipe too.
         reward.kwargs = {

@@ -40,7 +40,7 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(**options: Any) -> Accelerator:
     """An `Accelerator` whose process group gives up on a missing process after `collective_timeout()`.
 
     Without a timeout a process that hangs (or a node that vanishes without closing its sockets)
@@ -48,10 +48,12 @@ def make_accelerator() -> Accelerator:
     (gloo: "Timed out waiting ... for recv"; NCCL: the watchdog aborts the communicator) and the
     launcher reports the failure. A process that dies outright is caught sooner: torchrun (and
     `accelerate launch`, which uses it) stops the others as soon as one exits with an error.
+    `options` go to `Accelerator` (trackers, project directory).
     """
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
+        **options,
     )
 
 

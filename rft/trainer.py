@@ -31,11 +31,23 @@ from rft.checkpoint import (
 )
 from rft.config import ConfigError, RecipeConfig, dump_config
 from rft.data import Example, PromptSampler, load_splits
-from rft.evaluation import EvalResult, decode_completions, evaluate
+from rft.evaluation import (
+    EvalResult,
+    baseline_results,
+    check_held_out,
+    compare,
+    decode_completions,
+    eval_plans,
+    run_plans,
+)
+from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
 from rft.models import LogProbModel, load_policy, reference_policy
+from rft.monitors import ALERTS_NAME, Monitors
+from rft.report import write_report
 from rft.rollout import make_engine
 from rft.rollout.base import SamplingSettings
 from rft.scoring import RewardScorer
+from rft.tracking import check_trackers, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +138,10 @@ def peak_memory_mb() -> float:
 class Trainer:
     def __init__(self, config: RecipeConfig, resume: bool | str = False):
         self.config = config
-        self.accelerator = distributed.make_accelerator()
+        check_trackers(config.output.trackers)
+        self.accelerator = distributed.make_accelerator(
+            log_with=config.output.trackers or None, project_dir=str(config.run_dir / "trackers")
+        )
         if config.training.prompts_per_step < self.accelerator.num_processes:
             raise ConfigError(
                 f"training.prompts_per_step ({config.training.prompts_per_step}) is below the number of processes "
@@ -224,6 +239,12 @@ class Trainer:
             results["after"] = self._evaluate("trained", step=config.training.steps).summary()
         if self.accelerator.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            if "before" in results and "after" in results:
+                comparison = compare(results["before"], results["after"], config.eval.noise_sigmas)
+                record_evaluation(self.run_dir, "before_after", comparison)
+            if config.output.report:
+                tqdm.write(f"report: {write_report(self.run_dir)}")
+        self.accelerator.end_training()
         return results
 
     # ------------------------------------------------------------------ rollout and scoring
@@ -545,34 +566,77 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def _evaluate(self, label: str, step: int) -> EvalResult:
-        eval_config = self.config.eval
-        sampling = SamplingSettings(
-            max_new_tokens=eval_config.max_new_tokens or self.config.rollout.max_new_tokens,
-            temperature=self.config.rollout.temperature, top_p=self.config.rollout.top_p,
-            top_k=self.config.rollout.top_k, greedy=eval_config.greedy,
-        )
+        """Every configured pass (greedy / sampled) on the held-out split; the base model's come from the cache."""
+        if self._last_evaluation is not None and self._last_evaluation[0] == step and label == "trained":
+            # The weights have not moved since this step's periodic evaluation: same scores, no second pass.
+            results = self._last_evaluation[1]
+            if self.accelerator.is_main_process:
+                record_evaluation(self.run_dir, label, [result.summary() for result in results])
+            return results[0]
+        args = (self.engine, self.tokenizer, self.eval_examples, self.scorer, self.eval_plans, self.eval_slices,
+                self.eval_metric_scorer)
         with distributed.full_weights(self.accelerator, self.model):
-            result = evaluate(label, self.engine, self.tokenizer, self.eval_examples, self.scorer, sampling, eval_config.batch_size)
+            results = baseline_results(self.config, *args) if label == "base" else run_plans(label, *args)
+        self._last_evaluation = (step, results)
         if self.accelerator.is_main_process:
-            record = {"step": step, **result.summary(), "samples": result.samples}
+            tracked: dict[str, float] = {}
             with (self.run_dir / "evaluations.jsonl").open("a") as handle:
-                handle.write(json.dumps(record, default=str) + "\n")
-            tqdm.write(f"held-out [{label}] mean reward {result.mean:.3f} ± {result.stderr:.3f} (n={result.count})")
-        return result
+                for result in results:
+                    result.label = label
+                    handle.write(json.dumps({"step": step, **result.summary(), "samples": result.samples}, default=str) + "\n")
+                    tracked.update(result.tracker_metrics())
+                    tqdm.write(
+                        f"held-out [{label}, {result.mode}] mean reward {result.mean:.3f} ± {result.stderr:.3f} "
+                        f"(n={result.count}){' (cached baseline)' if result.cached else ''}"
+                    )
+            self.accelerator.log(tracked, step=step)
+            record_evaluation(self.run_dir, label, [result.summary() for result in results])
+            if self.monitors is not None:
+                self.monitors.observe_eval(step, results[0].summary())
+        return results[0]
 
     def _prepare_run_dir(self) -> None:
+        config = self.config
+        # Evaluation inputs are resolved (and bad ones rejected) before the first rollout.
+        self.eval_plans = eval_plans(config)
+        self.eval_slices = check_held_out(self.eval_examples, config.eval) if self.eval_examples else []
+        self.eval_metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
+        self.monitors: Monitors | None = None
+        self._last_evaluation: tuple[int, list[EvalResult]] | None = None
+        start_trackers(self.accelerator, config)
         if not self.accelerator.is_main_process:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
-        if self.start_step == 0:
-            for name in ("metrics.jsonl", "evaluations.jsonl", "completions.jsonl"):
-                (self.run_dir / name).unlink(missing_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(config))
+        logs = ("metrics.jsonl", "evaluations.jsonl", "completions.jsonl", ALERTS_NAME)
+        previous = read_manifest(self.run_dir) if self.start_step > 0 else None
+        for name in logs:
+            path = self.run_dir / name
+            if self.start_step == 0:
+                path.unlink(missing_ok=True)
+            elif path.exists():
+                # A resumed run keeps what happened up to its checkpoint, not what the killed run did after.
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
+                path.write_text("".join(line + "\n" for line in kept))
+        manifest = build_manifest(config, self.train_examples, self.eval_examples, self.engine.name)
+        if previous is not None:
+            manifest["evaluation"] = previous.get("evaluation", {})
+            manifest["resumed_at_step"] = self.start_step
+        write_manifest(self.run_dir, manifest)
+        self.monitors = Monitors.from_recipe(config, self.scorer.names, self.run_dir / ALERTS_NAME)
+        if self.start_step > 0:
+            main_mode = self.eval_plans[0].mode
+            rows = {name: [json.loads(line) for line in (self.run_dir / name).read_text().splitlines()]
+                    if (self.run_dir / name).exists() else [] for name in ("metrics.jsonl", "evaluations.jsonl")}
+            self.monitors.replay(rows["metrics.jsonl"], [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode])
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
             with (self.run_dir / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.accelerator.log(metrics, step=step)
+            if self.monitors is not None:
+                self.monitors.observe_step(step, metrics)
 
     def _log_completions(self, rows: list[Example], completions: list[Any], rewards: torch.Tensor) -> None:
         keep = self.config.output.log_completions

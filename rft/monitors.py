@@ -1,0 +1,306 @@
+"""Training monitors: say when a run stops learning, overfits or games its reward.
+
+Training steps are grouped into windows (`monitors.every` steps, default the evaluation interval).
+A window's value for a metric is the mean over its steps, its noise the standard error of that mean
+(spread of the step values / sqrt(steps)); a change between two windows is "beyond noise" when it
+exceeds `eval.noise_sigmas` x the two-sample standard error, the same rule as held-out comparisons.
+
+Monitors (each fires once when its condition starts to hold, and again only after it cleared):
+- plateau: the training reward of the latest window is not above the one K windows earlier beyond noise;
+- overfitting: training reward up beyond noise while the held-out reward is down beyond noise
+  (latest evaluation against the one K evaluations earlier);
+- reward hacking signals:
+  - length_drift: mean completion length climbed to `length_limit_fraction` of the maximum;
+  - component_divergence: one reward component up beyond noise while another (or the held-out score) is down;
+  - judge_rule_disagreement: the same between a judge reward and a rule reward;
+  - truncation_jump: truncated share up by more than `truncation_jump` from one window to the next;
+  - entropy_collapse: entropy below `entropy_collapse_fraction` of the first window's;
+- slice_regression: a slice's held-out reward down beyond noise against the baseline while the
+  average is up ("gains on one slice must not break another").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rft.config import MonitorConfig, RecipeConfig
+from rft.evaluation import Stat, compare
+
+logger = logging.getLogger(__name__)
+
+ALERTS_NAME = "alerts.jsonl"
+TRAIN_REWARD = "reward/mean"
+ENTROPY = "entropy"
+TRUNCATED = "completion/truncated_share"
+LENGTH = "completion/length/mean"
+
+
+@dataclass
+class Alert:
+    monitor: str
+    step: int
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Window:
+    """Training steps between two monitor checks, summarised per watched metric."""
+
+    first_step: int
+    last_step: int
+    stats: dict[str, Stat]
+
+
+@dataclass
+class Trend:
+    change: float
+    stderr: float
+    up: bool
+    down: bool
+
+
+def trend(before: Stat, after: Stat, sigmas: float) -> Trend | None:
+    """Change from `before` to `after` and whether it is beyond noise; None without a noise estimate."""
+    if before.count < 2 or after.count < 2:
+        return None
+    change, stderr = after.mean - before.mean, math.hypot(before.stderr, after.stderr)
+    return Trend(change, stderr, up=change > sigmas * stderr, down=-change > sigmas * stderr)
+
+
+def _held_out_stat(summary: dict[str, Any]) -> Stat:
+    return Stat(**summary["stats"]["reward"])
+
+
+class Monitors:
+    """Fed every step's metrics and every held-out evaluation; returns (and records) the alerts that fire."""
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        *,
+        window_steps: int,
+        sigmas: float,
+        max_new_tokens: int,
+        reward_names: Sequence[str],
+        alerts_path: Path | None = None,
+    ):
+        self.config = config
+        self.window_steps = window_steps
+        self.sigmas = sigmas
+        self.max_new_tokens = max_new_tokens
+        self.components = [f"reward/{name}/mean" for name in reward_names]
+        judges = config.judge_rewards if config.judge_rewards is not None else [n for n in reward_names if "judge" in n.lower()]
+        self.judges = {f"reward/{name}/mean" for name in judges}
+        self.watched = [TRAIN_REWARD, ENTROPY, TRUNCATED, LENGTH, *self.components]
+        self.alerts_path = alerts_path
+        self.pending: list[dict[str, float]] = []
+        self.pending_steps: list[int] = []
+        self.windows: list[Window] = []
+        self.evaluations: list[tuple[int, dict[str, Any]]] = []
+        self.alerts: list[Alert] = []
+        self._active: set[str] = set()
+        self._quiet = False
+
+    @classmethod
+    def from_recipe(cls, config: RecipeConfig, reward_names: Sequence[str], alerts_path: Path | None) -> Monitors:
+        window_steps = config.monitors.every or (max(2, config.eval.every) if config.eval.every else 10)
+        return cls(
+            config.monitors, window_steps=window_steps, sigmas=config.eval.noise_sigmas,
+            max_new_tokens=config.rollout.max_new_tokens, reward_names=reward_names, alerts_path=alerts_path,
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def observe_step(self, step: int, metrics: dict[str, float]) -> list[Alert]:
+        if not self.config.enabled:
+            return []
+        self.pending.append({key: metrics[key] for key in self.watched if key in metrics})
+        self.pending_steps.append(step)
+        if step % self.window_steps != 0:
+            return []
+        keys = {key for values in self.pending for key in values}
+        stats = {key: Stat.of([v[key] for v in self.pending if key in v]) for key in keys}
+        self.windows.append(Window(self.pending_steps[0], step, stats))
+        self.pending, self.pending_steps = [], []
+        return self._emit(self._check_windows(step))
+
+    def observe_eval(self, step: int, summary: dict[str, Any]) -> list[Alert]:
+        """`summary`: an `EvalResult.summary()` of the main evaluation pass. The first one is the baseline."""
+        if not self.config.enabled:
+            return []
+        self.evaluations.append((step, summary))
+        return self._emit(self._check_evaluation(step, summary))
+
+    def replay(self, metrics_rows: Iterable[dict[str, Any]], eval_rows: Iterable[dict[str, Any]]) -> None:
+        """Rebuild state from a resumed run's logs without printing or recording alerts again."""
+        evaluations = sorted(eval_rows, key=lambda row: row["step"])
+        self._quiet = True
+        try:
+            for row in metrics_rows:
+                while evaluations and evaluations[0]["step"] < row["step"]:
+                    evaluation = evaluations.pop(0)
+                    self.observe_eval(evaluation["step"], evaluation)
+                self.observe_step(row["step"], row)
+            for evaluation in evaluations:
+                self.observe_eval(evaluation["step"], evaluation)
+        finally:
+            self._quiet = False
+
+    # ------------------------------------------------------------------ checks
+    def _fire(self, key: str, condition: bool, make: Any) -> list[Alert]:
+        if not condition:
+            self._active.discard(key)
+            return []
+        if key in self._active:
+            return []
+        self._active.add(key)
+        return [make()]
+
+    def _train_trend(self, key: str, span: int) -> tuple[Window, Window, Trend] | None:
+        """Trend of `key` from the window `span` back (or the first) to the latest."""
+        if len(self.windows) < 2:
+            return None
+        earlier, latest = self.windows[max(0, len(self.windows) - 1 - span)], self.windows[-1]
+        if key not in earlier.stats or key not in latest.stats:
+            return None
+        found = trend(earlier.stats[key], latest.stats[key], self.sigmas)
+        return (earlier, latest, found) if found else None
+
+    def _check_windows(self, step: int) -> list[Alert]:
+        config, alerts = self.config, []
+        span = config.window
+        if len(self.windows) > span:
+            reward = self._train_trend(TRAIN_REWARD, span)
+            if reward is not None:
+                earlier, latest, found = reward
+                alerts += self._fire("plateau", not found.up, lambda: Alert(
+                    "plateau", step,
+                    f"training reward {earlier.stats[TRAIN_REWARD].mean:.3f} (steps {earlier.first_step}-{earlier.last_step}) "
+                    f"-> {latest.stats[TRAIN_REWARD].mean:.3f} (steps {latest.first_step}-{latest.last_step}): "
+                    f"change {found.change:+.3f} is within {self.sigmas:g} x its s.e. {found.stderr:.3f} over {span} windows",
+                    {"change": found.change, "stderr": found.stderr, "from_step": earlier.last_step, "to_step": step},
+                ))
+        trends = {key: t for key in self.components if (t := self._train_trend(key, span)) is not None}
+        for rising, (_, _, up) in trends.items():
+            for falling, (_, _, down) in trends.items():
+                if rising == falling:
+                    continue
+                judge_pair = (rising in self.judges) != (falling in self.judges)
+                monitor = "judge_rule_disagreement" if judge_pair else "component_divergence"
+                alerts += self._fire(f"{monitor}:{rising}>{falling}", up.up and down.down, lambda r=rising, f=falling, u=up, d=down, m=monitor: Alert(
+                    m, step,
+                    f"reward {_name(r)} rose {u.change:+.3f} while {_name(f)} fell {d.change:+.3f} "
+                    f"(both beyond {self.sigmas:g} s.e.): is one being gamed at the other's expense?",
+                    {"rising": _name(r), "falling": _name(f), "rise": u.change, "fall": d.change},
+                ))
+        if len(self.windows) >= 2:
+            previous, latest = self.windows[-2], self.windows[-1]
+            if TRUNCATED in previous.stats and TRUNCATED in latest.stats:
+                jump = latest.stats[TRUNCATED].mean - previous.stats[TRUNCATED].mean
+                alerts += self._fire("truncation_jump", jump > config.truncation_jump, lambda: Alert(
+                    "truncation_jump", step,
+                    f"truncated share jumped {previous.stats[TRUNCATED].mean:.2f} -> {latest.stats[TRUNCATED].mean:.2f} "
+                    f"(more than {config.truncation_jump:g}): completions run into the length limit",
+                    {"before": previous.stats[TRUNCATED].mean, "after": latest.stats[TRUNCATED].mean},
+                ))
+            first = self.windows[0]
+            if ENTROPY in first.stats and ENTROPY in latest.stats and first.stats[ENTROPY].mean > 0:
+                ratio = latest.stats[ENTROPY].mean / first.stats[ENTROPY].mean
+                alerts += self._fire("entropy_collapse", ratio < config.entropy_collapse_fraction, lambda: Alert(
+                    "entropy_collapse", step,
+                    f"entropy fell to {ratio:.0%} of its start ({first.stats[ENTROPY].mean:.3f} -> "
+                    f"{latest.stats[ENTROPY].mean:.3f}): the policy stopped exploring",
+                    {"first": first.stats[ENTROPY].mean, "latest": latest.stats[ENTROPY].mean},
+                ))
+            if LENGTH in first.stats and LENGTH in latest.stats:
+                limit = config.length_limit_fraction * self.max_new_tokens
+                drifted = latest.stats[LENGTH].mean >= limit > first.stats[LENGTH].mean
+                alerts += self._fire("length_drift", drifted, lambda: Alert(
+                    "length_drift", step,
+                    f"mean completion length drifted {first.stats[LENGTH].mean:.1f} -> {latest.stats[LENGTH].mean:.1f} "
+                    f"tokens, at {config.length_limit_fraction:.0%} of the {self.max_new_tokens}-token limit",
+                    {"first": first.stats[LENGTH].mean, "latest": latest.stats[LENGTH].mean, "limit": self.max_new_tokens},
+                ))
+        return alerts
+
+    def _check_evaluation(self, step: int, summary: dict[str, Any]) -> list[Alert]:
+        alerts: list[Alert] = []
+        span = self.config.window
+        if len(self.evaluations) >= 2:
+            earlier_step, earlier = self.evaluations[max(0, len(self.evaluations) - 1 - span)]
+            held_out = trend(_held_out_stat(earlier), _held_out_stat(summary), self.sigmas)
+            train = self._train_trend(TRAIN_REWARD, span)
+            train_up = train is not None and train[2].up
+            component_trends = {key: found for key in self.components if (found := self._train_trend(key, span))}
+            if held_out is not None and train is not None:
+                rising = [_name(key) for key, (_, _, t) in component_trends.items() if t.up]
+                alerts += self._fire("overfitting", train_up and held_out.down, lambda: Alert(
+                    "overfitting", step,
+                    f"training reward rose {train[2].change:+.3f} while held-out reward fell {held_out.change:+.3f} "
+                    f"(step {earlier_step} -> {step}; both beyond {self.sigmas:g} s.e.)"
+                    + (f"; rising components: {', '.join(rising)}" if len(self.components) > 1 else ""),
+                    {"train_change": train[2].change, "held_out_change": held_out.change, "from_step": earlier_step,
+                     "rising_components": rising},
+                ))
+            # With the total training reward up, overfitting above already says it; a component rising
+            # on its own (the total flat) while held-out falls is the signal left to catch here.
+            if held_out is not None and len(self.components) > 1 and not train_up:
+                for key, (_, _, component) in component_trends.items():
+                    alerts += self._fire(f"component_vs_held_out:{key}", component.up and held_out.down, lambda k=key, c=component: Alert(
+                        "component_divergence", step,
+                        f"reward {_name(k)} rose {c.change:+.3f} in training while the held-out reward fell "
+                        f"{held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
+                        {"rising": _name(k), "rise": c.change, "held_out_change": held_out.change},
+                    ))
+        baseline_step, baseline = self.evaluations[0]
+        if len(self.evaluations) >= 2:
+            rows = compare(baseline, summary, self.sigmas)
+            overall = next((row for row in rows if row["metric"] == "reward" and row["tag"] is None), None)
+            improving = overall is not None and overall["change"] > 0
+            for row in rows:
+                if row["metric"] != "reward" or row["tag"] is None:
+                    continue
+                regressed = improving and row["significant"] and row["change"] < 0
+                alerts += self._fire(f"slice_regression:{row['tag']}={row['value']}", regressed, lambda r=row, o=overall: Alert(
+                    "slice_regression", step,
+                    f"slice {r['tag']}={r['value']} fell {r['before']['mean']:.3f} -> {r['after']['mean']:.3f} "
+                    f"({r['z']:+.1f} s.e.) since step {baseline_step} while the average rose {o['change']:+.3f}",
+                    {"tag": r["tag"], "value": r["value"], "change": r["change"], "stderr": r["stderr"],
+                     "average_change": o["change"]},
+                ))
+        return alerts
+
+    # ------------------------------------------------------------------ output
+    def _emit(self, alerts: list[Alert]) -> list[Alert]:
+        self.alerts.extend(alerts)
+        if self._quiet or not alerts:
+            return alerts
+        for alert in alerts:
+            tqdm.write(f"monitor [{alert.monitor}] step {alert.step}: {alert.message}")
+        if self.alerts_path is not None:
+            with self.alerts_path.open("a") as handle:
+                for alert in alerts:
+                    handle.write(json.dumps(alert.to_dict(), default=str) + "\n")
+        return alerts
+
+
+def _name(metric_key: str) -> str:
+    return metric_key.removeprefix("reward/").removesuffix("/mean")
+
+
+def read_alerts(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / ALERTS_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
