@@ -15,7 +15,7 @@ host. This module then:
 4. trains in this process on a single device, or launches `python -m rft train` under torchrun
    (or `accelerate launch` with an accelerate config) over `SM_NUM_GPUS` GPUs on each of `SM_HOSTS`;
 5. on the first host, copies the final model to `SM_MODEL_DIR` and the run's records
-   (metrics, evaluations, results, resolved config) to `SM_OUTPUT_DATA_DIR`;
+   (metrics, evaluations, results, manifest, report, resolved config) to `SM_OUTPUT_DATA_DIR`;
 6. on any failure writes the reason to /opt/ml/output/failure (SageMaker's FailureReason) and exits 1.
 """
 
@@ -43,7 +43,6 @@ RUN_NAME = "run"
 MASTER_PORT = 29500
 # SageMaker keeps the first 1024 characters of the failure reason.
 FAILURE_REASON_LIMIT = 1024
-RECORDS = ("config.yaml", "metrics.jsonl", "evaluations.jsonl", "completions.jsonl", "results.json")
 
 
 class EntryError(RuntimeError):
@@ -227,9 +226,10 @@ def export_outputs(plan: RunPlan, environment: SageMakerEnvironment) -> None:
         raise EntryError(f"training ended without a final model in {final}")
     shutil.copytree(final, environment.model_dir, dirs_exist_ok=True)
     environment.output_data_dir.mkdir(parents=True, exist_ok=True)
-    for name in RECORDS:
-        if (plan.run_dir / name).exists():
-            shutil.copy2(plan.run_dir / name, environment.output_data_dir / name)
+    # The run's records (metrics, evaluations, manifest, report, ...) are its top-level files.
+    for path in plan.run_dir.iterdir():
+        if path.is_file():
+            shutil.copy2(path, environment.output_data_dir / path.name)
 
 
 def write_failure(path: Path, reason: str) -> None:
