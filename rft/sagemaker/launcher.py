@@ -305,12 +305,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; upload and start nothing")
 
 
-def _region(requested: str | None) -> str:
+def _boto3() -> Any:
+    try:
+        import boto3
+    except ImportError:
+        raise LaunchError("launching needs boto3: pip install 'rft-trainer[aws]'") from None
+    return boto3
+
+
+def _region(requested: str | None, dry_run: bool) -> str:
     if requested:
         return requested
-    import boto3
-
-    return boto3.session.Session().region_name or "us-east-1"
+    try:
+        return _boto3().session.Session().region_name or "us-east-1"
+    except LaunchError:
+        if dry_run:
+            return "us-east-1"
+        raise
 
 
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
@@ -327,7 +338,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     return LaunchOptions(
         recipe=args.recipe, overrides=args.overrides, instance_type=args.instance_type,
         instance_count=args.instance_count, spot=args.spot, s3_prefix=args.s3_prefix, role=args.role,
-        region=_region(args.region), image_uri=args.image_uri, job_name=args.job_name,
+        region=_region(args.region, args.dry_run), image_uri=args.image_uri, job_name=args.job_name,
         max_run_hours=args.max_run_hours, max_wait_hours=args.max_wait_hours, volume_gb=args.volume_gb,
         accelerate_config=args.accelerate_config, environment=environment,
     )
@@ -353,9 +364,7 @@ def run(args: argparse.Namespace, session: Any = None) -> int:
                     print("placeholders stand in for --role / --s3-prefix", file=sys.stderr)
                 return 0
             if session is None:
-                import boto3
-
-                session = boto3.session.Session(region_name=options.region)
+                session = _boto3().session.Session(region_name=options.region)
             arn = launch(request, files, session)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
