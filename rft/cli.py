@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_module_command(commands, groups, "export", "sagemaker", "rft.export.sagemaker",
                         "LMI (DJL, vLLM) deployment for a SageMaker endpoint: adapter or merged model")
 
+    _add_module_command(commands, groups, "sagemaker", "launch", "rft.sagemaker.launcher",
+                        "run the recipe as a SageMaker Training job (--dry-run prints the request)")
+
     prepare = commands.add_parser(
         "prepare-model", help="convert the embedded SmolLM2 (or resolve a model id) and print its local path"
     )
