@@ -27,7 +27,7 @@ from rft.config import RecipeConfig, dump_config
 from rft.data import Example, PromptSampler, load_splits
 from rft.evaluation import EvalResult, decode_completions, evaluate
 from rft.models import completion_logprobs, load_policy, reference_policy
-from rft.rollout import make_engine
+from rft.rollout import make_engine, require_vllm
 from rft.rollout.base import SamplingSettings
 from rft.scoring import RewardScorer
 
@@ -84,6 +84,8 @@ def peak_memory_mb() -> float:
 class Trainer:
     def __init__(self, config: RecipeConfig, resume: bool | str = False):
         self.config = config
+        if config.rollout.engine == "vllm":
+            require_vllm()  # a missing extra fails in one line, before any model loads
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         if config.training.threads:
             torch.set_num_threads(config.training.threads)
