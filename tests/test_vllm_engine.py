@@ -49,7 +49,7 @@ def vllm_recipe(model_dir: Path, run_dir: Path, lora: bool) -> dict:
             "vllm_gpu_memory_utilization": 0.3,
         },
         # Large enough that one step moves log-probs by far more than the tolerance.
-        training={"steps": 2, "micro_batch_size": 8, "learning_rate": 1e-2 if lora else 1e-4, "threads": None},
+        training={"steps": 2, "prompts_per_step": 1, "micro_batch_size": 4, "learning_rate": 1e-2 if lora else 1e-4, "threads": None},
         algorithm={"tis_cap": 2.0},
     )
     recipe["rewards"].append({"fn": f"{__name__}:text_spread"})
@@ -160,7 +160,7 @@ def test_after_a_step_vllm_logprobs_match_the_updated_policy(trainer) -> None:
 
 @pytest.mark.parametrize("trainer", ["full", "lora"], indirect=True)
 def test_sync_moves_only_what_can_change(trainer) -> None:
-    from rft.rollout.vllm_engine import checkpoint_tensors
+    from rft.rollout.weight_sync import checkpoint_tensors
 
     sources, changing = checkpoint_tensors(trainer.policy)
     trainer.engine.sync_weights(trainer.policy)

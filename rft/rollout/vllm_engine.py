@@ -29,24 +29,33 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from rft.config import RecipeConfig
-from rft.models import causal_lm, resolve_model_path
+from rft.models import resolve_model_path
 from rft.rollout.base import EngineStartError, RolloutOutput, SamplingSettings
+from rft.rollout.weight_sync import checkpoint_tensors, sync_plan
 
 # The engine must live in this process (weight sync hands it tensors, not files); vLLM reads this
 # variable when an engine starts, and it is set before vLLM is imported to be safe.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# vLLM logs at INFO on stdout, a few lines per sync, through the trainer's progress bar; its
+# warnings and errors still show. VLLM_LOGGING_LEVEL=INFO brings the rest back.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import vllm
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 logger = logging.getLogger(__name__)
+
+# A sync pushes only the layers that changed; vLLM's in-place reload warns about every layer it
+# keeps ("Failed to load weights", "Following weights were not loaded"), each step. Expected here.
+for _reload_logger in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
+    logging.getLogger(_reload_logger).setLevel(logging.ERROR)
 
 # Sleep level 1 keeps a host copy of the weights, so waking restores them and only the tensors
 # that changed need pushing (level 2 would discard them and force a full push every step).
@@ -56,80 +65,6 @@ SLEEP_LEVEL = 1
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _layer_key(name: str, fused_groups: dict[str, str]) -> tuple[str, str]:
-    """The vLLM layer a checkpoint tensor loads into: (parent module, fused or own module name)."""
-    module, _, _ = name.rpartition(".")
-    parent, _, leaf = module.rpartition(".")
-    return parent, fused_groups.get(leaf, leaf)
-
-
-def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """peft LoRA layers of a transformers model, by module name (empty without peft)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return {}
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-
-
-def _merged_weight(layer: Any) -> torch.Tensor:
-    """W + sum of active adapters' B A * scaling, computed in float32 and rounded once.
-
-    Uses peft's own `get_delta_weight` (handles fan-in/fan-out layouts and scaling) and leaves the
-    training model untouched, unlike `merge()` / `unmerge()`, which would round W twice.
-    """
-    base = layer.get_base_layer().weight
-    if layer.merged or layer.disable_adapters:
-        return base.detach()
-    merged = base.detach().float()
-    for adapter in layer.active_adapters:
-        if adapter in layer.lora_A:
-            merged = merged + layer.get_delta_weight(adapter).float()
-    return merged.to(base.dtype)
-
-
-def checkpoint_tensors(policy: torch.nn.Module) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
-    """The policy's weights under checkpoint (transformers) names, and the names that can change.
-
-    Values are thunks, so a merged LoRA weight is computed only when it is pushed. A tensor can
-    change when it is trainable or is a LoRA layer's merged weight; adapter tensors themselves
-    never appear (vLLM holds no adapter).
-    """
-    model = causal_lm(policy)
-    sources: dict[str, Callable[[], torch.Tensor]] = {}
-    changing: set[str] = set()
-    covered: set[int] = set()
-    for layer_name, layer in _lora_layers(model).items():
-        covered.update(id(parameter) for parameter in layer.parameters())
-        for leaf, parameter in layer.get_base_layer().named_parameters():
-            name = f"{layer_name}.{leaf}"
-            if leaf == "weight":
-                sources[name] = lambda layer=layer: _merged_weight(layer)
-                changing.add(name)
-            else:
-                sources[name] = parameter.detach
-                if parameter.requires_grad:
-                    changing.add(name)
-    for name, parameter in model.named_parameters():
-        if id(parameter) in covered:
-            continue
-        sources[name] = parameter.detach
-        if parameter.requires_grad:
-            changing.add(name)
-    return sources, changing
-
-
-def sync_plan(names: Sequence[str], changing: set[str], packed_modules: dict[str, list[str]]) -> list[str]:
-    """Checkpoint names to push: every tensor of every vLLM layer that receives a changed tensor.
-
-    vLLM reloads a layer once all of its parameters have arrived and rebuilds it from those alone,
-    so a fused layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj) gets all its parts or is corrupted.
-    """
-    fused_groups = {part: fused for fused, parts in packed_modules.items() for part in parts}
-    touched = {_layer_key(name, fused_groups) for name in changing}
-    return [name for name in names if _layer_key(name, fused_groups) in touched]
 
 
 def _vllm_model(worker: Any) -> torch.nn.Module:
