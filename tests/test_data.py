@@ -8,7 +8,7 @@ import pytest
 from rft.config import DataConfig
 from rft.data import DataError, PromptSampler, load_splits, prepare_examples, read_rows
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = Path(__file__).resolve().parent / "data" / "gsm8k" / "test.jsonl"
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

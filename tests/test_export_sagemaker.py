@@ -154,8 +154,12 @@ def test_vllm_serves_the_adapter_as_the_merged_model_generates(tmp_path: Path, m
     greedy = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=False)
     requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
     adapter = LoRARequest("math", 1, str(deployment / "adapters" / "math"))
-    with_adapter = [list(output.outputs[0].token_ids) for output in llm.generate(requests, greedy, lora_request=adapter)]
-    without_adapter = [list(output.outputs[0].token_ids) for output in llm.generate(requests, greedy)]
+    try:
+        with_adapter = [list(o.outputs[0].token_ids) for o in llm.generate(requests, greedy, lora_request=adapter)]
+        without_adapter = [list(o.outputs[0].token_ids) for o in llm.generate(requests, greedy)]
+    finally:
+        # Shut the engine down (and its in-process torch.distributed state) so later tests start clean.
+        llm.llm_engine.engine_core.shutdown()
 
     def trim(ids: list[int]) -> list[int]:
         # transformers stops at EOS and keeps it; vLLM's output keeps it too: compare up to it.

@@ -18,7 +18,7 @@ from tests.conftest import REPO, build_tiny_model
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
+GSM8K = REPO / "tests" / "data" / "gsm8k"
 # Hub data sets the recipes name, and their local copies (CI has no hub).
 LOCAL_COPIES = {("hf:openai/gsm8k:main", "train"): GSM8K / "train.jsonl", ("hf:openai/gsm8k:main", "test"): GSM8K / "test.jsonl"}
 
