@@ -230,6 +230,6 @@ def test_end_to_end_run_logs_the_reward_curve(trainer: Trainer) -> None:
     steps = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == list(range(1, trainer.config.training.steps + 1))
     for step in steps:
-        assert 0.0 <= step["reward/mean"] <= 1.0
+        assert 0.0 <= step["reward/mean"] <= 2.5  # tiny recipe: length % 3 (0..2) + 0.5 x arithmetic (0..1)
         assert step["rollout/mismatch_abs_mean"] < LOGPROB_TOL
         assert step["time/weight_sync"] > 0
