@@ -418,7 +418,7 @@ def run_child(job: Job, scratch: Path) -> dict[str, Any]:
         tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
         result = {"status": f"did not run: exit code {process.returncode}: {tail[0][:300]}"}
     result.update({"engine": job.engine, "setting": job.setting.name, "log": str(log_path), "wall_s": time.perf_counter() - start})
-    print(f"[bench] {name}: {result['status']} ({result['wall_s']:.0f} s, log {log_path})", file=sys.stderr, flush=True)
+    print(f"[bench] {name}: {result['status']} ({result['wall_s']:.0f} s; its log: {log_path}, kept with --keep)", file=sys.stderr, flush=True)
     return result
 
 
@@ -564,10 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads or 'default'} torch threads, seed {args.seed}"
     )
     table = format_results(results, settings, header)
-    print(table)
     trl_used = next((r["trl_settings"] for r in results if "trl_settings" in r), None)
     if trl_used:
-        print("TRL GRPOConfig (shared part):", json.dumps(trl_used, sort_keys=True))
+        table += f"\nTRL GRPOConfig of the last TRL run: `{json.dumps(trl_used, sort_keys=True)}`\n"
+    print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         payload = {"command": " ".join(sys.argv), "settings": {k: asdict(v) for k, v in settings.items()}, "results": results}
