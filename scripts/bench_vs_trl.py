@@ -564,9 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads or 'default'} torch threads, seed {args.seed}"
     )
     table = format_results(results, settings, header)
-    trl_used = next((r["trl_settings"] for r in results if "trl_settings" in r), None)
-    if trl_used:
-        table += f"\nTRL GRPOConfig of the last TRL run: `{json.dumps(trl_used, sort_keys=True)}`\n"
+    trl_runs = [r for r in results if "trl_settings" in r]
+    if trl_runs:
+        table += "\nTRL's GRPOConfig arguments (output_dir left out):\n\n" + "".join(
+            f"- {r['setting']} {r['engine']}: `{json.dumps(r['trl_settings'], sort_keys=True)}`\n" for r in trl_runs
+        )
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
