@@ -114,6 +114,10 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.policy = self.accelerator.unwrap_model(self.model)
+        # `from_pretrained` returns the model in eval mode, in which transformers skips gradient
+        # checkpointing (model.gradient_checkpointing) and dropout; engines that switch to eval to
+        # sample switch back.
+        self.model.train()
         self.sampling = SamplingSettings(
             max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
             top_p=config.rollout.top_p, top_k=config.rollout.top_k,
