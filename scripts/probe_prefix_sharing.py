@@ -1,0 +1,94 @@
+"""How much a shared-prompt forward would save in the update (a measurement, not a trainer feature).
+
+The G completions of a group share their prompt, yet the update runs prompt + completion for each
+of them: with the quickstart's shapes (41 prompt tokens, 16 completion tokens) about 70% of the
+positions it computes are prompt. This probe computes the same completion log-probs both ways on
+the embedded SmolLM2 with a LoRA adapter:
+
+- full:   every sequence is prompt + completion (what `rft.models.completion_logprobs` does);
+- shared: each prompt once, its key/value cache repeated G times, then the completions on top;
+
+and prints the seconds of a forward + backward for each, and how far apart the log-probs and the
+LoRA gradients are (they should agree to float32 rounding).
+
+    RFT_CACHE=/work/cache PYTHONPATH=. python scripts/probe_prefix_sharing.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=41)
+    parser.add_argument("--completion-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rft.config import EMBEDDED_MODEL
+    from rft.models import causal_lm, resolve_model_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # A trained-looking adapter: B = 0 at initialisation would leave half the gradients trivially zero.
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    lm = causal_lm(model)
+    prompts_n, group, prompt_len, completion_len = args.prompts, args.group_size, args.prompt_tokens, args.completion_tokens
+    prompts = torch.randint(100, 40000, (prompts_n, prompt_len))
+    completions = torch.randint(100, 40000, (prompts_n * group, completion_len))
+
+    def token_logprobs(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm.get_output_embeddings()(hidden).float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, completions[..., None]).squeeze(-1)
+
+    def full() -> torch.Tensor:
+        sequences = torch.cat([prompts.repeat_interleave(group, dim=0), completions], dim=1)
+        hidden = lm.base_model(input_ids=sequences).last_hidden_state
+        return token_logprobs(hidden[:, prompt_len - 1 : -1])
+
+    def shared() -> torch.Tensor:
+        prefix = lm.base_model(input_ids=prompts, use_cache=True)
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(group)
+        positions = torch.arange(prompt_len, prompt_len + completion_len).expand(prompts_n * group, -1)
+        mask = torch.ones(prompts_n * group, prompt_len + completion_len, dtype=torch.long)
+        hidden = lm.base_model(input_ids=completions, past_key_values=cache, position_ids=positions, attention_mask=mask).last_hidden_state
+        # The prompt's last position predicts the first completion token.
+        first = prefix.last_hidden_state[:, -1:].repeat_interleave(group, dim=0)
+        return token_logprobs(torch.cat([first, hidden[:, :-1]], dim=1))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results: dict[str, tuple[torch.Tensor, list[torch.Tensor], float]] = {}
+    ways: list[tuple[str, Callable[[], torch.Tensor]]] = [("full", full), ("shared", shared)]
+    for _ in range(args.repeats):
+        for name, forward in ways:
+            model.zero_grad()
+            start = time.perf_counter()
+            logprobs = forward()
+            logprobs.sum().backward()
+            seconds = time.perf_counter() - start
+            results[name] = (logprobs.detach(), [p.grad.clone() for p in trainable], seconds)
+    (full_logp, full_grads, full_s), (shared_logp, shared_grads, shared_s) = results["full"], results["shared"]
+    gradient_gap = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item() for a, b in zip(full_grads, shared_grads, strict=True))
+    print(f"forward + backward, last of {args.repeats}: full {full_s:.2f} s, shared prompt {shared_s:.2f} s ({full_s / shared_s:.2f}x)")
+    print(f"max |log-prob difference| {(full_logp - shared_logp).abs().max().item():.2e}; max relative LoRA gradient difference {gradient_gap:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""The transformers engine's per-token log-probs: transformers' own transition scores, in less memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rft.rollout.base import SamplingSettings
+from rft.rollout.hf import TransformersEngine, sampled_logprobs
+
+
+def test_sampled_logprobs_equal_transition_scores(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    torch.manual_seed(0)
+    prompt = torch.tensor([[1, 5, 9, 13], [1, 7, 7, 2]])
+    output = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+        do_sample=True, temperature=0.7, top_k=50, top_p=0.9, return_dict_in_generate=True, output_scores=True,
+    )
+    expected = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+    actual = sampled_logprobs(output.scores, output.sequences[:, prompt.shape[1] :])
+    assert actual.shape == expected.shape == (2, 12)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_engine_logprobs_are_those_of_the_sampled_tokens(tiny_model_dir: Path) -> None:
+    """At temperature 1 without truncation, the engine's log-probs are the model's teacher-forced ones."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = TransformersEngine(model, tokenizer, batch_size=4)
+    prompt = [1, 5, 9, 13]
+    torch.manual_seed(0)
+    rollout = engine.generate([prompt], 3, SamplingSettings(max_new_tokens=10))
+    assert rollout.logprobs is not None
+    for completion, logprobs in zip(rollout.completion_ids, rollout.logprobs, strict=True):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        teacher_forced = log_probs.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(logprobs), teacher_forced, rtol=0, atol=1e-4)

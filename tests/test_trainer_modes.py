@@ -1,0 +1,41 @@
+"""The policy trains in train mode, so `model.gradient_checkpointing` really recomputes activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rft.config import load_config
+from rft.models import causal_lm
+from tests.conftest import tiny_recipe
+
+
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_gradient_checkpointing_recomputes_each_layer(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lora: bool, checkpointing: bool
+) -> None:
+    from rft.trainer import Trainer
+
+    recipe = tiny_recipe(
+        tiny_model_dir, tmp_path, model={"gradient_checkpointing": checkpointing}, lora={"enabled": lora},
+    )
+    trainer = Trainer(load_config(raw=recipe))
+    batch = trainer.collect_batch()  # the transformers engine samples in eval mode, then restores train mode
+    layer = causal_lm(trainer.policy).model.layers[0]
+    assert layer.training
+    calls: list[int] = []
+    forward = layer.forward
+
+    def counting_forward(*args: Any, **kwargs: Any) -> Any:
+        # Counted in `forward` itself: the checkpoint's recomputation skips module hooks.
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", counting_forward)
+    trainer.update(batch)
+    micro_batches = sum(len(mini) for mini in trainer._partition(len(batch)))
+    # One forward per micro-batch; with checkpointing the backward runs the layer once more.
+    assert len(calls) == micro_batches * (2 if checkpointing else 1)
