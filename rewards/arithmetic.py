@@ -5,14 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from rewards.base import completion_text
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or TRL's chat form [{"role": "assistant", "content": ...}]."""
-    if isinstance(completion, list):
-        return "".join(str(message.get("content", "")) for message in completion)
-    return str(completion)
 
 
 def final_number_correct(completions: list[Any], answer: list[Any], **_: Any) -> list[float]:
