@@ -45,6 +45,7 @@ from typing import Any
 
 from rewards.base import RewardContractError, RewardValues
 from rft.config import RewardConfig, ScoringConfig
+from rft.metrics import Accumulator, Metric, Reduction, merged
 
 RewardFunction = Callable[..., Any]
 
@@ -117,6 +118,41 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
 
 
 @dataclass
+class ScoreMetrics:
+    """A scoring call's metrics, in parts that combine exactly over processes and dynamic-sampling rounds.
+
+    `sums`: per function the share of `None` (over all completions), the mean and std of the present
+    values, failure counts by kind and the function's counters; the mean of each component; the
+    mean and std of the weighted total; the share of completions of a failed call (see `rft.metrics`).
+    `seconds`: wall time in the reward functions. `failures_total`: the scorer's run-long failure
+    count by function, after this call.
+    """
+
+    sums: Accumulator = field(default_factory=Accumulator)
+    seconds: float = 0.0
+    failures_total: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def of_processes(parts: Sequence[ScoreMetrics]) -> ScoreMetrics:
+        """One round scored by several processes side by side: sums add, the slowest one's time counts."""
+        names = {name for part in parts for name in part.failures_total}
+        return ScoreMetrics(
+            merged(part.sums for part in parts), max((part.seconds for part in parts), default=0.0),
+            {name: sum(part.failures_total.get(name, 0) for part in parts) for name in sorted(names)},
+        )
+
+    def then(self, later: ScoreMetrics) -> ScoreMetrics:
+        """This round followed by `later`: sums and times add; the run-long totals are the later ones."""
+        return ScoreMetrics(
+            merged([self.sums, later.sums]), self.seconds + later.seconds, {**self.failures_total, **later.failures_total}
+        )
+
+    def result(self) -> dict[str, float]:
+        totals = {f"reward/{name}/failures_total": float(count) for name, count in self.failures_total.items()}
+        return {**self.sums.result(), **totals, "time/reward_functions": self.seconds}
+
+
+@dataclass
 class ScoreOutput:
     """Rewards of one batch.
 
@@ -124,15 +160,20 @@ class ScoreOutput:
     (None: not applicable, or failed under `skip_group`); `components["name/component"][i]` the
     per-completion parts a function reported through `RewardValues`; `failed[i]` says a reward call
     covering completion i failed under `skip_group`, and the trainer must drop that completion's
-    whole group; `errors` holds one line per failed call, for the log.
+    whole group; `errors` holds one line per failed call, for the log; `stats` the metrics, in parts
+    that combine with other batches', and `metrics` those of this batch alone.
     """
 
     total: list[float]
     per_function: dict[str, list[float | None]]
-    metrics: dict[str, float] = field(default_factory=dict)
+    stats: ScoreMetrics = field(default_factory=ScoreMetrics)
     failed: list[bool] = field(default_factory=list)
     components: dict[str, list[float | None]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.stats.result()
 
 
 @dataclass
@@ -318,24 +359,25 @@ class RewardScorer:
                     column[i] = value
             for key, value in outcome.counters.items():
                 counters[f"reward/{name}/{key}"] = counters.get(f"reward/{name}/{key}", 0.0) + value
-        metrics: dict[str, float] = {}
+        sums = Accumulator()
         for reward in self.rewards:
             values = per_function[reward.name]
             for i, value in enumerate(values):
                 if value is not None:
                     total[i] += reward.weight * value
-            metrics.update(_stats(f"reward/{reward.name}", values))
+            _add_present(sums, f"reward/{reward.name}", values)
+            sums.add(Metric(f"reward/{reward.name}/none_share", Reduction.MEAN), values.count(None), count)
             for kind, number in failures[reward.name].items():
-                metrics[f"reward/{reward.name}/{kind}s"] = float(number)
-            metrics[f"reward/{reward.name}/failures_total"] = float(self.failure_totals[reward.name])
+                sums.add(Metric(f"reward/{reward.name}/{kind}s", Reduction.SUM), number)
         for key, series in components.items():
-            metrics.update(_stats(f"reward/{key}", series, std=False, none_share=False))
-        metrics.update(counters)
-        metrics.update(_stats("reward/total", list(total), none_share=False))
-        metrics["reward/failed_share"] = sum(failed) / max(1, count)
-        metrics["time/reward_functions"] = seconds
+            _add_present(sums, f"reward/{key}", series, std=False)
+        for key, value in counters.items():
+            sums.add(Metric(key, Reduction.SUM), value)
+        sums.describe("reward/total", total, extremes=False)
+        sums.add(Metric("reward/failed_share", Reduction.MEAN), sum(failed), count)
+        stats = ScoreMetrics(sums, seconds, dict(self.failure_totals))
         return ScoreOutput(
-            total=total, per_function=per_function, metrics=metrics, failed=failed, components=components, errors=errors
+            total=total, per_function=per_function, stats=stats, failed=failed, components=components, errors=errors
         )
 
 
@@ -400,12 +442,6 @@ def _where(index: int, rows: Sequence[dict[str, Any]]) -> str:
     return f"completion {index}"
 
 
-def _stats(prefix: str, values: Sequence[float | None], std: bool = True, none_share: bool = True) -> dict[str, float]:
-    present = [v for v in values if v is not None]
-    metrics = {f"{prefix}/none_share": 1 - len(present) / max(1, len(values))} if none_share else {}
-    if present:
-        mean = sum(present) / len(present)
-        metrics[f"{prefix}/mean"] = mean
-        if std:
-            metrics[f"{prefix}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
-    return metrics
+def _add_present(sums: Accumulator, prefix: str, values: Sequence[float | None], std: bool = True) -> None:
+    """Mean (and std) of the values that are not None: `None` is "not applicable", not 0."""
+    sums.describe(prefix, [v for v in values if v is not None], extremes=False, std=std)

@@ -41,12 +41,28 @@ from rft.evaluation import (
     run_plans,
 )
 from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
+from rft.metrics import (
+    COMPLETION_TOKENS,
+    ENTROPY,
+    GRAD_NORM,
+    KL_OLD,
+    KL_REF,
+    LEARNING_RATE,
+    LOSS,
+    TRUNCATED_SHARE,
+    Accumulator,
+    Metric,
+    Reduction,
+    add_mismatch_stats,
+    add_policy_stats,
+    add_token_mean,
+)
 from rft.models import LogProbModel, load_policy, reference_policy
 from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
 from rft.rollout import make_engine, require_vllm
 from rft.rollout.base import SamplingSettings
-from rft.scoring import RewardScorer
+from rft.scoring import RewardScorer, ScoreMetrics
 from rft.tracking import check_trackers, start_trackers
 
 logger = logging.getLogger(__name__)
@@ -85,48 +101,18 @@ def _pad(rows: list[list[float]], width: int, value: float, dtype: torch.dtype) 
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=dtype)
 
 
-def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
-    values = values.float()
-    return {
-        f"{prefix}/mean": values.mean().item(),
-        f"{prefix}/std": values.std().item() if values.numel() > 1 else 0.0,
-        f"{prefix}/min": values.min().item(),
-        f"{prefix}/max": values.max().item(),
-    }
-
-
-def _pool_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """Per-process reward metrics over `n` completions each, combined as if computed on all of them.
-
-    By the scorer's naming: a `.../mean` or `..._share` is weighted by the values it averaged (a
-    reward's `none_share` says how many of the `n` were present); a `.../std` (population, as the
-    scorer computes it) is pooled from the parts' means and stds; a `time/...` is the slowest
-    process's; anything else is a count (errors, timeouts, a reward's counters) and adds up.
-    """
-    def weight(part: dict[str, float], n: int, key: str) -> float:
-        prefix = key.rsplit("/", 1)[0]
-        if key.endswith("/none_share") or f"{prefix}/none_share" not in part:
-            return float(n)
-        return n * (1 - part[f"{prefix}/none_share"])
-
-    pooled: dict[str, float] = {}
-    for key in sorted({key for part, _ in parts for key in part}):
-        present = [(part, weight(part, n, key)) for part, n in parts if key in part]
-        prefix = key.rsplit("/", 1)[0]
-        total = sum(w for _, w in present)
-        if key.startswith("time/"):
-            pooled[key] = max(part[key] for part, _ in present)
-        elif not (key.endswith(("/mean", "/std", "_share"))):
-            pooled[key] = sum(part[key] for part, _ in present)
-        elif total == 0:
-            pooled[key] = present[0][0][key]
-        elif key.endswith("/std") and all(f"{prefix}/mean" in part for part, _ in present):
-            mean = sum(w * part[f"{prefix}/mean"] for part, w in present) / total
-            second_moment = sum(w * (part[key] ** 2 + part[f"{prefix}/mean"] ** 2) for part, w in present) / total
-            pooled[key] = math.sqrt(max(0.0, second_moment - mean**2))
-        else:
-            pooled[key] = sum(w * part[key] for part, w in present) / total
-    return pooled
+def _add_micro_batch_metrics(
+    sums: Accumulator, mask: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor, entropy: torch.Tensor,
+    stats: dict[str, torch.Tensor], mismatch: dict[str, torch.Tensor] | None, kl: torch.Tensor | None,
+) -> None:
+    """One micro-batch's part of the update's metrics: sums over its counted tokens, and its maxima."""
+    add_policy_stats(sums, stats)
+    if mismatch is not None:
+        add_mismatch_stats(sums, mismatch)
+    if kl is not None:
+        add_token_mean(sums, KL_REF, kl, mask)
+    add_token_mean(sums, ENTROPY, entropy, mask)
+    add_token_mean(sums, KL_OLD, algorithms.kl_penalty(logp.detach(), old_logp, "k3"), mask)
 
 
 def peak_memory_mb() -> float:
@@ -262,7 +248,8 @@ class Trainer:
         kept: list[dict[str, Any]] = []
         metrics: dict[str, float] = {"time/generation": 0.0, "time/reward": 0.0}
         generated_groups = zero_variance_groups = rounds_used = 0
-        reward_metrics: list[dict[str, float]] = []
+        # Every round's scores count: sums add over rounds (and over processes in `_gather_groups`).
+        score_metrics = ScoreMetrics()
         accelerator = self.accelerator
         for _ in range(rounds):
             rounds_used += 1
@@ -280,8 +267,8 @@ class Trainer:
             metrics["time/reward"] += time.perf_counter() - start
             # From here on every process holds the global batch, in global prompt order, and takes the
             # same decisions on it: advantages, dynamic sampling, metrics.
-            groups, round_metrics = self._gather_groups(groups, round_metrics, len(examples) * group_size)
-            reward_metrics.append(round_metrics)
+            groups, round_metrics = self._gather_groups(groups, round_metrics)
+            score_metrics = score_metrics.then(round_metrics)
             generated_groups += len(groups)
             for group in groups:
                 if group["zero_variance"]:
@@ -301,27 +288,23 @@ class Trainer:
                     "dynamic sampling: %d of %d groups after %d rounds (algorithm.max_gen_batches); training on those",
                     len(kept), wanted, rounds_used,
                 )
-        for key in reward_metrics[0]:
-            metrics[key] = sum(m[key] for m in reward_metrics) / len(reward_metrics)
+        metrics.update(score_metrics.result())
         metrics["groups/zero_variance_share"] = zero_variance_groups / max(1, generated_groups)
         return self._assemble(kept, metrics)
 
     def _gather_groups(
-        self, groups: list[dict[str, Any]], metrics: dict[str, float], count: int
-    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        """All processes' scored groups in process order, and their reward metrics weighted by completions."""
+        self, groups: list[dict[str, Any]], metrics: ScoreMetrics
+    ) -> tuple[list[dict[str, Any]], ScoreMetrics]:
+        """All processes' scored groups in process order, and their reward metrics combined."""
         if self.accelerator.num_processes == 1:
             return groups, metrics
-        gathered = distributed.gather_from_processes(self.accelerator, (groups, metrics, count))
-        combined = _pool_metrics([(part, n) for _, part, n in gathered])
-        # Whole-batch statistics are recomputed exactly from the gathered rewards.
-        combined.update(_stats("reward", torch.cat([g["rewards"] for part, _, _ in gathered for g in part])))
-        return [g for part, _, _ in gathered for g in part], combined
+        gathered = distributed.gather_from_processes(self.accelerator, (groups, metrics))
+        return [g for part, _ in gathered for g in part], ScoreMetrics.of_processes([part for _, part in gathered])
 
     def _score(
         self, examples: list[Example], completion_ids: list[list[int]], logprobs: list[list[float]] | None,
         truncated: list[bool],
-    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    ) -> tuple[list[dict[str, Any]], ScoreMetrics]:
         config, group_size = self.config, self.config.rollout.group_size
         completions = decode_completions(self.tokenizer, examples, completion_ids, group_size)
         rows = [examples[i // group_size] for i in range(len(completion_ids))]
@@ -331,15 +314,15 @@ class Trainer:
         for error in scores.errors:
             logger.warning("reward: %s", error)
         rewards = torch.tensor(scores.total, dtype=torch.float64)
-        metrics = dict(scores.metrics)
+        sums = scores.stats.sums
         failed = scores.failed or [False] * len(completion_ids)
         if config.algorithm.soft_overlong:
             max_length, cache_length = config.overlong_lengths
             lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
             penalty = algorithms.soft_overlong_punishment(lengths, max_length=max_length, cache_length=cache_length)
             rewards = rewards + penalty
-            metrics["reward/overlong/mean"] = penalty.mean().item()
-        metrics.update(_stats("reward", rewards))
+            sums.add(Metric("reward/overlong/mean", Reduction.MEAN), penalty.sum(), penalty.numel())
+        sums.describe("reward", rewards)
         grouped = rewards.view(-1, group_size)
         zero_variance = algorithms.zero_variance_groups(grouped)
         self._log_completions(rows, completions, rewards)
@@ -356,7 +339,7 @@ class Trainer:
                 "rewards": grouped[g],
                 "zero_variance": bool(zero_variance[g]),
             })
-        return groups, metrics
+        return groups, scores.stats
 
     def _assemble(self, groups: list[dict[str, Any]], metrics: dict[str, float]) -> Batch:
         algorithm = self.config.algorithm
@@ -369,11 +352,13 @@ class Trainer:
         ).flatten().float()
         completion_ids = [c for g in groups for c in g["completion_ids"]]
         truncated = [t for g in groups for t in g["truncated"]]
-        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
-        metrics.update(_stats("advantage", advantages))
-        metrics.update(_stats("completion/length", lengths))
-        metrics["completion/truncated_share"] = sum(truncated) / len(truncated)
-        metrics["completion/tokens"] = float(lengths.sum())
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
+        sums = Accumulator()
+        sums.describe("advantage", advantages)
+        sums.describe("completion/length", lengths)
+        sums.add(TRUNCATED_SHARE, sum(truncated), len(truncated))
+        sums.add(COMPLETION_TOKENS, lengths.sum())
+        metrics.update(sums.result())
         has_logprobs = all(g["logprobs"] is not None for g in groups)
         return Batch(
             prompt_ids=[p for g in groups for p in g["prompt_ids"]],
@@ -476,13 +461,8 @@ class Trainer:
                         # prepared module like every other forward.
                         ref_logps[i] = self._logprobs(self.model if reference is self.policy else reference, micro)[0]
         metrics: dict[str, float] = {"time/logprobs": time.perf_counter() - start}
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-
-        def record(key: str, value: float) -> None:
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-
+        # Parts of the step's metrics, kept as tensors and reduced once at the end (see `rft.metrics`).
+        sums = Accumulator()
         accelerator = self.accelerator
         micro_index = 0
         for _ in range(algorithm.num_iterations):
@@ -490,25 +470,24 @@ class Trainer:
             for mini in partition:
                 minis = micro_batches[micro_index : micro_index + len(mini)]
                 update_loss = torch.zeros((), device=accelerator.device)
-                # Global normalisers over the whole mini-batch (all micro-batches, all processes):
-                # this is what makes token-mean independent of how the batch is split.
-                real = [m for m in minis if not m.padding]
-                totals = torch.tensor(
-                    [float(sum(m.mask.shape[0] for m in real)), float(sum(m.mask.sum().item() for m in real))],
-                    device=accelerator.device,
-                )
-                num_sequences, num_tokens = accelerator.reduce(totals, reduction="sum").tolist()
+                # The global normaliser of the whole mini-batch (all micro-batches, all processes): this
+                # is what makes the loss independent of how the batch is split.
+                local_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+                for m in minis:
+                    if not m.padding:
+                        local_count = local_count + algorithms.loss_normalizer(m.mask, loss_agg=algorithm.loss_agg)
+                normalizer = accelerator.reduce(local_count, reduction="sum")
                 for position, micro in enumerate(minis):
                     with distributed.accumulate_gradients(accelerator, self.model, sync=position == len(minis) - 1):
                         logp, entropy = self._logprobs(self.model, micro)
                         old_logp = logp.detach() if reuse_current else old_logps[micro_index]
-                        is_weights = tis_stats = mismatch = kl = None
-                        if micro.rollout_logp is not None:
+                        is_weights = mismatch = kl = None
+                        if micro.rollout_logp is not None and algorithm.tis_cap is not None:
+                            is_weights, mismatch = algorithms.truncated_importance_weights(
+                                old_logp, micro.rollout_logp, micro.mask, algorithm.tis_cap
+                            )
+                        elif micro.rollout_logp is not None:
                             mismatch = algorithms.rollout_mismatch(old_logp, micro.rollout_logp, micro.mask)
-                            if algorithm.tis_cap is not None:
-                                is_weights, tis_stats = algorithms.truncated_importance_weights(
-                                    old_logp, micro.rollout_logp, micro.mask, algorithm.tis_cap
-                                )
                         per_token, stats = algorithms.policy_loss(
                             logp, old_logp, micro.advantages, micro.mask,
                             eps_low=algorithm.eps_low, eps_high=algorithm.eps_high, delta=algorithm.delta,
@@ -518,8 +497,8 @@ class Trainer:
                             kl = algorithms.kl_penalty(logp, ref_logps[micro_index], algorithm.kl_estimator)
                             per_token = per_token + algorithm.beta * kl * micro.mask
                         loss = algorithms.aggregate_loss(
-                            per_token, micro.mask, loss_agg=algorithm.loss_agg, num_sequences=num_sequences,
-                            num_tokens=max(num_tokens, 1.0), max_completion_length=config.rollout.max_new_tokens,
+                            per_token, micro.mask, loss_agg=algorithm.loss_agg, normalizer=normalizer,
+                            max_completion_length=config.rollout.max_new_tokens,
                         )
                         # The loss is this micro-batch's share of the global loss, and DDP / FSDP2 / ZeRO-3
                         # average gradients over processes: scaling by their number makes the result the
@@ -527,48 +506,23 @@ class Trainer:
                         accelerator.backward(loss * accelerator.num_processes)
                     micro_index += 1
                     update_loss += loss.detach()
-                    if micro.padding:
-                        continue
-                    token_count = micro.mask.sum().clamp(min=1)
-                    for key, value in (mismatch or {}).items():
-                        record(f"rollout/{key}", value.item())
-                    if tis_stats is not None:
-                        record("rollout/tis_capped_share", tis_stats["tis_capped_share"].item())
-                    if kl is not None:
-                        record("kl/ref", ((kl * micro.mask).sum() / token_count).item())
-                    record("entropy", ((entropy * micro.mask).sum() / token_count).item())
-                    kl_old = algorithms.kl_penalty(logp.detach(), old_logp, "k3")
-                    record("kl/old", ((kl_old * micro.mask).sum() / token_count).item())
-                    for key, value in stats.items():
-                        record(f"clip/{key}" if key.startswith("clip") else f"policy/{key}", value.item())
+                    # Padding micro-batches too (with nothing counted): every process adds the same metrics.
+                    _add_micro_batch_metrics(sums, micro.mask, logp, old_logp, entropy, stats, mismatch, kl)
                 if config.training.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.training.max_grad_norm)
                 else:
                     grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None))
-                record("loss", accelerator.reduce(update_loss, reduction="sum").item())
-                # DeepSpeed clips inside its engine and may report no norm.
-                record("grad_norm", float(grad_norm) if grad_norm is not None else math.nan)
-                record("learning_rate", self.scheduler.get_last_lr()[0])
+                # Each process holds its share of this update's loss: the shares add up to one update.
+                sums.add(LOSS, update_loss, 1 / accelerator.num_processes)
+                # Global and the same in every process (the mean over processes is the value). DeepSpeed
+                # clips inside its engine and may report no norm.
+                sums.add(GRAD_NORM, grad_norm if grad_norm is not None else math.nan, 1)
+                sums.add(LEARNING_RATE, self.scheduler.get_last_lr()[0], 1)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(self._combine_update_metrics(sums, counts))
+        metrics.update(sums.reduce(accelerator))
         return metrics
-
-    def _combine_update_metrics(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
-        """Per-micro-batch averages over every process's micro-batches (global values are the same everywhere)."""
-        if self.accelerator.num_processes == 1:
-            return {key: total / counts[key] for key, total in sums.items()}
-        total_sums: dict[str, float] = {}
-        total_counts: dict[str, int] = {}
-        for part_sums, part_counts in distributed.gather_from_processes(self.accelerator, (sums, counts)):
-            for key, value in part_sums.items():
-                total_sums[key] = total_sums.get(key, 0.0) + value
-                total_counts[key] = total_counts.get(key, 0) + part_counts[key]
-        for key in ("loss", "grad_norm", "learning_rate"):
-            # Already global and identical in every process: counted once, not once per process.
-            total_sums[key], total_counts[key] = sums[key], counts[key]
-        return {key: total / total_counts[key] for key, total in total_sums.items()}
 
     # ------------------------------------------------------------------ evaluation, logging, checkpoints
     def _evaluate(self, label: str, step: int) -> EvalResult:

@@ -20,6 +20,7 @@ from rft.algorithms import (
     aggregate_loss,
     compute_advantages,
     kl_penalty,
+    loss_normalizer,
     policy_loss,
     rollout_mismatch,
     soft_overlong_punishment,
@@ -224,10 +225,11 @@ def test_token_loss_gradient_and_stats_by_hand() -> None:
     (grad,) = torch.autograd.grad(loss.sum(), logp)
     # d/dlogp (-r A) = -A r where the unclipped term is active, 0 where the clip is.
     close(grad, [[-1.0, 0.0, -0.5], [0.0, 3.0, 0.0]])
-    close(stats["clip_low"], 0.2)
-    close(stats["clip_high"], 0.2)
-    close(stats["clip_region"], 0.4)
-    close(stats["ratio_mean"], 1.0)  # (1 + 1.5 + 0.5 + 0.5 + 1.5) / 5
+    close(stats["tokens"], 5.0)
+    close(stats["clip_low_tokens"], 1.0)
+    close(stats["clip_high_tokens"], 1.0)
+    close(stats["clip_region_tokens"], 2.0)
+    close(stats["ratio_sum"], 5.0)  # 1 + 1.5 + 0.5 + 0.5 + 1.5
     close(stats["ratio_max"], 1.5)
     for value in stats.values():
         assert value.dim() == 0
@@ -282,7 +284,7 @@ def test_one_token_completions(level: str) -> None:
     close(loss, [[-1.1, 0.0, 0.0], [0.8, 0.0, 0.0]])
     (grad,) = torch.autograd.grad(loss.sum(), logp)
     close(grad, [[-1.1, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    close(stats["clip_low"], 0.5)
+    close(stats["clip_low_tokens"] / stats["tokens"], 0.5)
     close(stats["ratio_max"], 1.1)
 
 
@@ -310,7 +312,7 @@ def test_fully_masked_row_contributes_nothing(level: str) -> None:
         importance_sampling_level=level,
     )
     for agg in AGGREGATIONS:
-        counts = {"num_sequences": 3, "num_tokens": 6, "max_completion_length": 4}
+        counts = {"normalizer": loss_normalizer(mask, loss_agg=agg), "max_completion_length": 4}
         total = aggregate_loss(loss, mask, loss_agg=agg, **counts)
         close(total, aggregate_loss(kept, mask[[0, 2]], loss_agg=agg, **counts))
         (grad,) = torch.autograd.grad(total, logp, retain_graph=True)
@@ -336,9 +338,7 @@ def test_everything_masked_gives_zeros() -> None:
         assert (loss == 0).all()
         assert all(value.item() == 0 for value in stats.values())
         for agg in AGGREGATIONS:
-            total = aggregate_loss(
-                loss, mask, loss_agg=agg, num_sequences=0, num_tokens=0, max_completion_length=3
-            )
+            total = aggregate_loss(loss, mask, loss_agg=agg, normalizer=0, max_completion_length=3)
             assert total.item() == 0
 
 
@@ -433,7 +433,8 @@ def test_policy_loss_matches_float64_loops(level: str, delta: float | None) -> N
     close(loss, expected)
     (grad,) = torch.autograd.grad(loss.sum(), logp)
     close(grad, expected_grad)
-    assert 0 < stats["clip_region"].item() < 1  # the example does exercise both branches
+    # the example does exercise both branches
+    assert 0 < stats["clip_region_tokens"].item() < stats["tokens"].item()
 
 
 # ---------------------------------------------------------------- GSPO
@@ -460,11 +461,9 @@ def test_gspo_ratio_is_geometric_mean_and_gradient_matches_gspo() -> None:
         ],
     )
     close(stats["ratio_max"], max(geometric))
-    close(stats["ratio_mean"], sum(s * n for s, n in zip(geometric, lengths, strict=True)) / sum(lengths))
+    close(stats["ratio_sum"], sum(s * n for s, n in zip(geometric, lengths, strict=True)))
 
-    total = aggregate_loss(
-        loss, mask, loss_agg="seq-mean-token-mean", num_sequences=3, num_tokens=9, max_completion_length=4
-    )
+    total = aggregate_loss(loss, mask, loss_agg="seq-mean-token-mean", max_completion_length=4)
     (grad,) = torch.autograd.grad(total, logp)
     # d/dlogp_t of 1/B sum_i -s_i A_i, with d s_i / d logp_t = s_i / |o_i|
     close(
@@ -489,9 +488,7 @@ def test_gspo_clipped_sequences_get_zero_gradient() -> None:
     loss, stats = policy_loss(
         logp, old, advantages, mask, eps_low=3e-4, eps_high=4e-4, importance_sampling_level="sequence"
     )
-    total = aggregate_loss(
-        loss, mask, loss_agg="seq-mean-token-mean", num_sequences=4, num_tokens=9, max_completion_length=3
-    )
+    total = aggregate_loss(loss, mask, loss_agg="seq-mean-token-mean", max_completion_length=3)
     (grad,) = torch.autograd.grad(total, logp)
     # row 0: s = e^0.01 > 1 + 4e-4 with A > 0, clipped; row 1: s = e^-0.01 < 1 - 3e-4 with A < 0, clipped
     close(loss[0], [-(1 + 4e-4)] * 3)
@@ -500,9 +497,10 @@ def test_gspo_clipped_sequences_get_zero_gradient() -> None:
     # row 2: s = e^0.01 with A < 0, unclipped; row 3: s = 1, inside the range
     close(grad[2], [math.exp(0.01) / 2 / 4, math.exp(0.01) / 2 / 4, 0.0])
     close(grad[3], [-1 / 2 / 4, -1 / 2 / 4, 0.0])
-    close(stats["clip_high"], 3 / 9)
-    close(stats["clip_low"], 2 / 9)
-    close(stats["clip_region"], 5 / 9)
+    close(stats["tokens"], 9.0)
+    close(stats["clip_high_tokens"], 3.0)
+    close(stats["clip_low_tokens"], 2.0)
+    close(stats["clip_region_tokens"], 5.0)
 
 
 # ---------------------------------------------------------------- aggregation
@@ -512,12 +510,39 @@ def test_aggregations_by_hand() -> None:
     # Masked positions hold junk (a KL term, say) that must be ignored.
     loss = tensor([[1.0, 2.0, 3.0, 100.0], [4.0, math.inf, 0.0, 0.0]])
     mask = tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    counts = {"num_sequences": 2, "num_tokens": 4, "max_completion_length": 4}
+    counts = {"max_completion_length": 4}
     close(aggregate_loss(loss, mask, loss_agg="seq-mean-token-mean", **counts), (6 / 3 + 4 / 1) / 2)
     close(aggregate_loss(loss, mask, loss_agg="token-mean", **counts), 10 / 4)
     close(aggregate_loss(loss, mask, loss_agg="seq-mean-token-sum-norm", **counts), (6 / 4 + 4 / 4) / 2)
     with pytest.raises(ValueError, match="loss_agg"):
         aggregate_loss(loss, mask, loss_agg="sum", **counts)  # type: ignore[arg-type]
+
+
+def test_seq_mean_leaves_out_rows_without_a_counted_token_by_hand() -> None:
+    # Row 1 is fully masked (overlong filtering): not a sample. Row 0: r = 1, A = 1 -> -1 per token.
+    logp = tensor([[-1.0, -2.0], [-1.5, 0.0]]).requires_grad_()
+    mask = tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, _ = policy_loss(logp, logp.detach(), tensor([1.0, 0.5]), mask, eps_low=0.2, eps_high=0.2)
+    close(loss_normalizer(mask, loss_agg="seq-mean-token-mean"), 1.0)
+    total = aggregate_loss(loss, mask, loss_agg="seq-mean-token-mean", max_completion_length=2)
+    close(total, -1.0)  # counting the masked row would halve it: -0.5
+    (grad,) = torch.autograd.grad(total, logp)
+    close(grad, [[-0.5, -0.5], [0.0, 0.0]])
+    # The other aggregations: token-mean over the 2 counted tokens, Dr. GRPO over both rows.
+    close(loss_normalizer(mask, loss_agg="token-mean"), 2.0)
+    close(loss_normalizer(mask, loss_agg="seq-mean-token-sum-norm"), 2.0)
+    close(aggregate_loss(loss, mask, loss_agg="seq-mean-token-sum-norm", max_completion_length=2), -0.5)
+
+
+def test_loss_normalizers_add_over_micro_batches() -> None:
+    mask = lengths_mask([3, 0, 2, 0, 1], 3)
+    for agg, expected in zip(AGGREGATIONS, [3.0, 6.0, 5.0], strict=True):
+        whole = loss_normalizer(mask, loss_agg=agg)
+        close(whole, expected)
+        assert whole.dtype == F64
+        close(sum(loss_normalizer(mask[rows], loss_agg=agg) for rows in torch.arange(5).split(2)), whole)
+    with pytest.raises(ValueError, match="loss_agg"):
+        loss_normalizer(mask, loss_agg="sum")  # type: ignore[arg-type]
 
 
 def reference_aggregate(values: list[list[float]], mask: list[list[float]], agg: str, max_len: int) -> float:
@@ -528,8 +553,8 @@ def reference_aggregate(values: list[list[float]], mask: list[list[float]], agg:
     counts = [sum(mrow) for mrow in mask]
     if agg == "token-mean":
         return math.fsum(sums) / sum(counts)
-    if agg == "seq-mean-token-mean":
-        return math.fsum(s / max(1, n) for s, n in zip(sums, counts, strict=True)) / len(values)
+    if agg == "seq-mean-token-mean":  # over the rows with a counted token
+        return math.fsum(s / n for s, n in zip(sums, counts, strict=True) if n) / sum(1 for n in counts if n)
     return math.fsum(s / max_len for s in sums) / len(values)
 
 
@@ -539,7 +564,7 @@ def test_micro_batches_sum_to_the_full_batch(agg: str, level: str) -> None:
     lengths, width = [6, 1, 0, 4, 3, 6, 2, 5], 6
     logp, old, advantages, mask = random_batch(4, lengths, width)
     kwargs = {"eps_low": 0.2, "eps_high": 0.28, "importance_sampling_level": level}
-    counts = {"num_sequences": len(lengths), "num_tokens": sum(lengths), "max_completion_length": width}
+    counts = {"normalizer": loss_normalizer(mask, loss_agg=agg), "max_completion_length": width}
 
     loss, _ = policy_loss(logp, old, advantages, mask, **kwargs)
     full = aggregate_loss(loss, mask, loss_agg=agg, **counts)
@@ -631,14 +656,7 @@ def test_truncated_rows_leave_the_loss() -> None:
     logp, old, advantages, mask = random_batch(6, [3, 4, 2], 4)
     filtered = truncation_mask(torch.tensor([False, True, False]), mask)
     loss, _ = policy_loss(logp, old, advantages, filtered, eps_low=0.2, eps_high=0.28)
-    total = aggregate_loss(
-        loss,
-        filtered,
-        loss_agg="token-mean",
-        num_sequences=3,
-        num_tokens=filtered.sum().item(),
-        max_completion_length=4,
-    )
+    total = aggregate_loss(loss, filtered, loss_agg="token-mean", max_completion_length=4)
     kept, _ = policy_loss(
         logp[[0, 2]], old[[0, 2]], advantages[[0, 2]], mask[[0, 2]], eps_low=0.2, eps_high=0.28
     )
@@ -658,16 +676,17 @@ def test_truncated_importance_weights_by_hand() -> None:
     weights, stats = truncated_importance_weights(trainer, rollout, mask, cap=2.0)
     close(weights, [[math.exp(0.1), math.exp(-0.2), 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     assert not weights.requires_grad
-    close(stats["mismatch_abs_mean"], (0.1 + 0.2 + 1.5) / 3)
+    close(stats["tokens"], 3.0)
+    close(stats["mismatch_abs_sum"], 0.1 + 0.2 + 1.5)
     close(stats["mismatch_ratio_max"], math.exp(1.5))  # before capping; the masked 10 is ignored
-    close(stats["tis_capped_share"], 1 / 3)
+    close(stats["tis_capped_tokens"], 1.0)
     mismatch = rollout_mismatch(trainer, rollout, mask)
-    assert mismatch.keys() == {"mismatch_abs_mean", "mismatch_ratio_max"}
+    assert mismatch.keys() == {"tokens", "mismatch_abs_sum", "mismatch_ratio_max"}
     for name, value in mismatch.items():
         close(value, stats[name])
     # A ratio equal to the cap is not counted as capped.
     _, on_policy = truncated_importance_weights(trainer, trainer.detach(), mask, cap=1.0)
-    close(on_policy["tis_capped_share"], 0.0)
+    close(on_policy["tis_capped_tokens"], 0.0)
     with pytest.raises(ValueError, match="cap"):
         truncated_importance_weights(trainer, rollout, mask, cap=0.0)
 

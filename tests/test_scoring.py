@@ -111,7 +111,9 @@ def test_weighted_total_none_and_metrics():
     assert output.total == [0.5 * 3 + 2.0, 0.5 * 2, 0.5 * 4 + 2.0]
     assert output.metrics["reward/contains_reward/mean"] == 1.0
     assert output.metrics["reward/contains_reward/none_share"] == pytest.approx(1 / 3)
-    assert output.metrics["reward/length_reward/std"] == pytest.approx(math.sqrt(2 / 3))
+    # Bessel-corrected, as every std of a metrics row: [3, 2, 4] has mean 3 and squared deviations 1 + 0 + 1.
+    assert output.metrics["reward/length_reward/std"] == pytest.approx(1.0)
+    assert output.metrics["reward/contains_reward/std"] == 0.0
     assert output.failed == [False, False, False]
 
 

@@ -6,7 +6,7 @@ Imports torch and the standard library only, so every formula can be tested on i
 
 from .advantages import Estimator, Scale, compute_advantages, zero_variance_groups
 from .kl import KLEstimator, kl_penalty
-from .losses import ImportanceSamplingLevel, LossAggregation, aggregate_loss, policy_loss
+from .losses import ImportanceSamplingLevel, LossAggregation, aggregate_loss, loss_normalizer, policy_loss
 from .off_policy import rollout_mismatch, truncated_importance_weights
 from .overlong import soft_overlong_punishment, truncation_mask
 
@@ -19,6 +19,7 @@ __all__ = [
     "aggregate_loss",
     "compute_advantages",
     "kl_penalty",
+    "loss_normalizer",
     "policy_loss",
     "rollout_mismatch",
     "soft_overlong_punishment",

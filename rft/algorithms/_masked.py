@@ -1,15 +1,18 @@
-"""Reductions over the counted (masked-in) tokens, shared by the metrics of this package."""
+"""Reductions over the counted (masked-in) tokens, shared by the statistics of this package.
+
+Statistics are returned as sums and extremes, not means: a sum adds across micro-batches and
+processes, a mean of means weights each part by its size instead of its tokens.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` (bool) is True, detached; 0 when nothing is counted."""
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` where `mask` (bool) is True, detached; 0 when nothing is counted."""
     # where, not multiply: padding may hold inf, and inf * 0 would turn the sum into NaN.
-    total = torch.where(mask, values.detach(), 0.0).sum()
-    return total / mask.sum().clamp(min=1)
+    return torch.where(mask, values.detach(), 0.0).sum()
 
 
 def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

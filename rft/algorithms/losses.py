@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 import torch
 
-from ._masked import masked_max, masked_mean
+from ._masked import masked_max, masked_sum
 
 ImportanceSamplingLevel = Literal["token", "sequence"]
 LossAggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
@@ -59,9 +59,11 @@ def policy_loss(
     Padding may hold any log-prob (even inf): it never reaches the loss or its gradient, and a row
     without counted tokens contributes 0.
 
-    Stats (detached 0-dim tensors, means over the counted tokens): `clip_low` (ratio < 1 - eps_low
-    with A < 0), `clip_high` (ratio > 1 + eps_high with A > 0), `clip_region` (either: the tokens
-    whose gradient the clip removes), `ratio_mean`, `ratio_max`. For GSPO the ratio is s_i.
+    Stats (detached 0-dim tensors) are sums over the counted tokens, so that they add across
+    micro-batches and processes (a share is a sum divided by `tokens`): `tokens` (counted tokens),
+    `clip_low_tokens` (ratio < 1 - eps_low with A < 0), `clip_high_tokens` (ratio > 1 + eps_high
+    with A > 0), `clip_region_tokens` (either: the tokens whose gradient the clip removes),
+    `ratio_sum`, and `ratio_max` (0 when nothing is counted). For GSPO the ratio is s_i.
     """
     if importance_sampling_level not in get_args(ImportanceSamplingLevel):
         raise ValueError(
@@ -97,13 +99,38 @@ def policy_loss(
     low = (ratio < 1 - eps_low) & (adv < 0)
     high = (ratio > 1 + eps_high) & (adv > 0)
     stats = {
-        "clip_low": masked_mean(low.to(logp.dtype), counted),
-        "clip_high": masked_mean(high.to(logp.dtype), counted),
-        "clip_region": masked_mean((low | high).to(logp.dtype), counted),
-        "ratio_mean": masked_mean(ratio, counted),
+        "tokens": counted.sum().to(logp.dtype),
+        "clip_low_tokens": masked_sum(low.to(logp.dtype), counted),
+        "clip_high_tokens": masked_sum(high.to(logp.dtype), counted),
+        "clip_region_tokens": masked_sum((low | high).to(logp.dtype), counted),
+        "ratio_sum": masked_sum(ratio, counted),
         "ratio_max": masked_max(ratio, counted),
     }
     return per_token, stats
+
+
+def loss_normalizer(mask: torch.Tensor, *, loss_agg: LossAggregation) -> torch.Tensor:
+    """The count that `loss_agg` divides by, over this (B, T) mask: a 0-dim float64 tensor.
+
+    - `token-mean`: the counted tokens, sum_i,t m_i,t.
+    - `seq-mean-token-mean`: the sequences with at least one counted token. A row without one (every
+      token masked, e.g. by DAPO's overlong filtering) is not a sample: counting it would shrink the
+      loss and its gradient by the share of such rows (verl's `agg_loss` leaves them out too).
+    - `seq-mean-token-sum-norm`: every row, B. Dr. GRPO's normaliser is a constant of the batch's
+      shape, not of its contents.
+
+    Counts add: the normaliser of a batch split into micro-batches (and processes) is the sum of
+    theirs, which is what `aggregate_loss` needs for gradient accumulation.
+    """
+    _check_aggregation(loss_agg)
+    counted = mask.bool()
+    if loss_agg == "token-mean":
+        count = counted.sum()
+    elif loss_agg == "seq-mean-token-mean":
+        count = counted.any(dim=-1).sum()
+    else:
+        count = torch.tensor(counted.shape[0], device=mask.device)
+    return count.to(torch.float64)
 
 
 def aggregate_loss(
@@ -111,40 +138,51 @@ def aggregate_loss(
     mask: torch.Tensor,
     *,
     loss_agg: LossAggregation,
-    num_sequences: int | float,
-    num_tokens: int | float,
     max_completion_length: int,
+    normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to the 0-dim loss of this micro-batch's share of the batch.
 
-    - `seq-mean-token-mean` (GRPO, Shao et al. 2024, DeepSeekMath eq. 3):
-      sum_i (sum_t l_i,t / max(1, sum_t m_i,t)) / num_sequences
-    - `token-mean` (DAPO, Yu et al. 2025, token-level policy gradient loss, eq. 8):
-      sum_i,t l_i,t / num_tokens
-    - `seq-mean-token-sum-norm` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training"):
-      sum_i (sum_t l_i,t / max_completion_length) / num_sequences
+    With N the `normalizer` (see `loss_normalizer`):
 
-    Built for gradient accumulation: `num_sequences` and `num_tokens` are the GLOBAL counts of the
-    whole batch (every micro-batch, every process), so the sum of the results over the
+    - `seq-mean-token-mean` (GRPO, Shao et al. 2024, DeepSeekMath eq. 3):
+      sum_i (sum_t l_i,t / sum_t m_i,t) / N, N = #{i : sum_t m_i,t > 0}; a row without a counted
+      token adds nothing and is not counted in N.
+    - `token-mean` (DAPO, Yu et al. 2025, token-level policy gradient loss, eq. 8):
+      sum_i,t l_i,t / N, N = sum_i,t m_i,t
+    - `seq-mean-token-sum-norm` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training"):
+      sum_i (sum_t l_i,t / max_completion_length) / N, N = the number of rows
+
+    Built for gradient accumulation: `normalizer` is the GLOBAL count of the whole batch (the sum of
+    `loss_normalizer` over every micro-batch and every process), so the sum of the results over the
     micro-batches is the loss of the whole batch, and so is its gradient. Dividing by per-micro-batch
     counts instead would weight tokens by the size of the micro-batch they happened to land in.
-    Counts below 1 are read as 1, so a batch without counted tokens gives 0, not NaN.
-    Tokens outside `mask` are ignored whatever they hold (a KL term added to the loss, say).
+    Without it, this batch's own count is used. A count below 1 is read as 1, so a batch without
+    counted tokens gives 0, not NaN. Tokens outside `mask` are ignored whatever they hold (a KL term
+    added to the loss, say).
     """
-    if loss_agg not in get_args(LossAggregation):
-        raise ValueError(f"loss_agg {loss_agg!r}: expected one of {get_args(LossAggregation)}")
+    _check_aggregation(loss_agg)
     if max_completion_length < 1:
         raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
     if per_token_loss.shape != mask.shape:
         raise ValueError(
             f"per_token_loss {tuple(per_token_loss.shape)} and mask {tuple(mask.shape)} differ in shape"
         )
+    if normalizer is None:
+        normalizer = loss_normalizer(mask, loss_agg=loss_agg)
+    # A tensor stays on its device: no host sync to read a count.
+    divisor = torch.as_tensor(normalizer, dtype=per_token_loss.dtype, device=per_token_loss.device).clamp(min=1)
     counted = mask.bool()
     loss = torch.where(counted, per_token_loss, 0.0)
     if loss_agg == "token-mean":
-        return loss.sum() / max(num_tokens, 1)
+        return loss.sum() / divisor
     if loss_agg == "seq-mean-token-mean":
         per_sequence = loss.sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)
     else:
         per_sequence = loss.sum(dim=-1) / max_completion_length
-    return per_sequence.sum() / max(num_sequences, 1)
+    return per_sequence.sum() / divisor
+
+
+def _check_aggregation(loss_agg: str) -> None:
+    if loss_agg not in get_args(LossAggregation):
+        raise ValueError(f"loss_agg {loss_agg!r}: expected one of {get_args(LossAggregation)}")

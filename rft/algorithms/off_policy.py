@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._masked import masked_max, masked_mean
+from ._masked import masked_max, masked_sum
 
 
 def _log_ratio(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
@@ -20,15 +20,17 @@ def _log_ratio(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, counted: 
 def rollout_mismatch(
     trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Mismatch metrics over the counted tokens (detached 0-dim tensors; 0 when nothing is counted).
+    """Mismatch statistics over the counted tokens, as sums that add across batches (detached 0-dim tensors).
 
-    `mismatch_abs_mean`: mean |log pi_trainer - log pi_rollout|; `mismatch_ratio_max`: max of
-    pi_trainer / pi_rollout.
+    `tokens`: the counted tokens; `mismatch_abs_sum`: sum of |log pi_trainer - log pi_rollout|
+    (divided by `tokens`, the mean absolute log-prob gap); `mismatch_ratio_max`: max of
+    pi_trainer / pi_rollout (0 when nothing is counted).
     """
     counted = mask.bool()
     log_ratio = _log_ratio(trainer_logp, rollout_logp, counted)
     return {
-        "mismatch_abs_mean": masked_mean(log_ratio.abs(), counted),
+        "tokens": counted.sum().to(log_ratio.dtype),
+        "mismatch_abs_sum": masked_sum(log_ratio.abs(), counted),
         "mismatch_ratio_max": masked_max(log_ratio.exp(), counted),
     }
 
@@ -39,7 +41,7 @@ def truncated_importance_weights(
     """TIS weights min(exp(trainer_logp - rollout_logp), cap), (B, T), detached, 0 off `mask`.
 
     Stats: those of `rollout_mismatch` (the max ratio is taken before capping) and
-    `tis_capped_share`, the share of counted tokens whose ratio exceeds `cap`.
+    `tis_capped_tokens`, how many counted tokens have a ratio above `cap`.
     """
     if cap <= 0:
         raise ValueError(f"cap must be > 0, got {cap}")
@@ -47,5 +49,5 @@ def truncated_importance_weights(
     ratio = _log_ratio(trainer_logp, rollout_logp, counted).exp()
     weights = torch.where(counted, ratio.clamp(max=cap), 0.0)
     stats = rollout_mismatch(trainer_logp, rollout_logp, mask)
-    stats["tis_capped_share"] = masked_mean((ratio > cap).to(ratio.dtype), counted)
+    stats["tis_capped_tokens"] = masked_sum((ratio > cap).to(ratio.dtype), counted)
     return weights, stats
