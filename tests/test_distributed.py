@@ -224,10 +224,9 @@ def test_fsdp2_logprob_gradients_and_generation(stopping_model_dir: Path) -> Non
 
 
 def test_pooled_reward_metrics_equal_those_of_the_whole_batch() -> None:
-    """Two processes' scorer metrics, pooled, match the scorer's metrics on all completions at once."""
+    """Two processes' scorer metrics, combined, match the scorer's metrics on all completions at once."""
     from rft.config import RewardConfig, ScoringConfig
-    from rft.scoring import RewardScorer
-    from rft.trainer import _pool_metrics
+    from rft.scoring import RewardScorer, ScoreMetrics
 
     rewards = [
         RewardConfig(fn=f"{REWARDS}:first_token_grade"),
@@ -236,13 +235,14 @@ def test_pooled_reward_metrics_equal_those_of_the_whole_batch() -> None:
     scorer = RewardScorer(rewards, ScoringConfig())
     ids = [[3], [8], [12, 1], [7, 7, 7], [5], [9, 9], [4], [11, 2, 6], [0]]
 
-    def score(rows: list[list[int]]) -> dict[str, float]:
+    def score(rows: list[list[int]]) -> ScoreMetrics:
         count, texts = len(rows), ["x" * sum(row) for row in rows]
-        return scorer.score(["p"] * count, texts, rows, [{"answer": 1}] * count, group_size=1).metrics
+        return scorer.score(["p"] * count, texts, rows, [{"answer": 1}] * count, group_size=1).stats
 
-    whole = score(ids)
-    pooled = _pool_metrics([(score(ids[:4]), 4), (score(ids[4:]), 5)])
+    whole = score(ids).result()
+    pooled = ScoreMetrics.of_processes([score(ids[:4]), score(ids[4:])]).result()
+    assert pooled.keys() == whole.keys()
     for key, value in whole.items():
         if key.startswith("time/") or key.endswith("failures_total"):
             continue
-        assert pooled[key] == pytest.approx(value, abs=1e-9), key
+        assert pooled[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
