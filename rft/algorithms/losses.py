@@ -170,8 +170,9 @@ def aggregate_loss(
         )
     if normalizer is None:
         normalizer = loss_normalizer(mask, loss_agg=loss_agg)
-    # A tensor stays on its device: no host sync to read a count.
-    divisor = torch.as_tensor(normalizer, dtype=per_token_loss.dtype, device=per_token_loss.device).clamp(min=1)
+    # A tensor stays on its device: no host sync to read a count. At least float32: bf16 would round it.
+    dtype = torch.promote_types(per_token_loss.dtype, torch.float32)
+    divisor = torch.as_tensor(normalizer, dtype=dtype, device=per_token_loss.device).clamp(min=1)
     counted = mask.bool()
     loss = torch.where(counted, per_token_loss, 0.0)
     if loss_agg == "token-mean":
