@@ -326,6 +326,13 @@ class MonitorConfig(_Section):
     entropy_collapse_fraction: float = Field(
         0.1, gt=0, lt=1, description="Warn when entropy falls below this fraction of the first window's."
     )
+    early_steps: int = Field(
+        2, ge=1, description="Steps in a row after which a run that cannot learn is reported: every completion "
+        "truncated, every group's rewards equal. Checked every step, from the first, not per window."
+    )
+    truncated_share_limit: float = Field(
+        0.9, gt=0, le=1, description="Warn when this share of completions is truncated for `early_steps` steps in a row."
+    )
     judge_rewards: list[str] | None = Field(
         None, description="Reward names that are judges (compared with the rule rewards); default: names containing 'judge'."
     )
