@@ -8,11 +8,14 @@ with the field's dotted name and, for choices, the allowed values, before any mo
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -416,8 +419,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, raw: dict | None = None) -> RecipeConfig:
     """Load a recipe from YAML (or a dict), apply `--set` overrides, validate.
 
-    Relative data and reward paths are resolved against the recipe's folder first, then the
-    current directory, so recipes work from anywhere.
+    Relative data, model and reward paths are resolved against the recipe's folder first, then the
+    current directory, and recorded as absolute paths, so recipes work from anywhere.
     """
     source = str(path) if path is not None else "<recipe>"
     if raw is None:
@@ -441,10 +444,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def _resolve_against(value: str, base: Path) -> str:
-    candidate = base / value
-    if not Path(value).is_absolute() and not Path(value).exists() and candidate.exists():
-        return str(candidate)
+def _resolve_against(value: str, base: Path, *, working_dir: bool = True) -> str:
+    """A relative path that exists in the recipe's folder, else (`working_dir`) in the current one, made absolute.
+
+    The recipe's folder wins, so a file of the same name where the command happens to run cannot
+    replace the recipe's own; anything found nowhere (a hub id, a module, a column name) is left as is.
+    """
+    path = Path(value)
+    if path.is_absolute() or not value:
+        return value
+    in_recipe = base / path
+    if in_recipe.exists():
+        if working_dir and path.exists() and path.resolve() != in_recipe.resolve():
+            logger.warning("%s: using the recipe folder's %s, not the one in the current directory", value, in_recipe)
+        return str(in_recipe.resolve())
+    if working_dir and path.exists():
+        return str(path.resolve())
     return value
 
 
@@ -452,20 +467,45 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
     config.data.train = _resolve_against(config.data.train, base)
     if config.data.eval:
         config.data.eval = _resolve_against(config.data.eval, base)
+    if not config.model.name_or_path.startswith("embedded:"):
+        config.model.name_or_path = _resolve_against(config.model.name_or_path, base)
     for reward in [*config.rewards, *config.eval.metrics]:
         reward.fn = _resolve_spec(reward.fn, base)
-        # Handler files, schema files and the like in kwargs are relative to the recipe too.
+        # Handler files, schema files and the like in kwargs are relative to the recipe; only there, and only
+        # what looks like a file (a folder or a suffix), so a column name never turns into a path.
         reward.kwargs = {
-            key: _resolve_spec(value, base) if isinstance(value, str) else value for key, value in reward.kwargs.items()
+            key: _resolve_spec(value, base, working_dir=False) if _looks_like_file(value) else value
+            for key, value in reward.kwargs.items()
         }
 
 
-def _resolve_spec(value: str, base: Path) -> str:
-    """`file.py:name` or a plain path, resolved against the recipe folder when it exists there."""
+def _looks_like_file(value: Any) -> bool:
+    return isinstance(value, str) and ("/" in value or bool(Path(value.split(":", 1)[0]).suffix))
+
+
+def _resolve_spec(value: str, base: Path, *, working_dir: bool = True) -> str:
+    """`file.py:name` (its file resolved) or a plain path, as `_resolve_against` does."""
     if ":" in value and value.rsplit(":", 1)[0].endswith(".py"):
         file, name = value.rsplit(":", 1)
-        return f"{_resolve_against(file, base)}:{name}"
-    return _resolve_against(value, base)
+        return f"{_resolve_against(file, base, working_dir=working_dir)}:{name}"
+    return _resolve_against(value, base, working_dir=working_dir)
+
+
+def recipe_warnings(config: RecipeConfig, train_rows: int) -> list[str]:
+    """What a valid recipe does that its author is unlikely to mean; the trainer logs each once, at start."""
+    warnings = []
+    if config.rollout.group_size == 1:
+        warnings.append(
+            f"rollout.group_size is 1: the {config.algorithm.advantage} advantage of a group of one is 0, so no "
+            "completion is ever reinforced and nothing is learned; use group_size >= 2 (the papers use 8 to 64)"
+        )
+    if 0 < train_rows < config.training.prompts_per_step:
+        warnings.append(
+            f"training.prompts_per_step ({config.training.prompts_per_step}) exceeds the {train_rows} training prompts: "
+            f"each prompt is drawn about {config.training.prompts_per_step / train_rows:.0f} times a step, as "
+            "duplicate groups; lower prompts_per_step or raise rollout.group_size"
+        )
+    return warnings
 
 
 def dump_config(config: RecipeConfig) -> str:

@@ -29,7 +29,7 @@ from rft.checkpoint import (
     save_checkpoint,
     save_policy,
 )
-from rft.config import ConfigError, RecipeConfig, dump_config
+from rft.config import ConfigError, RecipeConfig, dump_config, recipe_warnings
 from rft.data import Example, PromptSampler, load_splits
 from rft.evaluation import (
     EvalResult,
@@ -169,6 +169,9 @@ class Trainer:
             self.reference.eval().requires_grad_(False)
             self.reference = self._logprob_model(self.reference)
         self.train_examples, self.eval_examples = load_splits(config.data, self.tokenizer, config.training.seed)
+        if self.accelerator.is_main_process:
+            for warning in recipe_warnings(config, len(self.train_examples)):
+                logger.warning(warning)
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
         self.engine = make_engine(config, self.model, self.tokenizer)
         params = [p for p in self.model.parameters() if p.requires_grad]

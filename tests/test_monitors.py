@@ -190,3 +190,26 @@ def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir:
     alerts = [json.loads(line) for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()]
     assert [(a["monitor"], a["step"]) for a in alerts] == [("truncation_saturated", 2), ("plateau", 4)]
     assert "monitor [plateau] step 4" in capsys.readouterr().out
+
+
+def test_a_run_that_cannot_learn_says_so_at_start(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """group_size 1 (every advantage 0) and more prompts a step than the data holds: one warning each."""
+    from rft.config import load_config
+    from rft.trainer import Trainer
+    from tests.conftest import tiny_recipe
+
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    train = tmp_path / "two.jsonl"
+    train.write_text('{"prompt": "What is 1 + 1?", "answer": 2}\n{"prompt": "What is 2 + 2?", "answer": 4}\n')
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 2, "prompts_per_step": 6},
+                         rollout={"group_size": 1}, output={"report": False}, algorithm={"preset": "grpo"},
+                         eval={"before_training": False, "after_training": False})
+    recipe["data"] = {"train": str(train)}
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(raw=recipe)).train()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("rft")]
+    assert sum("group_size is 1" in w for w in warnings) == 1
+    assert sum("prompts_per_step (6) exceeds the 2 training prompts" in w for w in warnings) == 1
+    alerts = [json.loads(line)["monitor"] for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()]
+    assert "no_learning_signal" in alerts  # a group of one has no variance, at every step
