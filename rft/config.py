@@ -388,9 +388,22 @@ def _format_errors(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, override: str) -> Any:
     # YAML gives the natural typing for CLI overrides: 0.28 -> float, true -> bool, [a, b] -> list.
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({problem}); quote it as a string") from None
+
+
+def _list_index(items: list, part: str, override: str) -> int:
+    if not part.lstrip("-").isdigit():
+        raise ConfigError(f"--set {override!r}: {part!r} is not a position in a list of {len(items)} (use 0 to {len(items) - 1})")
+    index = int(part)
+    if not -len(items) <= index < len(items):
+        raise ConfigError(f"--set {override!r}: position {index} is past the end of a list of {len(items)} (use 0 to {len(items) - 1})")
+    return index
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -404,15 +417,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if isinstance(node, list):
-                node = node[int(part)]
+                node = node[_list_index(node, part, override)]
                 continue
             node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
                 raise ConfigError(f"--set {override!r}: {part} is not a section")
         if isinstance(node, list):
-            node[int(parts[-1])] = _parse_value(value)
+            node[_list_index(node, parts[-1], override)] = _parse_value(value, override)
         else:
-            node[parts[-1]] = _parse_value(value)
+            node[parts[-1]] = _parse_value(value, override)
     return result
 
 

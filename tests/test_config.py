@@ -73,6 +73,18 @@ def test_bad_override_syntax() -> None:
         load_config(raw=minimal(), overrides=["algorithm.eps_high"])
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("rewards.5.weight=2", r"--set 'rewards.5.weight=2': position 5 is past the end of a list of 1 \(use 0 to 0\)"),
+    ("rewards.x.weight=2", r"'x' is not a position in a list of 1"),
+    ("rewards.3=x", r"position 3 is past the end"),
+    ("training.steps=[1", r"--set 'training.steps=\[1': the value is not valid YAML .*; quote it as a string"),
+])
+def test_bad_override_is_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(raw=minimal(), overrides=[override])
+    assert "\n" not in str(raised.value)
+
+
 def test_relative_paths_resolve_against_the_recipe_folder_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recipe_dir, working_dir = tmp_path / "recipes", tmp_path / "work"
     for folder, rows in ((recipe_dir, 108), (working_dir, 4)):
