@@ -116,6 +116,22 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
     return name, target
 
 
+def declared_columns(spec: str, kwargs: dict[str, Any]) -> dict[str, str]:
+    """The dataset columns a reward says it reads: its `*_column` parameters, recipe kwargs over defaults.
+
+    The library's rewards name their inputs this way (`answer_column`, `tests_column`, ...), so a
+    missing column is found from the recipe and the rows alone, before any model loads.
+    """
+    target = load_function(spec)
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing declared
+        parameters = {}
+    columns = {name: p.default for name, p in parameters.items() if name.endswith("_column")}
+    columns.update({name: value for name, value in kwargs.items() if name.endswith("_column")})
+    return {name: value for name, value in columns.items() if isinstance(value, str)}
+
+
 @dataclass
 class ScoreOutput:
     """Rewards of one batch.
@@ -141,6 +157,7 @@ class _Reward:
     weight: float
     function: RewardFunction
     timeout_s: float
+    columns: dict[str, str] = field(default_factory=dict)  # parameter -> dataset column it reads
 
 
 @dataclass
@@ -178,6 +195,7 @@ class RewardScorer:
                     weight=config.weight,
                     function=function,
                     timeout_s=config.timeout_s or self.scoring.timeout_s,
+                    columns=declared_columns(config.fn, config.kwargs),
                 )
             )
         names = self.names
@@ -189,6 +207,24 @@ class RewardScorer:
     @property
     def names(self) -> list[str]:
         return [reward.name for reward in self.rewards]
+
+    def check_columns(self, rows_by_source: dict[str, Sequence[dict[str, Any]]]) -> None:
+        """One RewardError naming every declared column (`declared_columns`) that no row of a source has."""
+        problems = []
+        for source, rows in rows_by_source.items():
+            fields = {key for row in rows for key in row}
+            missing = [
+                f"reward {reward.name}: {parameter} {column!r} is in no row of {source}"
+                for reward in self.rewards
+                for parameter, column in reward.columns.items()
+                if column not in fields and column not in _RESERVED_COLUMNS
+            ]
+            if missing and rows:
+                problems.append("; ".join(missing) + f" (its rows have: {', '.join(sorted(fields))})")
+        if problems:
+            raise RewardError(
+                "; ".join(problems) + "; set the reward's kwargs in the recipe, or map the column with data.column_map"
+            )
 
     @property
     def functions(self) -> list[tuple[str, float, RewardFunction]]:

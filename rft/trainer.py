@@ -155,7 +155,9 @@ class Trainer:
         self.run_dir = config.run_dir
         # Rewards and data are checked before the model loads: bad input fails in seconds.
         self.scorer = RewardScorer(config.rewards, config.scoring)
-        load_splits(config.data, None, config.training.seed)
+        train, held_out = load_splits(config.data, None, config.training.seed)
+        self.scorer.check_columns({f"data.train ({config.data.train})": [e.row for e in train],
+                                   f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out]})
         # One process per machine converts or downloads the model; the others then read it from the cache.
         with self.accelerator.local_main_process_first():
             self.model, self.tokenizer = load_policy(config, self.accelerator.device)
