@@ -101,7 +101,15 @@ class RewardConfig(_Section):
 
 class ScoringConfig(_Section):
     concurrency: int = Field(
-        4, ge=1, description="Reward calls running at once (threads; async reward functions are awaited in them)."
+        4, ge=1, description="Reward calls running at once (each reward's worker processes, or threads)."
+    )
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="`process`: each reward runs in worker processes that are killed at the time limit, "
+        "so a runaway call really stops (rft/reward_workers.py); `thread`: in the trainer's threads, for rewards that "
+        "must share the trainer's memory (a timed-out thread cannot be stopped and keeps running)."
+    )
+    memory_mb: int | None = Field(
+        4096, ge=64, description="Address-space cap of each reward worker process (isolation: process); null: none."
     )
     timeout_s: float = Field(
         300.0, gt=0, description="Default limit in seconds for one reward call (one group of completions)."

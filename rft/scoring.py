@@ -9,9 +9,11 @@ caches or loaded handlers between calls). `async def` rewards are awaited.
 
 Calls and failures. With `group_size`, each reward function is called once per group of completions
 (the G completions of one prompt), so a failure touches one group only; without it, once per batch.
-Calls run in threads, at most `scoring.concurrency` at once, each with a time limit. A call that
-raises, times out (its thread is abandoned, the result ignored), or returns NaN, infinity or a
-non-number is a *failure*, handled by `scoring.on_error`:
+Calls run at most `scoring.concurrency` at once, each with a time limit, in worker processes
+(`scoring.isolation: process`, the default: a call past its limit has its worker killed, see
+`rft.reward_workers`) or in threads (`thread`: a call past its limit is abandoned and keeps running).
+A call that raises, times out, its worker dies, or returns NaN, infinity or a non-number is a
+*failure*, handled by `scoring.on_error`:
 
 - `zero`: its completions score 0 for that function;
 - `skip_group`: its completions get `None` for that function and `ScoreOutput.failed` is True for
@@ -45,6 +47,7 @@ from typing import Any
 
 from rewards.base import RewardContractError, RewardValues
 from rft.config import RewardConfig, ScoringConfig
+from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, WorkerTimeout
 
 RewardFunction = Callable[..., Any]
 
@@ -158,6 +161,7 @@ class _Reward:
     function: RewardFunction
     timeout_s: float
     columns: dict[str, str] = field(default_factory=dict)  # parameter -> dataset column it reads
+    pool: WorkerPool | None = None  # isolation: process
 
 
 @dataclass
@@ -196,6 +200,8 @@ class RewardScorer:
                     function=function,
                     timeout_s=config.timeout_s or self.scoring.timeout_s,
                     columns=declared_columns(config.fn, config.kwargs),
+                    pool=WorkerPool(config.fn, config.kwargs, self.scoring.memory_mb, self.scoring.concurrency)
+                    if self.scoring.isolation == "process" else None,
                 )
             )
         names = self.names
@@ -225,6 +231,12 @@ class RewardScorer:
             raise RewardError(
                 "; ".join(problems) + "; set the reward's kwargs in the recipe, or map the column with data.column_map"
             )
+
+    def close(self) -> None:
+        """Stop the rewards' worker processes (they also end with the process)."""
+        for reward in self.rewards:
+            if reward.pool is not None:
+                reward.pool.close()
 
     @property
     def functions(self) -> list[tuple[str, float, RewardFunction]]:
@@ -277,7 +289,9 @@ class RewardScorer:
         while next_call < len(calls) or deadlines:
             while next_call < len(calls) and len(deadlines) < self.scoring.concurrency:
                 call = calls[next_call]
-                deadlines[next_call] = time.monotonic() + call.reward.timeout_s
+                # A worker enforces the limit itself, after it started; this deadline is the backstop.
+                allowance = START_TIMEOUT_S + 5 if call.reward.pool is not None else 0.0
+                deadlines[next_call] = time.monotonic() + call.reward.timeout_s + allowance
                 thread = threading.Thread(
                     target=_invoke, args=(next_call, call, results), daemon=True,
                     name=f"reward-{call.reward.name}-{call.start}",
@@ -292,21 +306,18 @@ class RewardScorer:
                 for index, deadline in list(deadlines.items()):
                     if deadline <= now:
                         del deadlines[index]
-                        call = calls[index]
-                        outcomes[index] = _Outcome(
-                            failure=f"reward {call.reward.name!r} timed out after {call.reward.timeout_s:g} s "
-                            f"on completions {call.start}..{call.stop - 1}",
-                            kind="timeout",
-                        )
+                        outcomes[index] = _timeout(calls[index])
                         self._stop_if_asked(outcomes[index])
                 continue
             if index not in deadlines:  # finished after its deadline: already counted as a timeout
                 continue
             del deadlines[index]
             call = calls[index]
-            if isinstance(error, RewardContractError):
+            if isinstance(error, RewardContractError | WorkerStartError):
                 raise RewardError(f"reward {call.reward.name!r}: {error}") from error
-            if error is not None:
+            if isinstance(error, WorkerTimeout):
+                outcomes[index] = _timeout(call)
+            elif error is not None:
                 outcomes[index] = _Outcome(
                     failure=f"reward {call.reward.name!r} raised {type(error).__name__}: {error}", kind="error"
                 )
@@ -382,8 +393,19 @@ def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row.get(key) for row in rows] for key in keys if key not in _RESERVED_COLUMNS}
 
 
+def _timeout(call: _Call) -> _Outcome:
+    return _Outcome(
+        failure=f"reward {call.reward.name!r} timed out after {call.reward.timeout_s:g} s "
+        f"on completions {call.start}..{call.stop - 1}",
+        kind="timeout",
+    )
+
+
 def _invoke(index: int, call: _Call, results: queue.Queue) -> None:
     try:
+        if call.reward.pool is not None:
+            results.put((index, call.reward.pool.call(call.kwargs, call.reward.timeout_s), None))
+            return
         value = call.reward.function(**call.kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value, call.reward.timeout_s))
