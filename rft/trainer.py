@@ -255,6 +255,9 @@ class Trainer:
             if config.output.report:
                 tqdm.write(f"report: {write_report(self.run_dir)}")
         self.engine.close()
+        self.scorer.close()
+        if self.eval_metric_scorer is not None:
+            self.eval_metric_scorer.close()
         self.accelerator.end_training()
         return results
 
