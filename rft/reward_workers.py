@@ -105,7 +105,10 @@ class _Worker:
         if not self.connection.poll(START_TIMEOUT_S):
             self.kill()
             raise WorkerStartError(f"its worker did not start within {START_TIMEOUT_S:g} s")
-        status, error = self._receive()
+        try:
+            status, error = self._receive()
+        except WorkerCrashed as exc:
+            raise WorkerStartError(f"{exc} while starting; its error is printed above") from None
         if status == "start_error":
             self.kill()
             raise WorkerStartError(f"its worker could not load it: {type(error).__name__}: {error}")

@@ -52,6 +52,8 @@ from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, Wo
 RewardFunction = Callable[..., Any]
 
 # Columns the scorer passes itself; a row field of the same name would shadow them.
+# Larger magnitudes overflow squares in float64 (the std of a group) and swamp every other reward.
+MAX_ABS_REWARD = 1e12
 _RESERVED_COLUMNS = ("prompt", "prompts", "completions", "completion_ids")
 
 
@@ -441,6 +443,11 @@ def _check(call: _Call, values: Any, rows: Sequence[dict[str, Any]]) -> _Outcome
             return _Outcome(failure=f"reward {name!r} returned {value!r} (not a number) for {where}", kind="invalid")
         if not math.isfinite(number):
             return _Outcome(failure=f"reward {name!r} returned {number} for {where}; rewards must be finite", kind="invalid")
+        if abs(number) > MAX_ABS_REWARD:
+            return _Outcome(
+                failure=f"reward {name!r} returned {number:g} for {where}; rewards beyond ±{MAX_ABS_REWARD:g} "
+                "overflow the group statistics (their squares leave float range)", kind="invalid",
+            )
         checked.append(number)
     components: dict[str, list[float | None]] = {}
     counters: dict[str, float] = {}

@@ -62,6 +62,10 @@ def nan_reward(completions, **kwargs):
     return [math.nan if "nan" in c else 1.0 for c in completions]
 
 
+def huge_reward(completions, **kwargs):
+    return [(1e300 if c == "huge" else -1e300) if "huge" in c else 1.0 for c in completions]
+
+
 def text_reward(completions, **kwargs):
     return ["high" for _ in completions]
 
@@ -276,6 +280,16 @@ def test_nan_and_non_numbers_are_failures_naming_the_row():
     assert output.per_function["text_reward"] == [0.0]
     assert output.metrics["reward/text_reward/invalids"] == 1.0
     assert "'high' (not a number)" in output.errors[0]
+
+
+def test_an_overflowing_reward_is_a_failure_not_a_traceback():
+    scorer = RewardScorer([RewardConfig(fn=spec("huge_reward"))], ScoringConfig(on_error="zero"))
+    output = scorer.score(*batch(["huge", "small"], group_size=1), group_size=1)
+    assert output.per_function["huge_reward"] == [0.0, 1.0]
+    assert output.metrics["reward/huge_reward/invalids"] == 1.0
+    assert "returned 1e+300 for completion 0 (row id='row-0'); rewards beyond ±1e+12 overflow" in output.errors[0]
+    with pytest.raises(RewardError, match="returned -1e\\+300"):
+        RewardScorer([RewardConfig(fn=spec("huge_reward"))]).score(*batch(["-huge"]))
 
 
 def test_wrong_length_and_contract_errors_stop_under_any_policy():
