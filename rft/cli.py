@@ -27,14 +27,10 @@ def _train(args: argparse.Namespace) -> int:
     results = trainer.train()
     print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
     if "before" in results and "after" in results:
-        before, after = results["before"], results["after"]
-        change = after["mean"] - before["mean"]
-        noise = (before["stderr"] ** 2 + after["stderr"] ** 2) ** 0.5
-        print(
-            f"held-out mean reward: base {before['mean']:.3f} ± {before['stderr']:.3f} -> "
-            f"trained {after['mean']:.3f} ± {after['stderr']:.3f} (n={after['count']}; change {change:+.3f}, "
-            f"{change / noise if noise else float('inf'):.1f} standard errors)"
-        )
+        from rft.evaluation import overall_change
+
+        print(f"held-out mean reward, base -> trained: "
+              f"{overall_change(results['before'], results['after'], config.eval.noise_sigmas)}")
     return 0
 
 

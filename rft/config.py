@@ -8,11 +8,14 @@ with the field's dotted name and, for choices, the allowed values, before any mo
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -98,7 +101,15 @@ class RewardConfig(_Section):
 
 class ScoringConfig(_Section):
     concurrency: int = Field(
-        4, ge=1, description="Reward calls running at once (threads; async reward functions are awaited in them)."
+        4, ge=1, description="Reward calls running at once (each reward's worker processes, or threads)."
+    )
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="`process`: each reward runs in worker processes that are killed at the time limit, "
+        "so a runaway call really stops (rft/reward_workers.py); `thread`: in the trainer's threads, for rewards that "
+        "must share the trainer's memory (a timed-out thread cannot be stopped and keeps running)."
+    )
+    memory_mb: int | None = Field(
+        4096, ge=64, description="Address-space cap of each reward worker process (isolation: process); null: none."
     )
     timeout_s: float = Field(
         300.0, gt=0, description="Default limit in seconds for one reward call (one group of completions)."
@@ -326,6 +337,13 @@ class MonitorConfig(_Section):
     entropy_collapse_fraction: float = Field(
         0.1, gt=0, lt=1, description="Warn when entropy falls below this fraction of the first window's."
     )
+    early_steps: int = Field(
+        2, ge=1, description="Steps in a row after which a run that cannot learn is reported: every completion "
+        "truncated, every group's rewards equal. Checked every step, from the first, not per window."
+    )
+    truncated_share_limit: float = Field(
+        0.9, gt=0, le=1, description="Warn when this share of completions is truncated for `early_steps` steps in a row."
+    )
     judge_rewards: list[str] | None = Field(
         None, description="Reward names that are judges (compared with the rule rewards); default: names containing 'judge'."
     )
@@ -378,9 +396,22 @@ def _format_errors(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, override: str) -> Any:
     # YAML gives the natural typing for CLI overrides: 0.28 -> float, true -> bool, [a, b] -> list.
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({problem}); quote it as a string") from None
+
+
+def _list_index(items: list, part: str, override: str) -> int:
+    if not part.lstrip("-").isdigit():
+        raise ConfigError(f"--set {override!r}: {part!r} is not a position in a list of {len(items)} (use 0 to {len(items) - 1})")
+    index = int(part)
+    if not -len(items) <= index < len(items):
+        raise ConfigError(f"--set {override!r}: position {index} is past the end of a list of {len(items)} (use 0 to {len(items) - 1})")
+    return index
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -394,23 +425,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if isinstance(node, list):
-                node = node[int(part)]
+                node = node[_list_index(node, part, override)]
                 continue
             node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
                 raise ConfigError(f"--set {override!r}: {part} is not a section")
         if isinstance(node, list):
-            node[int(parts[-1])] = _parse_value(value)
+            node[_list_index(node, parts[-1], override)] = _parse_value(value, override)
         else:
-            node[parts[-1]] = _parse_value(value)
+            node[parts[-1]] = _parse_value(value, override)
     return result
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, raw: dict | None = None) -> RecipeConfig:
     """Load a recipe from YAML (or a dict), apply `--set` overrides, validate.
 
-    Relative data and reward paths are resolved against the recipe's folder first, then the
-    current directory, so recipes work from anywhere.
+    Relative data, model and reward paths are resolved against the recipe's folder first, then the
+    current directory, and recorded as absolute paths, so recipes work from anywhere.
     """
     source = str(path) if path is not None else "<recipe>"
     if raw is None:
@@ -434,10 +465,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def _resolve_against(value: str, base: Path) -> str:
-    candidate = base / value
-    if not Path(value).is_absolute() and not Path(value).exists() and candidate.exists():
-        return str(candidate)
+def _resolve_against(value: str, base: Path, *, working_dir: bool = True) -> str:
+    """A relative path that exists in the recipe's folder, else (`working_dir`) in the current one, made absolute.
+
+    The recipe's folder wins, so a file of the same name where the command happens to run cannot
+    replace the recipe's own; anything found nowhere (a hub id, a module, a column name) is left as is.
+    """
+    path = Path(value)
+    if path.is_absolute() or not value:
+        return value
+    in_recipe = base / path
+    if in_recipe.exists():
+        if working_dir and path.exists() and path.resolve() != in_recipe.resolve():
+            logger.warning("%s: using the recipe folder's %s, not the one in the current directory", value, in_recipe)
+        return str(in_recipe.resolve())
+    if working_dir and path.exists():
+        return str(path.resolve())
     return value
 
 
@@ -445,20 +488,45 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
     config.data.train = _resolve_against(config.data.train, base)
     if config.data.eval:
         config.data.eval = _resolve_against(config.data.eval, base)
+    if not config.model.name_or_path.startswith("embedded:"):
+        config.model.name_or_path = _resolve_against(config.model.name_or_path, base)
     for reward in [*config.rewards, *config.eval.metrics]:
         reward.fn = _resolve_spec(reward.fn, base)
-        # Handler files, schema files and the like in kwargs are relative to the recipe too.
+        # Handler files, schema files and the like in kwargs are relative to the recipe; only there, and only
+        # what looks like a file (a folder or a suffix), so a column name never turns into a path.
         reward.kwargs = {
-            key: _resolve_spec(value, base) if isinstance(value, str) else value for key, value in reward.kwargs.items()
+            key: _resolve_spec(value, base, working_dir=False) if _looks_like_file(value) else value
+            for key, value in reward.kwargs.items()
         }
 
 
-def _resolve_spec(value: str, base: Path) -> str:
-    """`file.py:name` or a plain path, resolved against the recipe folder when it exists there."""
+def _looks_like_file(value: Any) -> bool:
+    return isinstance(value, str) and ("/" in value or bool(Path(value.split(":", 1)[0]).suffix))
+
+
+def _resolve_spec(value: str, base: Path, *, working_dir: bool = True) -> str:
+    """`file.py:name` (its file resolved) or a plain path, as `_resolve_against` does."""
     if ":" in value and value.rsplit(":", 1)[0].endswith(".py"):
         file, name = value.rsplit(":", 1)
-        return f"{_resolve_against(file, base)}:{name}"
-    return _resolve_against(value, base)
+        return f"{_resolve_against(file, base, working_dir=working_dir)}:{name}"
+    return _resolve_against(value, base, working_dir=working_dir)
+
+
+def recipe_warnings(config: RecipeConfig, train_rows: int) -> list[str]:
+    """What a valid recipe does that its author is unlikely to mean; the trainer logs each once, at start."""
+    warnings = []
+    if config.rollout.group_size == 1:
+        warnings.append(
+            f"rollout.group_size is 1: the {config.algorithm.advantage} advantage of a group of one is 0, so no "
+            "completion is ever reinforced and nothing is learned; use group_size >= 2 (the papers use 8 to 64)"
+        )
+    if 0 < train_rows < config.training.prompts_per_step:
+        warnings.append(
+            f"training.prompts_per_step ({config.training.prompts_per_step}) exceeds the {train_rows} training prompts: "
+            f"each prompt is drawn about {config.training.prompts_per_step / train_rows:.0f} times a step, as "
+            "duplicate groups; lower prompts_per_step or raise rollout.group_size"
+        )
+    return warnings
 
 
 def dump_config(config: RecipeConfig) -> str:

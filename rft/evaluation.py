@@ -386,6 +386,26 @@ def compare(before: dict[str, Any], after: dict[str, Any], sigmas: float) -> lis
     return rows
 
 
+def verdict(row: dict[str, Any], sigmas: float) -> str:
+    """The noise rule's outcome for a `compare` row, in the one wording the CLI, tables and report share."""
+    if row["z"] is None:
+        return "too few prompts to tell"
+    z = "+inf" if row["z"] == math.inf else "-inf" if row["z"] == -math.inf else f"{row['z']:+.1f}"
+    if row["significant"]:
+        return f"{'better' if row['change'] > 0 else 'worse'} ({z} s.e. > {sigmas:g})"
+    return f"within noise ({z} s.e. ≤ {sigmas:g})"
+
+
+def overall_change(before: dict[str, Any], after: dict[str, Any], sigmas: float) -> str:
+    """One line: the held-out reward before -> after, its change and the noise rule's verdict."""
+    row = next(r for r in compare(before, after, sigmas) if r["metric"] == "reward" and r["tag"] is None)
+    b, a = row["before"], row["after"]
+    return (
+        f"{b['mean']:.3f} ± {b['stderr']:.3f} -> {a['mean']:.3f} ± {a['stderr']:.3f} (n={a['count']}; "
+        f"change {row['change']:+.3f}, {verdict(row, sigmas)})"
+    )
+
+
 def format_comparison(rows: list[dict[str, Any]], sigmas: float, slice_metrics: Sequence[str] = ("reward",)) -> str:
     """A plain-text before / after table: every metric overall, then `slice_metrics` per slice value."""
     shown = [r for r in rows if r["tag"] is None] + [r for r in rows if r["tag"] is not None and r["metric"] in slice_metrics]
@@ -395,15 +415,9 @@ def format_comparison(rows: list[dict[str, Any]], sigmas: float, slice_metrics: 
     lines = [f"{'metric':<{metric_width}} {'slice':<{where_width}} {'before':>15} {'after':>15} {'change':>8} {'s.e.':>6}  verdict"]
     for row, where in zip(shown, wheres, strict=True):
         b, a = row["before"], row["after"]
-        if row["z"] is None:
-            verdict = "too few prompts to tell"
-        elif row["significant"]:
-            verdict = f"{'better' if row['change'] > 0 else 'worse'} ({row['z']:+.1f} s.e. > {sigmas:g})"
-        else:
-            verdict = f"within noise ({row['z']:+.1f} s.e.)"
         lines.append(
             f"{row['metric']:<{metric_width}} {where:<{where_width}} {b['mean']:>7.3f} ± {b['stderr']:<5.3f} "
-            f"{a['mean']:>7.3f} ± {a['stderr']:<5.3f} {row['change']:>+8.3f} {row['stderr']:>6.3f}  {verdict}"
+            f"{a['mean']:>7.3f} ± {a['stderr']:<5.3f} {row['change']:>+8.3f} {row['stderr']:>6.3f}  {verdict(row, sigmas)}"
         )
     return "\n".join(lines)
 

@@ -17,6 +17,14 @@ Monitors (each fires once when its condition starts to hold, and again only afte
   - entropy_collapse: entropy below `entropy_collapse_fraction` of the first window's;
 - slice_regression: a slice's held-out reward down beyond noise against the baseline while the
   average is up ("gains on one slice must not break another").
+
+Checked every step, from the first, because they mean the run cannot learn at all and waiting for
+a window would waste it:
+- truncation_saturated: at least `truncated_share_limit` of the completions were cut at the token
+  limit in each of the last `early_steps` steps (they end before their answer);
+- no_learning_signal: every group's rewards were equal in each of the last `early_steps` steps (all
+  advantages are 0);
+- reward_not_applicable: a reward function returned None for every completion of a step.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ TRAIN_REWARD = "reward/mean"
 ENTROPY = "entropy"
 TRUNCATED = "completion/truncated_share"
 LENGTH = "completion/length/mean"
+ZERO_VARIANCE = "groups/zero_variance_share"
 
 
 @dataclass
@@ -105,6 +114,8 @@ class Monitors:
         self.judges = {f"reward/{name}/mean" for name in judges}
         self.watched = [TRAIN_REWARD, ENTROPY, TRUNCATED, LENGTH, *self.components]
         self.alerts_path = alerts_path
+        self.none_shares = {name: f"reward/{name}/none_share" for name in reward_names}
+        self.recent: list[tuple[int, dict[str, float]]] = []
         self.pending: list[dict[str, float]] = []
         self.pending_steps: list[int] = []
         self.windows: list[Window] = []
@@ -125,15 +136,17 @@ class Monitors:
     def observe_step(self, step: int, metrics: dict[str, float]) -> list[Alert]:
         if not self.config.enabled:
             return []
+        self.recent = [*self.recent, (step, metrics)][-self.config.early_steps :]
+        alerts = self._check_step(step, metrics)
         self.pending.append({key: metrics[key] for key in self.watched if key in metrics})
         self.pending_steps.append(step)
-        if step % self.window_steps != 0:
-            return []
-        keys = {key for values in self.pending for key in values}
-        stats = {key: Stat.of([v[key] for v in self.pending if key in v]) for key in keys}
-        self.windows.append(Window(self.pending_steps[0], step, stats))
-        self.pending, self.pending_steps = [], []
-        return self._emit(self._check_windows(step))
+        if step % self.window_steps == 0:
+            keys = {key for values in self.pending for key in values}
+            stats = {key: Stat.of([v[key] for v in self.pending if key in v]) for key in keys}
+            self.windows.append(Window(self.pending_steps[0], step, stats))
+            self.pending, self.pending_steps = [], []
+            alerts += self._check_windows(step)
+        return self._emit(alerts)
 
     def observe_eval(self, step: int, summary: dict[str, Any]) -> list[Alert]:
         """`summary`: an `EvalResult.summary()` of the main evaluation pass. The first one is the baseline."""
@@ -176,6 +189,41 @@ class Monitors:
             return None
         found = trend(earlier.stats[key], latest.stats[key], self.sigmas)
         return (earlier, latest, found) if found else None
+
+    def _every_recent_step(self, key: str, condition: Any) -> bool:
+        full = len(self.recent) == self.config.early_steps
+        return full and all(key in metrics and condition(metrics[key]) for _, metrics in self.recent)
+
+    def _check_step(self, step: int, metrics: dict[str, float]) -> list[Alert]:
+        """The signs that a run cannot learn at all, checked every step (see the module docstring)."""
+        config, alerts = self.config, []
+        first = self.recent[0][0]
+        saturated = self._every_recent_step(TRUNCATED, lambda share: share >= config.truncated_share_limit)
+        alerts += self._fire("truncation_saturated", saturated, lambda: Alert(
+            "truncation_saturated", step,
+            f"{metrics[TRUNCATED]:.0%} of completions were cut at the {self.max_new_tokens}-token limit "
+            f"(at least {config.truncated_share_limit:.0%} in each of steps {first}-{step}): they end before their "
+            "answer, so rewards and advantages say little; raise rollout.max_new_tokens",
+            {"truncated_share": metrics[TRUNCATED], "max_new_tokens": self.max_new_tokens, "from_step": first},
+        ))
+        flat = self._every_recent_step(ZERO_VARIANCE, lambda share: share >= 1.0)
+        alerts += self._fire("no_learning_signal", flat, lambda: Alert(
+            "no_learning_signal", step,
+            f"every group's rewards were equal in steps {first}-{step} (training reward "
+            f"{metrics.get(TRAIN_REWARD, math.nan):.3f}): all advantages are 0 and nothing is learned; the task is "
+            "too hard or too easy for the model as sampled (check `rft reward check`, the rewards, "
+            "rollout.max_new_tokens and rollout.temperature)",
+            {"from_step": first, "reward": metrics.get(TRAIN_REWARD)},
+        ))
+        for name, key in self.none_shares.items():
+            absent = metrics.get(key, 0.0) >= 1.0
+            alerts += self._fire(f"reward_not_applicable:{name}", absent, lambda n=name: Alert(
+                "reward_not_applicable", step,
+                f"reward {n} returned None (not applicable) for every completion of step {step}: it contributes "
+                "nothing to the reward; check its columns and the rows' fields",
+                {"reward": n},
+            ))
+        return alerts
 
     def _check_windows(self, step: int) -> list[Alert]:
         config, alerts = self.config, []

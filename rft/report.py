@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from rft.evaluation import compare, completion_text
+from rft.evaluation import compare, completion_text, verdict
 from rft.manifest import read_manifest
 from rft.monitors import read_alerts
 
@@ -427,12 +427,9 @@ def _num(value: float | None, digits: int = 3, signed: bool = False) -> str:
 
 
 def _verdict(row: dict[str, Any], sigmas: float) -> tuple[str, str]:
-    if row["z"] is None:
-        return "noise", "too few prompts to tell"
-    if row["significant"]:
-        better = row["change"] > 0
-        return ("better" if better else "worse"), f"{'better' if better else 'worse'} ({_num(row['z'], 1, True)} s.e.)"
-    return "noise", f"within noise ({_num(row['z'], 1, True)} s.e. ≤ {sigmas:g})"
+    """(css class, text): the text is `rft.evaluation.verdict`'s, the wording the CLI prints."""
+    css = ("better" if row["change"] > 0 else "worse") if row["significant"] else "noise"
+    return css, verdict(row, sigmas)
 
 
 def _before_after_html(run: Run, mode: str) -> str:
@@ -569,8 +566,7 @@ def render_html(run: Run, summary: dict[str, Any], plots: dict[str, bytes]) -> s
         headline = (
             f"Held-out reward {_num(held_out['before']['mean'])} ± {_num(held_out['before']['stderr'])} → "
             f"{_num(held_out['after']['mean'])} ± {_num(held_out['after']['stderr'])} "
-            f"(change {_num(held_out['change'], signed=True)}, {_num(held_out['z'], 1, True)} s.e.: "
-            f"{'larger than' if held_out['significant'] else 'within'} noise)"
+            f"(change {_num(held_out['change'], signed=True)}: {verdict(held_out, run.sigmas)})"
         )
     else:
         headline = "No before / after held-out comparison in this run."

@@ -17,186 +17,32 @@ Two ways in:
   total, or an object from a reward name (or `total`) to a number or an inclusive `[low, high]`.
   Lines with the same prompt form a group. The command exits 1 when an expectation fails.
 
-The report gives each reward's mean, spread and range, the share of groups whose total reward
-does not vary (GRPO learns nothing from them: every advantage is 0), and plain warnings when the
-base model already scores near the maximum (RFT may not be needed) or near the minimum everywhere
-(the reward may be unreachable).
+What the report holds is `rft.reward_report`'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rft.config import ConfigError, RecipeConfig, load_config
+from rft.reward_report import (
+    CheckReport,
+    format_report,
+    format_value,
+    pick_samples,
+    recipe_reward_range,
+    summarize,
+    summarize_scores,
+)
 from rft.scoring import RewardError, RewardScorer, ScoreOutput
 
-NEAR_MAX = 0.9  # mean total above this share of the range: the base model already does well
-NEAR_MIN = 0.05  # every total below this share of the range: nothing to learn from
-ZERO_VARIANCE_WARN = 0.5  # share of groups without signal that deserves a warning
-_VARIANCE_EPS = 1e-9
-
-
-@dataclass
-class RewardStats:
-    name: str
-    mean: float | None
-    std: float | None
-    min: float | None
-    max: float | None
-    none_share: float
-    zero_variance_share: float | None  # over groups of two or more scored completions
-
-
-@dataclass
-class CheckReport:
-    groups: int
-    completions: int
-    rewards: list[RewardStats]
-    total: RewardStats
-    reward_range: tuple[float, float] | None
-    failed_share: float
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _stats(name: str, groups: Sequence[Sequence[float | None]]) -> RewardStats:
-    values = [v for group in groups for v in group if v is not None]
-    count = sum(len(group) for group in groups)
-    scored_groups = [[v for v in group if v is not None] for group in groups]
-    scored_groups = [group for group in scored_groups if len(group) >= 2]
-    zero_variance = (
-        sum(1 for group in scored_groups if max(group) - min(group) <= _VARIANCE_EPS) / len(scored_groups)
-        if scored_groups
-        else None
-    )
-    if not values:
-        return RewardStats(name, None, None, None, None, 1.0 if count else 0.0, zero_variance)
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-    return RewardStats(name, mean, std, min(values), max(values), 1 - len(values) / count, zero_variance)
-
-
-def summarize(
-    totals: Sequence[Sequence[float]],
-    per_function: dict[str, Sequence[Sequence[float | None]]],
-    reward_range: tuple[float, float] | None = None,
-    failed_share: float = 0.0,
-) -> CheckReport:
-    """Statistics and warnings for scores grouped by prompt: `totals[g][i]` is the total reward of
-    completion i of group g, `per_function[name][g][i]` that function's value."""
-    total = _stats("total", totals)
-    report = CheckReport(
-        groups=len(totals),
-        completions=sum(len(group) for group in totals),
-        rewards=[_stats(name, groups) for name, groups in per_function.items()],
-        total=total,
-        reward_range=reward_range,
-        failed_share=failed_share,
-    )
-    report.warnings = _warnings(report)
-    return report
-
-
-def _warnings(report: CheckReport) -> list[str]:
-    warnings = []
-    total = report.total
-    if total.mean is None:
-        return ["No completion received a reward: check that the rewards apply to these rows."]
-    if report.reward_range is not None:
-        low, high = report.reward_range
-        span = high - low
-        if span > 0 and total.mean >= low + NEAR_MAX * span:
-            warnings.append(
-                f"The base model already scores {total.mean:.3f} on average (maximum {high:g}): "
-                "RFT may not be needed. Harder prompts or a stricter reward would leave room to learn."
-            )
-        if span > 0 and total.max is not None and total.max <= low + NEAR_MIN * span:
-            warnings.append(
-                f"No completion scored above {total.max:.3f} (minimum {low:g}, maximum {high:g}): the reward may "
-                "be unreachable. Check the reward on hand-written answers (--completions), the answer "
-                "format the prompt asks for, and max_new_tokens."
-            )
-    elif total.max is not None and total.max <= 0.0:
-        warnings.append(
-            "No completion scored above 0: the reward may be unreachable. Check the reward on hand-written "
-            "answers (--completions), the answer format the prompt asks for, and max_new_tokens."
-        )
-    if total.zero_variance_share is not None and total.zero_variance_share >= ZERO_VARIANCE_WARN:
-        warnings.append(
-            f"{total.zero_variance_share:.0%} of groups have the same total reward for every completion: "
-            "they teach nothing (advantages are 0). More completions per prompt, a higher temperature, "
-            "partial credit, or DAPO's dynamic sampling help."
-        )
-    if report.failed_share > 0:
-        warnings.append(f"{report.failed_share:.0%} of completions had a failed reward call.")
-    return warnings
-
-
-def summarize_scores(
-    output: ScoreOutput, group_sizes: Sequence[int], reward_range: tuple[float, float] | None = None
-) -> CheckReport:
-    """`summarize` for a scored batch whose completions are consecutive groups of the given sizes."""
-    if sum(group_sizes) != len(output.total):
-        raise ValueError(f"group sizes add up to {sum(group_sizes)}, but {len(output.total)} completions were scored")
-    bounds = []
-    start = 0
-    for size in group_sizes:
-        bounds.append((start, start + size))
-        start += size
-    totals = [output.total[a:b] for a, b in bounds]
-    per_function = {name: [values[a:b] for a, b in bounds] for name, values in output.per_function.items()}
-    failed_share = sum(output.failed) / len(output.failed) if output.failed else 0.0
-    return summarize(totals, per_function, reward_range, failed_share)
-
-
-def recipe_reward_range(scorer: RewardScorer) -> tuple[float, float] | None:
-    """The total reward's range from the functions' `reward_range` and the weights, when every
-    function declares one (the library's do; a user's function may set the attribute)."""
-    low = high = 0.0
-    for _, weight, function in scorer.functions:
-        declared = getattr(function, "reward_range", None) or getattr(getattr(function, "func", None), "reward_range", None)
-        if declared is None:
-            return None
-        ends = (weight * declared[0], weight * declared[1])
-        low += min(ends)
-        high += max(ends)
-    return low, high
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def format_report(report: CheckReport) -> str:
-    """The report as the lines `rft reward check` prints."""
-    lines = [f"{report.completions} completions in {report.groups} groups", ""]
-    header = f"{'reward':<28} {'mean':>7} {'std':>7} {'min':>7} {'max':>7} {'n/a':>6} {'flat groups':>12}"
-    lines.append(header)
-    for stats in [*report.rewards, report.total]:
-        flat = "-" if stats.zero_variance_share is None else f"{stats.zero_variance_share:.0%}"
-        lines.append(
-            f"{stats.name:<28} {_fmt(stats.mean):>7} {_fmt(stats.std):>7} {_fmt(stats.min):>7} "
-            f"{_fmt(stats.max):>7} {stats.none_share:>6.0%} {flat:>12}"
-        )
-    lines.append("")
-    if report.reward_range is None:
-        lines.append("Total reward range unknown (a reward declares none): pass --reward-range LOW HIGH to check for a "
-                     "base model that already aces the task.")
-    else:
-        lines.append(f"Total reward range: {report.reward_range[0]:g} .. {report.reward_range[1]:g}")
-    lines.extend(f"WARNING: {warning}" for warning in report.warnings)
-    if not report.warnings:
-        lines.append("No warnings.")
-    return "\n".join(lines)
-
+__all__ = ["CheckReport", "check_file", "configure_parser", "format_report", "read_cases", "recipe_reward_range",
+           "run", "sample_and_score", "summarize", "summarize_scores"]
 
 # -- from-file mode ---------------------------------------------------------------------------------
 
@@ -285,7 +131,7 @@ def check_file(
     for index, case in enumerate(cases):
         values = {name: output.per_function[name][index] for name in scorer.names}
         values["total"] = output.total[index]
-        shown = "  ".join(f"{name}={_fmt(value)}" for name, value in values.items())
+        shown = "  ".join(f"{name}={format_value(value)}" for name, value in values.items())
         verdicts = []
         for name, expectation in case.expect.items():
             ok = _meets(values[name], expectation)
@@ -339,9 +185,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def sample_and_score(
-    config: RecipeConfig, scorer: RewardScorer, prompts: int, group_size: int
-) -> tuple[ScoreOutput, list[int]]:
-    """Sample `group_size` completions from the base model for `prompts` training prompts and score them."""
+    config: RecipeConfig, scorer: RewardScorer, prompts: int, group_size: int,
+    reward_range: tuple[float, float] | None,
+) -> CheckReport:
+    """Sample `group_size` completions from the base model for `prompts` training prompts, score and summarise them."""
     import torch
 
     from rft.data import PromptSampler, load_splits
@@ -350,7 +197,10 @@ def sample_and_score(
     from rft.rollout import make_engine
     from rft.rollout.base import SamplingSettings
 
-    load_splits(config.data, None, config.training.seed)  # bad rows fail before the model loads
+    # Bad rows and columns the rewards need but the rows lack fail before the model loads.
+    train, held_out = load_splits(config.data, None, config.training.seed)
+    scorer.check_columns({f"data.train ({config.data.train})": [e.row for e in train],
+                          f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out]})
     base = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(base, device)
@@ -368,10 +218,12 @@ def sample_and_score(
         engine.close()
     completions = decode_completions(tokenizer, examples, rollout.completion_ids, group_size)
     rows = [examples[i // group_size] for i in range(len(completions))]
-    output = scorer.score(
-        [e.prompt for e in rows], completions, rollout.completion_ids, [e.row for e in rows], group_size=group_size
+    prompts = [e.prompt for e in rows]
+    output = scorer.score(prompts, completions, rollout.completion_ids, [e.row for e in rows], group_size=group_size)
+    return summarize_scores(
+        output, [group_size] * len(examples), reward_range, truncated_share=sum(rollout.truncated) / len(completions),
+        samples=pick_samples(prompts, completions, rollout.truncated, output),
     )
-    return output, [group_size] * len(examples)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -382,9 +234,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)
     if args.completions is None:
         scorer = RewardScorer(config.rewards, config.scoring)
-        output, group_sizes = sample_and_score(config, scorer, args.prompts, args.group_size or config.rollout.group_size)
         reward_range = tuple(args.reward_range) if args.reward_range else recipe_reward_range(scorer)
-        report = summarize_scores(output, group_sizes, reward_range)
+        group_size = args.group_size or config.rollout.group_size
+        report = sample_and_score(config, scorer, args.prompts, group_size, reward_range)
         print(format_report(report))
         if args.json is not None:
             args.json.write_text(json.dumps(report.to_dict(), indent=2))

@@ -9,9 +9,11 @@ caches or loaded handlers between calls). `async def` rewards are awaited.
 
 Calls and failures. With `group_size`, each reward function is called once per group of completions
 (the G completions of one prompt), so a failure touches one group only; without it, once per batch.
-Calls run in threads, at most `scoring.concurrency` at once, each with a time limit. A call that
-raises, times out (its thread is abandoned, the result ignored), or returns NaN, infinity or a
-non-number is a *failure*, handled by `scoring.on_error`:
+Calls run at most `scoring.concurrency` at once, each with a time limit, in worker processes
+(`scoring.isolation: process`, the default: a call past its limit has its worker killed, see
+`rft.reward_workers`) or in threads (`thread`: a call past its limit is abandoned and keeps running).
+A call that raises, times out, its worker dies, or returns NaN, infinity or a non-number is a
+*failure*, handled by `scoring.on_error`:
 
 - `zero`: its completions score 0 for that function;
 - `skip_group`: its completions get `None` for that function and `ScoreOutput.failed` is True for
@@ -46,10 +48,13 @@ from typing import Any
 from rewards.base import RewardContractError, RewardValues
 from rft.config import RewardConfig, ScoringConfig
 from rft.metrics import Accumulator, Metric, Reduction, merged
+from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, WorkerTimeout
 
 RewardFunction = Callable[..., Any]
 
 # Columns the scorer passes itself; a row field of the same name would shadow them.
+# Larger magnitudes overflow squares in float64 (the std of a group) and swamp every other reward.
+MAX_ABS_REWARD = 1e12
 _RESERVED_COLUMNS = ("prompt", "prompts", "completions", "completion_ids")
 
 
@@ -117,6 +122,22 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
     return name, target
 
 
+def declared_columns(spec: str, kwargs: dict[str, Any]) -> dict[str, str]:
+    """The dataset columns a reward says it reads: its `*_column` parameters, recipe kwargs over defaults.
+
+    The library's rewards name their inputs this way (`answer_column`, `tests_column`, ...), so a
+    missing column is found from the recipe and the rows alone, before any model loads.
+    """
+    target = load_function(spec)
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing declared
+        parameters = {}
+    columns = {name: p.default for name, p in parameters.items() if name.endswith("_column")}
+    columns.update({name: value for name, value in kwargs.items() if name.endswith("_column")})
+    return {name: value for name, value in columns.items() if isinstance(value, str)}
+
+
 @dataclass
 class ScoreMetrics:
     """A scoring call's metrics, in parts that combine exactly over processes and dynamic-sampling rounds.
@@ -182,6 +203,8 @@ class _Reward:
     weight: float
     function: RewardFunction
     timeout_s: float
+    columns: dict[str, str] = field(default_factory=dict)  # parameter -> dataset column it reads
+    pool: WorkerPool | None = None  # isolation: process
 
 
 @dataclass
@@ -219,6 +242,9 @@ class RewardScorer:
                     weight=config.weight,
                     function=function,
                     timeout_s=config.timeout_s or self.scoring.timeout_s,
+                    columns=declared_columns(config.fn, config.kwargs),
+                    pool=WorkerPool(config.fn, config.kwargs, self.scoring.memory_mb, self.scoring.concurrency)
+                    if self.scoring.isolation == "process" else None,
                 )
             )
         names = self.names
@@ -230,6 +256,30 @@ class RewardScorer:
     @property
     def names(self) -> list[str]:
         return [reward.name for reward in self.rewards]
+
+    def check_columns(self, rows_by_source: dict[str, Sequence[dict[str, Any]]]) -> None:
+        """One RewardError naming every declared column (`declared_columns`) that no row of a source has."""
+        problems = []
+        for source, rows in rows_by_source.items():
+            fields = {key for row in rows for key in row}
+            missing = [
+                f"reward {reward.name}: {parameter} {column!r} is in no row of {source}"
+                for reward in self.rewards
+                for parameter, column in reward.columns.items()
+                if column not in fields and column not in _RESERVED_COLUMNS
+            ]
+            if missing and rows:
+                problems.append("; ".join(missing) + f" (its rows have: {', '.join(sorted(fields))})")
+        if problems:
+            raise RewardError(
+                "; ".join(problems) + "; set the reward's kwargs in the recipe, or map the column with data.column_map"
+            )
+
+    def close(self) -> None:
+        """Stop the rewards' worker processes (they also end with the process)."""
+        for reward in self.rewards:
+            if reward.pool is not None:
+                reward.pool.close()
 
     @property
     def functions(self) -> list[tuple[str, float, RewardFunction]]:
@@ -282,7 +332,9 @@ class RewardScorer:
         while next_call < len(calls) or deadlines:
             while next_call < len(calls) and len(deadlines) < self.scoring.concurrency:
                 call = calls[next_call]
-                deadlines[next_call] = time.monotonic() + call.reward.timeout_s
+                # A worker enforces the limit itself, after it started; this deadline is the backstop.
+                allowance = START_TIMEOUT_S + 5 if call.reward.pool is not None else 0.0
+                deadlines[next_call] = time.monotonic() + call.reward.timeout_s + allowance
                 thread = threading.Thread(
                     target=_invoke, args=(next_call, call, results), daemon=True,
                     name=f"reward-{call.reward.name}-{call.start}",
@@ -297,21 +349,18 @@ class RewardScorer:
                 for index, deadline in list(deadlines.items()):
                     if deadline <= now:
                         del deadlines[index]
-                        call = calls[index]
-                        outcomes[index] = _Outcome(
-                            failure=f"reward {call.reward.name!r} timed out after {call.reward.timeout_s:g} s "
-                            f"on completions {call.start}..{call.stop - 1}",
-                            kind="timeout",
-                        )
+                        outcomes[index] = _timeout(calls[index])
                         self._stop_if_asked(outcomes[index])
                 continue
             if index not in deadlines:  # finished after its deadline: already counted as a timeout
                 continue
             del deadlines[index]
             call = calls[index]
-            if isinstance(error, RewardContractError):
+            if isinstance(error, RewardContractError | WorkerStartError):
                 raise RewardError(f"reward {call.reward.name!r}: {error}") from error
-            if error is not None:
+            if isinstance(error, WorkerTimeout):
+                outcomes[index] = _timeout(call)
+            elif error is not None:
                 outcomes[index] = _Outcome(
                     failure=f"reward {call.reward.name!r} raised {type(error).__name__}: {error}", kind="error"
                 )
@@ -388,8 +437,19 @@ def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row.get(key) for row in rows] for key in keys if key not in _RESERVED_COLUMNS}
 
 
+def _timeout(call: _Call) -> _Outcome:
+    return _Outcome(
+        failure=f"reward {call.reward.name!r} timed out after {call.reward.timeout_s:g} s "
+        f"on completions {call.start}..{call.stop - 1}",
+        kind="timeout",
+    )
+
+
 def _invoke(index: int, call: _Call, results: queue.Queue) -> None:
     try:
+        if call.reward.pool is not None:
+            results.put((index, call.reward.pool.call(call.kwargs, call.reward.timeout_s), None))
+            return
         value = call.reward.function(**call.kwargs)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value, call.reward.timeout_s))
@@ -425,6 +485,11 @@ def _check(call: _Call, values: Any, rows: Sequence[dict[str, Any]]) -> _Outcome
             return _Outcome(failure=f"reward {name!r} returned {value!r} (not a number) for {where}", kind="invalid")
         if not math.isfinite(number):
             return _Outcome(failure=f"reward {name!r} returned {number} for {where}; rewards must be finite", kind="invalid")
+        if abs(number) > MAX_ABS_REWARD:
+            return _Outcome(
+                failure=f"reward {name!r} returned {number:g} for {where}; rewards beyond ±{MAX_ABS_REWARD:g} "
+                "overflow the group statistics (their squares leave float range)", kind="invalid",
+            )
         checked.append(number)
     components: dict[str, list[float | None]] = {}
     counters: dict[str, float] = {}

@@ -29,7 +29,7 @@ from rft.checkpoint import (
     save_checkpoint,
     save_policy,
 )
-from rft.config import ConfigError, RecipeConfig, dump_config
+from rft.config import ConfigError, RecipeConfig, dump_config, recipe_warnings
 from rft.data import Example, PromptSampler, load_splits
 from rft.evaluation import (
     EvalResult,
@@ -141,7 +141,9 @@ class Trainer:
         self.run_dir = config.run_dir
         # Rewards and data are checked before the model loads: bad input fails in seconds.
         self.scorer = RewardScorer(config.rewards, config.scoring)
-        load_splits(config.data, None, config.training.seed)
+        train, held_out = load_splits(config.data, None, config.training.seed)
+        self.scorer.check_columns({f"data.train ({config.data.train})": [e.row for e in train],
+                                   f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out]})
         # One process per machine converts or downloads the model; the others then read it from the cache.
         with self.accelerator.local_main_process_first():
             self.model, self.tokenizer = load_policy(config, self.accelerator.device)
@@ -155,6 +157,9 @@ class Trainer:
             self.reference.eval().requires_grad_(False)
             self.reference = self._logprob_model(self.reference)
         self.train_examples, self.eval_examples = load_splits(config.data, self.tokenizer, config.training.seed)
+        if self.accelerator.is_main_process:
+            for warning in recipe_warnings(config, len(self.train_examples)):
+                logger.warning(warning)
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
         self.engine = make_engine(config, self.model, self.tokenizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -236,6 +241,9 @@ class Trainer:
             if config.output.report:
                 tqdm.write(f"report: {write_report(self.run_dir)}")
         self.engine.close()
+        self.scorer.close()
+        if self.eval_metric_scorer is not None:
+            self.eval_metric_scorer.close()
         self.accelerator.end_training()
         return results
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rft.config import PRESETS, ConfigError, dump_config, load_config
+from rft.config import PRESETS, ConfigError, dump_config, load_config, recipe_warnings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,3 +71,48 @@ def test_inconsistent_options_rejected() -> None:
 def test_bad_override_syntax() -> None:
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(raw=minimal(), overrides=["algorithm.eps_high"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("rewards.5.weight=2", r"--set 'rewards.5.weight=2': position 5 is past the end of a list of 1 \(use 0 to 0\)"),
+    ("rewards.x.weight=2", r"'x' is not a position in a list of 1"),
+    ("rewards.3=x", r"position 3 is past the end"),
+    ("training.steps=[1", r"--set 'training.steps=\[1': the value is not valid YAML .*; quote it as a string"),
+])
+def test_bad_override_is_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_config(raw=minimal(), overrides=[override])
+    assert "\n" not in str(raised.value)
+
+
+def test_relative_paths_resolve_against_the_recipe_folder_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe_dir, working_dir = tmp_path / "recipes", tmp_path / "work"
+    for folder, rows in ((recipe_dir, 108), (working_dir, 4)):
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / "train.jsonl").write_text('{"prompt": "p"}\n' * rows)
+    (working_dir / "only_here.jsonl").write_text('{"prompt": "p"}\n')
+    (recipe_dir / "reward.py").write_text("def r(completions, **kw):\n    return [0.0] * len(completions)\n")
+    recipe = recipe_dir / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "data": {"train": "data/train.jsonl", "eval": "only_here.jsonl"},
+        "rewards": [{"fn": "reward.py:r", "kwargs": {"answer_column": "data"}}, {"fn": "rewards.maths:math_answer"}],
+    }))
+    monkeypatch.chdir(working_dir)
+    config = load_config(recipe)
+    # The recipe's data, not the working folder's file of the same name; recorded absolute.
+    assert config.data.train == str((recipe_dir / "data" / "train.jsonl").resolve())
+    assert config.data.eval == str((working_dir / "only_here.jsonl").resolve())  # found only here: the fallback
+    assert config.rewards[0].fn == f"{(recipe_dir / 'reward.py').resolve()}:r"
+    assert config.rewards[0].kwargs == {"answer_column": "data"}  # a column name, though a folder has that name
+    assert config.rewards[1].fn == "rewards.maths:math_answer"
+    dumped = yaml.safe_load(dump_config(config))
+    assert Path(dumped["data"]["train"]).is_absolute() and Path(dumped["data"]["eval"]).is_absolute()
+
+
+def test_recipe_warnings_name_what_cannot_learn() -> None:
+    config = load_config(raw=minimal(rollout={"group_size": 1}, training={"prompts_per_step": 500}))
+    warnings = recipe_warnings(config, train_rows=3)
+    assert len(warnings) == 2
+    assert "group_size is 1" in warnings[0] and "nothing is learned" in warnings[0]
+    assert "prompts_per_step (500) exceeds the 3 training prompts" in warnings[1] and "167 times" in warnings[1]
+    assert recipe_warnings(load_config(raw=minimal()), train_rows=100) == []

@@ -160,6 +160,7 @@ def test_a_lost_process_stops_the_other_with_an_error(
     timeout_s = 10
     recipe = tiny_recipe(stopping_model_dir, tmp_path / "run", training={"steps": 2, "prompts_per_step": 2, "threads": 1})
     recipe["rewards"] = [{"fn": f"{REWARDS}:second_process_fails"}]
+    recipe["scoring"] = {"isolation": "thread"}  # the process itself hangs or dies, not a reward worker
     recipe_path = _write_recipe(tmp_path / "recipe.yaml", recipe)
     port = _free_port()
     processes = []

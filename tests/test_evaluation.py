@@ -312,3 +312,20 @@ def test_rft_eval_rejects_a_folder_without_weights_before_loading_a_model(tmp_pa
         run(_eval_args(str(recipe), "--set", "eval.slices=[domain]"))
     with pytest.raises(ConfigError, match=r"eval\.exact_match: field 'solution' missing on 8 held-out row\(s\), e\.g\. .*addition_heldout\.jsonl:1"):
         run(_eval_args(str(recipe), "--set", "eval.exact_match=solution"))
+
+
+def test_one_noise_rule_one_text() -> None:
+    """`rft train`'s last line, `rft eval --compare-with-base` and the report word the rule's outcome alike."""
+    from rft.evaluation import format_comparison, overall_change, verdict
+    from rft.report import _verdict
+
+    def summary(mean: float, stderr: float) -> dict:
+        return {"stats": {"reward": {"mean": mean, "stderr": stderr, "count": 8}}}
+
+    flat = overall_change(summary(0.0, 0.0), summary(0.0, 0.0), 2.0)
+    assert flat == "0.000 ± 0.000 -> 0.000 ± 0.000 (n=8; change +0.000, within noise (+0.0 s.e. ≤ 2))"
+    assert "better (+inf s.e. > 2)" in overall_change(summary(0.0, 0.0), summary(1.0, 0.0), 2.0)
+    assert "worse (-2.5 s.e. > 2)" in overall_change(summary(0.5, 0.04), summary(0.4, 0.0), 2.0)
+    row = compare(summary(0.5, 0.1), summary(0.6, 0.1), 2.0)[0]
+    assert verdict(row, 2.0) == "within noise (+0.7 s.e. ≤ 2)" == _verdict(row, 2.0)[1]
+    assert format_comparison([row], 2.0).endswith("within noise (+0.7 s.e. ≤ 2)")

@@ -88,6 +88,32 @@ def test_reward_hacking_signals() -> None:
     assert "length_drift" not in names(feed(make(), range(1, 9), **{"completion/length/mean": 99.0}))
 
 
+def test_a_run_that_cannot_learn_is_reported_within_the_first_steps() -> None:
+    # Every completion cut at the limit, every group's rewards equal (all 0): nothing to learn from.
+    stuck = {"completion/truncated_share": 1.0, "groups/zero_variance_share": 1.0, "reward/correct/none_share": 0.0}
+    monitors = make()
+    assert monitors.observe_step(1, step_metrics(1, 0.0, **stuck)) == []  # one step may be bad luck
+    alerts = monitors.observe_step(2, step_metrics(2, 0.0, **stuck))
+    assert sorted(names(alerts)) == ["no_learning_signal", "truncation_saturated"]
+    by_name = {a.monitor: a for a in alerts}
+    assert "raise rollout.max_new_tokens" in by_name["truncation_saturated"].message
+    assert "100-token limit" in by_name["truncation_saturated"].message
+    assert "all advantages are 0" in by_name["no_learning_signal"].message
+    assert monitors.observe_step(3, step_metrics(3, 0.0, **stuck)) == []  # fired once, not every step
+    # A healthy step in between resets the count.
+    healthy = make()
+    feed(healthy, range(1, 2), **stuck)
+    feed(healthy, range(2, 3), **{"completion/truncated_share": 0.3, "groups/zero_variance_share": 0.5})
+    assert feed(healthy, range(3, 4), **stuck) == []
+
+
+def test_a_reward_that_only_returns_none_is_reported_once() -> None:
+    monitors = make()
+    alerts = feed(monitors, range(1, 3), **{"reward/style_judge/none_share": 1.0, "reward/correct/none_share": 0.25})
+    assert names(alerts) == ["reward_not_applicable"] and alerts[0].step == 1
+    assert alerts[0].details == {"reward": "style_judge"}
+
+
 def test_one_component_rising_while_another_falls_is_flagged_and_judges_are_named() -> None:
     monitors = make()
     alerts = feed(monitors, range(1, 5), reward=0.8)
@@ -151,7 +177,8 @@ def test_disabled_monitors_stay_silent() -> None:
 
 def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    """A random tiny model never answers an addition: its reward stays at 0, a plateau by definition."""
+    """A random tiny model never answers an addition (a plateau by definition) and never stops within its
+    6 tokens: every completion is truncated, said from step 2."""
     from rft.config import load_config
     from rft.trainer import Trainer
     from tests.conftest import tiny_recipe
@@ -161,5 +188,28 @@ def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir:
                          output={"report": False})
     Trainer(load_config(raw=recipe)).train()
     alerts = [json.loads(line) for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()]
-    assert [(a["monitor"], a["step"]) for a in alerts] == [("plateau", 4)]
+    assert [(a["monitor"], a["step"]) for a in alerts] == [("truncation_saturated", 2), ("plateau", 4)]
     assert "monitor [plateau] step 4" in capsys.readouterr().out
+
+
+def test_a_run_that_cannot_learn_says_so_at_start(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """group_size 1 (every advantage 0) and more prompts a step than the data holds: one warning each."""
+    from rft.config import load_config
+    from rft.trainer import Trainer
+    from tests.conftest import tiny_recipe
+
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    train = tmp_path / "two.jsonl"
+    train.write_text('{"prompt": "What is 1 + 1?", "answer": 2}\n{"prompt": "What is 2 + 2?", "answer": 4}\n')
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 2, "prompts_per_step": 6},
+                         rollout={"group_size": 1}, output={"report": False}, algorithm={"preset": "grpo"},
+                         eval={"before_training": False, "after_training": False})
+    recipe["data"] = {"train": str(train)}
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(raw=recipe)).train()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("rft")]
+    assert sum("group_size is 1" in w for w in warnings) == 1
+    assert sum("prompts_per_step (6) exceeds the 2 training prompts" in w for w in warnings) == 1
+    alerts = [json.loads(line)["monitor"] for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()]
+    assert "no_learning_signal" in alerts  # a group of one has no variance, at every step

@@ -10,7 +10,7 @@ import pytest
 
 from rewards.base import RewardValues, completion_text, reference_value
 from rewards.grounding import citations, cited_sources
-from rewards.maths import gsm8k_final, gsm8k_format, math_answer
+from rewards.maths import final_answer, gsm8k_final, gsm8k_format, math_answer
 from rewards.structured import JsonSchemaReward, extract_json, json_valid
 from rewards.text import count_units, exact_match, length_band, numeric_match, regex_format
 
@@ -40,6 +40,28 @@ def test_math_answer_gsm8k_forms_and_bedrock_reference_objects():
     )
     assert scores == [1.0, None]
     assert gsm8k_final("a\n#### 1,234") == "1234"
+
+
+def test_math_answer_scores_only_a_marked_final_answer():
+    # Cut at the token limit while still working: the reference's number is mentioned on the way.
+    unfinished = ["Natalia sold 48 clips in April and 48 / 2 = 24 in May, so in total she sold 48 + 24",
+                  "First, 72 is what we"]
+    assert math_answer(unfinished, reference_answer=["72", "72"]) == [0.0, 0.0]
+    assert math_answer(unfinished, reference_answer=["72", "72"], require_marker=False) == [1.0, 1.0]
+    finished = ["48 + 24 = 72, so the answer is 72.", "Final answer: 72", "We get \\boxed{72}", "#### 72",
+                "The answer is 24, no: \\boxed{72}", "\\boxed{24} was wrong. The final answer is 72."]
+    assert math_answer(finished, reference_answer=["72"] * 6) == [1.0] * 6
+    # The last marker decides: a corrected answer counts, a later wrong one does not.
+    assert math_answer(["\\boxed{72} no wait, the answer is 70"], reference_answer=["72"]) == [0.0]
+
+
+def test_final_answer_markers():
+    assert final_answer("so \\boxed{\\frac{1}{2}} it is") == "\\frac{1}{2}"
+    assert final_answer("a\n#### 1,234") == "1234"
+    assert final_answer("The answer is 3.5.") == "3.5"
+    assert final_answer("The answer is 12. Next question") == "12"
+    assert final_answer("48 + 24 = 72") is None
+    assert final_answer("\\boxed{unclosed") is None
 
 
 def test_math_answer_runs_in_worker_threads():

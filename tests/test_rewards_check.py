@@ -131,3 +131,62 @@ def test_file_mode_reports_bad_lines_by_number(tmp_path):
     assert f"{completions}:4: field expect.nonexistent: no such reward" in message
     with pytest.raises(ConfigError, match="--reward-range"):
         run(parse([str(write_recipe(tmp_path)), "--completions", str(completions), "--reward-range", "1", "0"]))
+
+
+def column_recipe(tmp_path: Path, model: str, **sections) -> Path:
+    from tests.conftest import ADDITION_TRAIN, ARITHMETIC_REWARD
+
+    recipe = {
+        "model": {"name_or_path": model},
+        "data": {"train": str(ADDITION_TRAIN), "eval_size": 4},
+        "rewards": [{"fn": ARITHMETIC_REWARD}, {"fn": "rewards.maths:math_answer"}],
+        **sections,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_missing_column_is_found_before_any_model_loads(tmp_path):
+    """math_answer reads `reference_answer` by default; the addition rows have `answer`. The model path does
+    not exist: reaching it would be a different error, so the column check must come first."""
+    from rft.config import load_config
+    from rft.scoring import RewardError
+    from rft.trainer import Trainer
+
+    recipe = column_recipe(tmp_path, str(tmp_path / "no-such-model"))
+    with pytest.raises(RewardError, match=r"reward math_answer: answer_column 'reference_answer' is in no row of "
+                                          r"data.train .*its rows have: answer, phrasing, prompt"):
+        run(parse([str(recipe)]))
+    with pytest.raises(RewardError, match="answer_column 'reference_answer' is in no row"):
+        Trainer(load_config(recipe))
+    fixed = load_config(recipe, ["rewards.1.kwargs={answer_column: answer}"])
+    RewardScorer(fixed.rewards).check_columns({"rows": [{"answer": 1}]})  # a kwarg that names a real column passes
+
+
+def test_sampled_check_shows_samples_truncation_and_the_likely_cause(tmp_path, tiny_model_dir, capsys):
+    """A random tiny model never stops within 4 tokens: every completion is truncated, nothing scores."""
+    recipe = column_recipe(tmp_path, str(tiny_model_dir), rollout={"engine": "transformers", "max_new_tokens": 4})
+    report_path = tmp_path / "report.json"
+    assert run(parse([str(recipe), "--set", "rewards.1.kwargs={answer_column: answer}", "--prompts", "2",
+                      "--group-size", "3", "--json", str(report_path)])) == 0
+    printed = capsys.readouterr().out
+    assert "Truncated at max_new_tokens: 100% of completions" in printed
+    assert "Likely cause: truncation, 100% of completions were cut" in printed
+    assert "Samples (each reward's highest- and lowest-scored completions):" in printed
+    report = json.loads(report_path.read_text())
+    assert report["completions"] == 6 and report["truncated_share"] == 1.0
+    assert report["samples"] and all(s["truncated"] for s in report["samples"])
+    assert set(report["samples"][0]["scores"]) == {"final_number_correct", "math_answer", "total"}
+
+
+def test_likely_cause_of_an_unreachable_reward():
+    def warning(per_function: dict, truncated_share: float | None) -> str:
+        report = summarize([[0.0, 0.0], [0.0, 0.0]], per_function, (0.0, 1.0), truncated_share=truncated_share)
+        return next(w for w in report.warnings if w.startswith("No completion scored"))
+
+    zeros = {"correct": [[0.0, 0.0], [0.0, 0.0]]}
+    assert "Likely cause: truncation, 75% of completions" in warning(zeros, 0.75)
+    absent = {"correct": [[0.0, 0.0], [0.0, 0.0]], "cited": [[None, None], [None, None]]}
+    assert "Likely cause: a column, cited returned None" in warning(absent, 0.1)
+    assert "Likely cause: the format" in warning(zeros, 0.0)

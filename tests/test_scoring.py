@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import os
 import time
 from pathlib import Path
 
@@ -27,9 +29,22 @@ def contains_reward(completions, word="yes", **kwargs):
     return [1.0 if word in c else None for c in completions]
 
 
-def slow_reward(completions, delay=0.4, **kwargs):
-    time.sleep(delay)
-    return [1.0] * len(completions)
+def stamped_reward(completions, **kwargs):
+    start = time.time()
+    time.sleep(0.4)
+    return RewardValues([1.0] * len(completions), components={"start": [start], "end": [time.time()]})
+
+
+def spinning_reward(completions, pid_file, **kwargs):
+    """CPU-bound and endless: the kind of call a thread cannot be made to stop."""
+    Path(pid_file[0]).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+def hungry_reward(completions, **kwargs):
+    hoard = bytearray(8 * 2**30)  # 8 GB: past the worker's cap
+    return [float(len(hoard))] * len(completions)
 
 
 def hanging_reward(completions, **kwargs):
@@ -45,6 +60,10 @@ def failing_on_bad(completions, **kwargs):
 
 def nan_reward(completions, **kwargs):
     return [math.nan if "nan" in c else 1.0 for c in completions]
+
+
+def huge_reward(completions, **kwargs):
+    return [(1e300 if c == "huge" else -1e300) if "huge" in c else 1.0 for c in completions]
 
 
 def text_reward(completions, **kwargs):
@@ -88,6 +107,20 @@ class CountingReward:
         return [self.bonus] * len(completions)
 
 
+class CallNumber:
+    """Scores every completion with the number of calls its instance has served."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completions, **kwargs):
+        self.calls += 1
+        return [float(self.calls)] * len(completions)
+
+
+THREADS = ScoringConfig(isolation="thread")
+
+
 def spec(name: str) -> str:
     return f"{HERE}:{name}"
 
@@ -127,7 +160,8 @@ def test_kwargs_are_bound_and_checked_at_load():
 
 
 def test_class_reward_is_built_once_with_kwargs():
-    scorer = RewardScorer([RewardConfig(fn=spec("CountingReward"), kwargs={"bonus": 0.25})])
+    # In the trainer's threads the recipe's instance is the one called; worker processes: the next test.
+    scorer = RewardScorer([RewardConfig(fn=spec("CountingReward"), kwargs={"bonus": 0.25})], THREADS)
     scorer.score(*batch(["a", "b", "c", "d"], group_size=2), group_size=2)
     scorer.score(*batch(["a", "b"]))
     instance = scorer.rewards[0].function
@@ -135,17 +169,27 @@ def test_class_reward_is_built_once_with_kwargs():
     assert scorer.names == ["CountingReward"]
 
 
+def test_a_worker_process_keeps_its_reward_instance_between_calls():
+    scorer = RewardScorer([RewardConfig(fn=spec("CallNumber"))], ScoringConfig(concurrency=1))
+    values = [scorer.score(*batch(["a", "b"]), group_size=1).total for _ in range(3)]
+    assert values == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]  # one worker, one instance, built once
+    scorer.close()
+
+
 def test_calls_run_concurrently():
-    configs = [RewardConfig(fn=spec("slow_reward"), name=f"slow{i}") for i in range(4)]
-    scorer = RewardScorer(configs, ScoringConfig(concurrency=4))
-    started = time.perf_counter()
-    scorer.score(*batch(["a"]))
-    parallel = time.perf_counter() - started
-    assert parallel < 1.2, parallel  # four 0.4 s calls in sequence would take 1.6 s
-    sequential = RewardScorer(configs, ScoringConfig(concurrency=1))
-    started = time.perf_counter()
-    sequential.score(*batch(["a"]))
-    assert time.perf_counter() - started >= 1.6
+    """Overlap of the calls' own start / end times, not wall-clock bounds: true on a loaded machine too."""
+    def intervals(concurrency: int) -> list[tuple[float, float]]:
+        configs = [RewardConfig(fn=spec("stamped_reward"), name=f"slow{i}") for i in range(4)]
+        scorer = RewardScorer(configs, ScoringConfig(concurrency=concurrency))
+        scorer.score(*batch(["a"]))  # starts the workers, which is not what is measured
+        output = scorer.score(*batch(["a"]))
+        scorer.close()
+        return sorted((output.components[f"slow{i}/start"][0], output.components[f"slow{i}/end"][0]) for i in range(4))
+
+    together = intervals(4)
+    assert max(start for start, _ in together) < min(end for _, end in together)  # all four ran at once
+    one_by_one = intervals(1)
+    assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(one_by_one))
 
 
 def test_one_call_per_group_with_components_and_counters():
@@ -181,6 +225,33 @@ def test_timeout_counts_and_zero_policy():
     assert scorer.failure_totals["hanging_reward"] == 2
 
 
+def test_a_timed_out_call_really_stops(tmp_path):
+    """Its worker is killed at the limit: nothing keeps spinning and slowing the steps after it."""
+    pid_file = tmp_path / "pid"
+    scorer = RewardScorer([RewardConfig(fn=spec("spinning_reward"), timeout_s=0.5)], ScoringConfig(on_error="zero"))
+    prompts, completions, ids, rows = batch(["a", "b"])
+    rows = [{**row, "pid_file": str(pid_file)} for row in rows]
+    for _ in range(3):
+        started = time.monotonic()
+        output = scorer.score(prompts, completions, ids, rows)
+        assert output.metrics["reward/spinning_reward/timeouts"] == 1.0 and output.total == [0.0, 0.0]
+        assert time.monotonic() - started < 30  # the limit plus starting a worker, even on a loaded machine
+        worker = int(pid_file.read_text())
+        assert worker != os.getpid()
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker, 0)  # gone, not abandoned
+    scorer.close()
+
+
+def test_a_reward_past_its_memory_cap_fails_alone():
+    scorer = RewardScorer([RewardConfig(fn=spec("hungry_reward")), RewardConfig(fn=spec("length_reward"))],
+                          ScoringConfig(on_error="zero", memory_mb=512))
+    output = scorer.score(*batch(["ab"]))
+    assert output.per_function == {"hungry_reward": [0.0], "length_reward": [2.0]}
+    assert output.metrics["reward/hungry_reward/errors"] == 1.0 and "MemoryError" in output.errors[0]
+    scorer.close()
+
+
 def test_stop_policy_raises_with_the_function_name():
     scorer = RewardScorer([RewardConfig(fn=spec("hanging_reward"), timeout_s=0.2)], ScoringConfig(on_error="stop"))
     with pytest.raises(RewardError, match=r"'hanging_reward' timed out .*on_error: stop"):
@@ -211,6 +282,16 @@ def test_nan_and_non_numbers_are_failures_naming_the_row():
     assert output.per_function["text_reward"] == [0.0]
     assert output.metrics["reward/text_reward/invalids"] == 1.0
     assert "'high' (not a number)" in output.errors[0]
+
+
+def test_an_overflowing_reward_is_a_failure_not_a_traceback():
+    scorer = RewardScorer([RewardConfig(fn=spec("huge_reward"))], ScoringConfig(on_error="zero"))
+    output = scorer.score(*batch(["huge", "small"], group_size=1), group_size=1)
+    assert output.per_function["huge_reward"] == [0.0, 1.0]
+    assert output.metrics["reward/huge_reward/invalids"] == 1.0
+    assert "returned 1e+300 for completion 0 (row id='row-0'); rewards beyond ±1e+12 overflow" in output.errors[0]
+    with pytest.raises(RewardError, match="returned -1e\\+300"):
+        RewardScorer([RewardConfig(fn=spec("huge_reward"))]).score(*batch(["-huge"]))
 
 
 def test_wrong_length_and_contract_errors_stop_under_any_policy():

@@ -145,7 +145,9 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir: Path, tmp_path: 
     for name in ("straight", "killed"):
         recipe = tiny_recipe(tiny_model_dir, tmp_path / name, training={"steps": 4}, output={"save_every": 2})
         recipe["rewards"] = [{"fn": f"{reward_file}:reward"}]
-        recipe["scoring"] = {"concurrency": 1}  # one call per group, in order: call 5 is step 3's first
+        # One call per group, in order: call 5 is step 3's first. In the trainer's own threads, so that the
+        # reward's SIGKILL hits the trainer (a worker process would shield it).
+        recipe["scoring"] = {"concurrency": 1, "isolation": "thread"}
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(recipe))
 
