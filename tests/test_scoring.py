@@ -215,7 +215,9 @@ def test_timeout_counts_and_zero_policy():
     )
     started = time.perf_counter()
     output = scorer.score(*batch(["ab", "abc"]))
-    assert time.perf_counter() - started < 2.0  # the hung call was abandoned, not waited for
+    # The 30 s call was stopped, not waited for; the bound leaves room for starting the workers (not part of
+    # a call's limit), which takes seconds on a loaded machine.
+    assert time.perf_counter() - started < 15.0
     assert output.per_function["hanging_reward"] == [0.0, 0.0]
     assert output.total == [2.0, 3.0]
     assert output.metrics["reward/hanging_reward/timeouts"] == 1.0
