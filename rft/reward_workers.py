@@ -48,7 +48,7 @@ class WorkerStartError(Exception):
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # The fork server imports only this module (and what it imports): not the trainer's __main__.
-    context.set_forkserver_preload(["rft.reward_workers"])
+    context.set_forkserver_preload(["rft.reward_workers", "rft.reward_loading"])
     return context
 
 
@@ -71,7 +71,7 @@ def _serve(connection: Connection, spec: str, kwargs: dict[str, Any], memory_mb:
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from rft.scoring import build_reward
+    from rft.reward_loading import build_reward
 
     try:
         _, function = build_reward(spec, kwargs)
@@ -157,17 +157,22 @@ class WorkerPool:
         if worker is None:
             worker = _Worker(self._context, self.spec, self.kwargs, self.memory_mb)
         try:
-            value = worker.call(request, timeout_s)
+            return worker.call(request, timeout_s)
         except (WorkerTimeout, WorkerCrashed):
             worker.kill()
             raise
+        finally:
+            # Also when the reward raised: its worker is fine and serves the next call.
+            if worker.process.is_alive():
+                self._release(worker)
+
+    def _release(self, worker: _Worker) -> None:
         with self._lock:
-            if len(self._idle) < self.size:
+            keep = len(self._idle) < self.size
+            if keep:
                 self._idle.append(worker)
-                worker = None
-        if worker is not None:
+        if not keep:
             worker.kill()
-        return value
 
     def close(self) -> None:
         with self._lock:

@@ -29,113 +29,25 @@ whatever the policy, because every later batch would fail the same way.
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import math
 import queue
-import re
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rewards.base import RewardContractError, RewardValues
 from rft.config import RewardConfig, ScoringConfig
 from rft.metrics import Accumulator, Metric, Reduction, merged
+from rft.reward_loading import RewardError, RewardFunction, build_reward, declared_columns
 from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, WorkerTimeout
 
-RewardFunction = Callable[..., Any]
-
-# Columns the scorer passes itself; a row field of the same name would shadow them.
 # Larger magnitudes overflow squares in float64 (the std of a group) and swamp every other reward.
 MAX_ABS_REWARD = 1e12
+# Columns the scorer passes itself; a row field of the same name would shadow them.
 _RESERVED_COLUMNS = ("prompt", "prompts", "completions", "completion_ids")
-
-
-class RewardError(RuntimeError):
-    """A reward function failed in a way the run cannot continue from."""
-
-
-def load_function(spec: str) -> Callable[..., Any]:
-    """Import `path/to/file.py:function` or `package.module:function` (a function or a class)."""
-    if ":" not in spec:
-        raise RewardError(f"reward {spec!r}: expected 'file.py:function' or 'package.module:function'")
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise RewardError(f"reward {spec!r}: file {target} not found")
-        # One module per file path and content: two rewards from one file share its state, as an
-        # import would, and a file rewritten in the same process is loaded afresh.
-        digest = hashlib.sha256(f"{path.resolve()}\0".encode() + path.read_bytes()).hexdigest()[:16]
-        stem = re.sub(r"\W", "_", path.stem)
-        module_name = f"rft_reward_{stem}_{digest}"
-        module = sys.modules.get(module_name)
-        if module is None:
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[module_name]
-                raise RewardError(f"reward {spec!r}: importing {target} raised {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise RewardError(f"reward {spec!r}: cannot import {target}: {exc}") from exc
-    if not hasattr(module, name):
-        raise RewardError(f"reward {spec!r}: {target} has no function {name!r}")
-    return getattr(module, name)
-
-
-def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, RewardFunction]:
-    """Load a reward and bind its kwargs: (default name, callable)."""
-    target = load_function(spec)
-    kwargs = kwargs or {}
-    if inspect.isclass(target):
-        try:
-            instance = target(**kwargs)
-        except (TypeError, ValueError, KeyError, OSError) as exc:
-            raise RewardError(f"reward {spec!r}: {exc}") from exc
-        return getattr(instance, "__name__", target.__name__), instance
-    if not callable(target):
-        raise RewardError(f"reward {spec!r}: {type(target).__name__} is not callable")
-    name = getattr(target, "__name__", spec.rsplit(":", 1)[1])
-    if kwargs:
-        # Named parameters only: a reward's **kwargs also catches the dataset columns, so a misspelt
-        # recipe kwarg would otherwise vanish into it without a word.
-        parameters = inspect.signature(target).parameters
-        named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
-        unknown = sorted(set(kwargs) - set(named))
-        if unknown:
-            raise RewardError(f"reward {spec!r}: unknown kwargs {unknown}; {name} takes {named}")
-        target = functools.partial(target, **kwargs)
-    return name, target
-
-
-def declared_columns(spec: str, kwargs: dict[str, Any]) -> dict[str, str]:
-    """The dataset columns a reward says it reads: its `*_column` parameters, recipe kwargs over defaults.
-
-    The library's rewards name their inputs this way (`answer_column`, `tests_column`, ...), so a
-    missing column is found from the recipe and the rows alone, before any model loads.
-    """
-    target = load_function(spec)
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: nothing declared
-        parameters = {}
-    columns = {name: p.default for name, p in parameters.items() if name.endswith("_column")}
-    columns.update({name: value for name, value in kwargs.items() if name.endswith("_column")})
-    return {name: value for name, value in columns.items() if isinstance(value, str)}
 
 
 @dataclass

@@ -42,11 +42,6 @@ def spinning_reward(completions, pid_file, **kwargs):
         pass
 
 
-def hungry_reward(completions, **kwargs):
-    hoard = bytearray(8 * 2**30)  # 8 GB: past the worker's cap
-    return [float(len(hoard))] * len(completions)
-
-
 def hanging_reward(completions, **kwargs):
     time.sleep(30)
     return [1.0] * len(completions)
@@ -245,8 +240,22 @@ def test_a_timed_out_call_really_stops(tmp_path):
     scorer.close()
 
 
-def test_a_reward_past_its_memory_cap_fails_alone():
-    scorer = RewardScorer([RewardConfig(fn=spec("hungry_reward")), RewardConfig(fn=spec("length_reward"))],
+HUNGRY_REWARD = """
+def hungry_reward(completions, **kwargs):
+    hoard = bytearray(8 * 2**30)  # 8 GB: past the worker's cap
+    return [float(len(hoard))] * len(completions)
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+"""
+
+
+def test_a_reward_past_its_memory_cap_fails_alone(tmp_path):
+    # In a file of their own: this test module imports torch, which needs more address space than the cap.
+    (tmp_path / "hungry.py").write_text(HUNGRY_REWARD)
+    rewards = tmp_path / "hungry.py"
+    scorer = RewardScorer([RewardConfig(fn=f"{rewards}:hungry_reward"), RewardConfig(fn=f"{rewards}:length_reward")],
                           ScoringConfig(on_error="zero", memory_mb=512))
     output = scorer.score(*batch(["ab"]))
     assert output.per_function == {"hungry_reward": [0.0], "length_reward": [2.0]}
