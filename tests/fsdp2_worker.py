@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM
 from rft.distributed import fsdp2_full_weights
 from rft.models import LogProbModel
 
+GRADIENT_RTOL = 1e-4
+
 
 def main(model_dir: str) -> None:
     dist.init_process_group("gloo")
@@ -50,7 +52,11 @@ def main(model_dir: str) -> None:
     sharded_logp.sum().backward()
     for (name, expected), (_, parameter) in zip(whole.named_parameters(), sharded.named_parameters(), strict=True):
         gradient = parameter.grad.full_tensor() if isinstance(parameter.grad, DTensor) else parameter.grad
-        torch.testing.assert_close(gradient, expected.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        # By norm, relative to the tensor's own: element by element, summation order (per-process
+        # partial sums, other kernels on other CPUs) leaves no relative precision where terms cancel.
+        # Measured up to 1.8e-6 (AMD EPYC, 1 and 2 threads); a gradient missing a process's share is off by ~1.
+        difference = ((gradient - expected.grad).norm() / expected.grad.norm()).item()
+        assert difference < GRADIENT_RTOL, f"{name}: gradient differs by {difference:.3g} (relative)"
 
     prompt = input_ids[:1]
     with fsdp2_full_weights(sharded, reshard_after_forward=True), torch.no_grad():

@@ -22,7 +22,9 @@ def test_sampled_logprobs_equal_transition_scores(tiny_model_dir: Path) -> None:
     expected = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
     actual = sampled_logprobs(output.scores, output.sequences[:, prompt.shape[1] :])
     assert actual.shape == expected.shape == (2, 12)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    # The same log-softmax over other tensor shapes: kernels may round it differently (measured: up to
+    # 2.4e-7, an ulp or two at these magnitudes), so about 2 ulps at any magnitude.
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_engine_logprobs_are_those_of_the_sampled_tokens(tiny_model_dir: Path) -> None:

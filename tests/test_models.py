@@ -52,6 +52,12 @@ def test_chunked_gradient_equals_unchunked(tiny_model_dir: Path) -> None:
         model.zero_grad()
         logp, _ = completion_logprobs(model, input_ids, attention_mask, starts, lengths, temperature=1.0, chunk_size=chunk_size)
         logp.sum().backward()
-        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    # Only float32 summation order differs (embedding gradients are sums over chunks).
-    assert torch.allclose(gradients[0], gradients[1], rtol=1e-5, atol=2e-5)
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    # Only float32 summation order differs (embedding gradients are sums over chunks). Compared per
+    # tensor by norm: element by element, an entry whose terms cancel has no relative precision, and
+    # an absolute tolerance would depend on the gradients' scale. Measured up to 9e-6 (AMD EPYC, 1 and
+    # 2 threads); a chunk that loses or repeats a token moves a tensor by a few percent or more.
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, expected in gradients[1].items():
+        difference = ((gradients[0][name] - expected).norm() / expected.norm()).item()
+        assert difference < 1e-4, f"{name}: {difference:.3g}"
