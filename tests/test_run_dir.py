@@ -18,9 +18,8 @@ import yaml
 from safetensors.torch import load_file
 
 import rft.trainer
-from rft.config import load_config
+from rft.config import ConfigError, load_config
 from rft.manifest import read_manifest
-from rft.run_dir import RunDirError
 from rft.trainer import Trainer
 from tests.conftest import REPO, tiny_recipe
 from tests.test_trainer import TIMING_KEYS
@@ -61,7 +60,7 @@ def test_a_new_run_into_a_used_folder_is_refused_and_the_old_run_kept(
 
     with monkeypatch.context() as patch:
         _no_model(patch)
-        with pytest.raises(RunDirError) as refused:
+        with pytest.raises(ConfigError) as refused:
             Trainer(load_config(raw=other_seed))
     message = str(refused.value)
     assert "\n" not in message and str(folder) in message
@@ -90,7 +89,7 @@ def test_resume_loads_only_its_own_runs_checkpoints(
     longer = tiny_recipe(tiny_model_dir, mine, training={"seed": 5, "steps": 4}, output={"save_every": 2, "keep_checkpoints": 1})
     with monkeypatch.context() as patch:
         _no_model(patch)
-        with pytest.raises(RunDirError, match=r"a checkpoint of run .*, not of the run in"):
+        with pytest.raises(ConfigError, match=r"a checkpoint of run .*, not of the run in"):
             Trainer(load_config(raw=longer), resume=str(mine / "checkpoints" / "step-000006"))
     with caplog.at_level("INFO"):
         _train(longer, resume=True)
@@ -112,7 +111,7 @@ def test_resume_from_a_path_that_is_no_checkpoint_fails_in_one_line_before_loadi
     _no_model(monkeypatch)
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run")
     for path in (tmp_path / "no-such-folder", REPO / "tests"):
-        with pytest.raises(RunDirError, match="not a checkpoint"):
+        with pytest.raises(ConfigError, match="not a checkpoint"):
             Trainer(load_config(raw=recipe), resume=str(path))
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
@@ -140,7 +139,7 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
     meaning["rollout"]["group_size"] = 8
     with monkeypatch.context() as patch:
         _no_model(patch)
-        with pytest.raises(RunDirError) as refused:
+        with pytest.raises(ConfigError) as refused:
             Trainer(load_config(raw=meaning), resume=True)
     message = str(refused.value)
     assert "\n" not in message and "--allow-recipe-change" in message
@@ -148,9 +147,12 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
         assert change in message
     assert "training.steps" not in message  # extending a run changes nothing it computed
 
-    # Allowed without force, and recorded.
+    # Allowed without force, and recorded (the copied folder's new place too).
     _train(recipe(same), resume=True)
-    assert read_manifest(same)["recipe_changes"] == [{"step": 2, "field": "training.steps", "old": 2, "new": 4}]
+    assert read_manifest(same)["recipe_changes"] == [
+        {"step": 2, "field": "output.run_dir", "old": str(first), "new": str(same)},
+        {"step": 2, "field": "training.steps", "old": 2, "new": 4},
+    ]
 
     forced = Trainer(load_config(raw=recipe(changed, learning_rate=0.05)), resume=True, allow_recipe_change=True)
     assert [group["lr"] for group in forced.optimizer.param_groups] == [0.05]
@@ -159,6 +161,7 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
     assert [row["learning_rate"] for row in _rows(changed)] == [0.01, 0.01, 0.05, 0.05]
     manifest = read_manifest(changed)
     assert manifest["recipe_changes"] == [
+        {"step": 2, "field": "output.run_dir", "old": str(first), "new": str(changed)},
         {"step": 2, "field": "training.learning_rate", "old": 0.01, "new": 0.05},
         {"step": 2, "field": "training.steps", "old": 2, "new": 4},
     ]
@@ -189,7 +192,7 @@ def test_resume_drops_a_torn_last_line_and_refuses_a_broken_one_elsewhere(
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     (folder / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:20], lines[2]]) + "\n")
     _no_model(monkeypatch)
-    with pytest.raises(RunDirError, match=r"metrics.jsonl:2: not a JSON line"):
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:2: not a JSON line"):
         Trainer(load_config(raw=longer), resume=True)
 
 
@@ -305,3 +308,45 @@ def test_a_signal_saves_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(
 
     assert comparable(run_dir) == comparable(uninterrupted)
     assert _same_adapter(run_dir / "final", uninterrupted / "final")
+
+
+RANK_SIGNALLING_REWARD = """
+import os, signal
+from pathlib import Path
+
+def reward(completions, **_):
+    counter = Path(os.environ["RFT_TEST_COUNTER"] + "-" + os.environ["RANK"])
+    calls = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(calls))
+    if os.environ["RANK"] == "1" and calls == int(os.environ.get("RFT_TEST_SIGNAL_AT", "0")):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [float(len(c[0]["content"]) % 3) for c in completions]
+"""
+
+
+def test_a_sigterm_on_one_of_two_processes_stops_both_after_the_same_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reward_file = tmp_path / "rank_reward.py"
+    reward_file.write_text(RANK_SIGNALLING_REWARD)
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 3})
+    recipe["rewards"] = [{"fn": f"{reward_file}:reward"}]
+    recipe["scoring"] = {"concurrency": 1}  # each process scores one group a step: call 2 is step 2's
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rft", "train", str(recipe_file)]
+
+    def torchrun(counter: str, signal_at: int, *extra: str) -> subprocess.CompletedProcess:
+        environment = _environment(RFT_TEST_COUNTER=str(tmp_path / counter), RFT_TEST_SIGNAL_AT=str(signal_at),
+                                   TOKENIZERS_PARALLELISM="false")
+        return subprocess.run(command + list(extra), env=environment, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    stopped = torchrun("c1", 2)
+    output = stopped.stdout + stopped.stderr
+    # Process 0 got no signal: it stops because process 1 did, after the same step, and says so too.
+    assert output.count("rft train: SIGTERM: stopped after step 2 of 3") == 2, output[-4000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (tmp_path / "run" / "final").exists()
+    resumed = torchrun("c2", 0, "--resume")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert [row["step"] for row in _rows(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "final" / ADAPTER).exists()
