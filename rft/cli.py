@@ -26,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.recipe, args.overrides)
     # Outside the training steps (which stop after the current one) SIGTERM stops at once, in one line.
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
         trainer = Trainer(
             config, resume=args.resume if args.resume != "latest" else True,
@@ -40,6 +40,8 @@ def _train(args: argparse.Namespace) -> int:
         print("rft train: SIGINT outside the training steps: stopped at once; --resume continues from the last "
               "checkpoint", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
     if "before" in results and "after" in results:
         before, after = results["before"], results["after"]
