@@ -1,11 +1,14 @@
 """Save and resume everything a run needs: weights (adapter or model), optimizer, scheduler, RNG, data position.
 
 A checkpoint is written to a temporary folder and renamed into place, so a run killed while saving
-leaves the previous checkpoint intact and never a half one.
+leaves the previous checkpoint intact and never a half one. Its `checkpoint.json` says whose it is
+and what it computed: the run id, the step, the resolved recipe and the recipe changes made so far
+(`rft.run_dir` compares them on resume); it is small so that a resume can check it before loading.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_PREFIX = "step-"
+INFO_NAME = "checkpoint.json"
 
 
 @dataclass
@@ -55,9 +59,14 @@ def save_policy(
     tokenizer.save_pretrained(directory)
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
 def save_checkpoint(
     run_dir: Path,
     state: TrainerState,
+    info: dict[str, Any],
     model: torch.nn.Module,
     tokenizer: Any,
     optimizer: torch.optim.Optimizer,
@@ -66,13 +75,17 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint; `state_dict` / `optimizer_state` stand in for sharded live ones (see `save_policy`)."""
-    root = run_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{state.step:06d}"
-    partial = root / f".{final.name}.partial"
+    """Write a checkpoint; `state_dict` / `optimizer_state` stand in for sharded live ones (see `save_policy`).
+
+    `info` (run id, recipe, recipe changes) goes to `checkpoint.json` with the step. Of this run's own
+    checkpoints the newest `keep` by step stay; other runs' are not this run's to delete.
+    """
+    final = checkpoint_path(run_dir, state.step)
+    partial = final.parent / f".{final.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_policy(model, tokenizer, partial / "policy", state_dict=state_dict)
+    (partial / INFO_NAME).write_text(json.dumps({**info, "step": state.step}, indent=1, default=str))
     torch.save(
         {
             "state": state.__dict__,
@@ -84,16 +97,34 @@ def save_checkpoint(
     )
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in list_checkpoints(run_dir, run_id=info["run_id"])[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint folder's name (`step-000012` -> 12); None for anything else."""
+    digits = path.name[len(CHECKPOINT_PREFIX):]
+    return int(digits) if path.name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def checkpoint_info(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's `checkpoint.json`; None where there is none (not a checkpoint, or one written before it)."""
+    try:
+        return json.loads((checkpoint / INFO_NAME).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def list_checkpoints(run_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Checkpoints in `run_dir`, oldest step first; with `run_id`, only that run's."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    if run_id is not None:
+        found = [p for p in found if (checkpoint_info(p) or {}).get("run_id") == run_id]
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(
@@ -123,6 +154,26 @@ def load_policy_weights(checkpoint: Path, model: torch.nn.Module) -> None:
 
         saved = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict())
+
+
+def apply_optimizer_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, training: Any
+) -> None:
+    """Put the recipe's optimizer settings into a restored optimizer and scheduler (a recipe change on resume).
+
+    Loading their state dicts brings back the old learning rate, betas and weight decay, whatever the
+    recipe says now. The scheduler (a LambdaLR, as every transformers schedule offered here) keeps its
+    position; the current rate is the new base rate at that position of the (possibly new) schedule.
+    """
+    for group in optimizer.param_groups:
+        group["betas"] = tuple(training.adam_betas)
+        group["weight_decay"] = training.weight_decay
+        group["initial_lr"] = training.learning_rate
+    scheduler.base_lrs = [training.learning_rate] * len(optimizer.param_groups)
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() (the logged learning_rate) reads
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

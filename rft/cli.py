@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from rft.config import EMBEDDED_MODEL, ConfigError, load_config
@@ -20,11 +21,27 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rft.interrupt import TrainingInterrupted, raise_on_sigterm
     from rft.trainer import Trainer
 
     config = load_config(args.recipe, args.overrides)
-    trainer = Trainer(config, resume=args.resume if args.resume != "latest" else True)
-    results = trainer.train()
+    # Outside the training steps (which stop after the current one) SIGTERM stops at once, in one line.
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
+    try:
+        trainer = Trainer(
+            config, resume=args.resume if args.resume != "latest" else True,
+            allow_recipe_change=args.allow_recipe_change, overwrite=args.overwrite,
+        )
+        results = trainer.train()
+    except TrainingInterrupted as exc:
+        print(f"rft train: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rft train: SIGINT outside the training steps: stopped at once; --resume continues from the last "
+              "checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
     if "before" in results and "after" in results:
         from rft.evaluation import overall_change
@@ -73,7 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_arguments(train)
     train.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-        help="continue from the run directory's latest checkpoint (or the one given)",
+        help="continue the run in the run directory from its latest checkpoint (or the one given)",
+    )
+    train.add_argument(
+        "--allow-recipe-change", action="store_true",
+        help="with --resume: apply recipe changes that alter what the run computes (learning rate, rewards, "
+        "group size, seed, ...) from the checkpoint's step; they are recorded in the manifest",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="start a new run in a run directory that holds one, deleting it first",
     )
     train.set_defaults(handler=_train)
 

@@ -20,10 +20,11 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rft import algorithms, distributed
+from rft import algorithms, distributed, run_dir
 from rft.checkpoint import (
     TrainerState,
-    list_checkpoints,
+    apply_optimizer_settings,
+    checkpoint_path,
     load_policy_weights,
     load_training_state,
     save_checkpoint,
@@ -40,6 +41,7 @@ from rft.evaluation import (
     eval_plans,
     run_plans,
 )
+from rft.interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
 from rft.metrics import (
     COMPLETION_TOKENS,
@@ -122,7 +124,15 @@ def peak_memory_mb() -> float:
 
 
 class Trainer:
-    def __init__(self, config: RecipeConfig, resume: bool | str = False):
+    def __init__(
+        self, config: RecipeConfig, resume: bool | str = False, *, allow_recipe_change: bool = False,
+        overwrite: bool = False,
+    ):
+        """`resume`: True for the run folder's latest checkpoint of its own run, or a checkpoint's path.
+
+        `allow_recipe_change`: resume even when the recipe changes what the run computes (recorded);
+        `overwrite`: start a new run in a folder that holds one, deleting it.
+        """
         self.config = config
         if config.rollout.engine == "vllm":
             require_vllm()  # a missing extra fails in one line, before any model loads
@@ -144,10 +154,13 @@ class Trainer:
         train, held_out = load_splits(config.data, None, config.training.seed)
         self.scorer.check_columns({f"data.train ({config.data.train})": [e.row for e in train],
                                    f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out]})
+        # The main process writes the run folder, and holds it for the run's life.
+        self.run_lock = run_dir.RunLock(self.run_dir) if self.accelerator.is_main_process else None
+        self.run_start = self._checkpoint_to_resume(resume, allow_recipe_change, overwrite)
+        checkpoint = self.run_start.checkpoint
         # One process per machine converts or downloads the model; the others then read it from the cache.
         with self.accelerator.local_main_process_first():
             self.model, self.tokenizer = load_policy(config, self.accelerator.device)
-        checkpoint = self._checkpoint_to_resume(resume)
         if checkpoint is not None:
             # Before `prepare`: FSDP2 / ZeRO-3 then shard the restored weights, DDP broadcasts them.
             load_policy_weights(checkpoint, self.model)
@@ -202,7 +215,8 @@ class Trainer:
             range(self.start_step + 1, config.training.steps + 1), initial=self.start_step, total=config.training.steps,
             desc="rft train", disable=not self.accelerator.is_main_process, dynamic_ncols=True,
         )
-        for step in progress:
+        stop = StopOnSignal(self.accelerator)
+        for step in stop.steps(progress):
             self.step = step
             step_start = time.perf_counter()
             batch = self.collect_batch()
@@ -230,6 +244,8 @@ class Trainer:
             if config.eval.every and step % config.eval.every == 0 and self.eval_examples:
                 self._evaluate(f"step-{step}", step=step)
         progress.close()
+        if stop.stopped_by is not None:
+            self._stop(stop.stopped_by, self.step)
         self._save_final()
         if config.eval.after_training and self.eval_examples:
             results["after"] = self._evaluate("trained", step=config.training.steps).summary()
@@ -240,12 +256,27 @@ class Trainer:
                 record_evaluation(self.run_dir, "before_after", comparison)
             if config.output.report:
                 tqdm.write(f"report: {write_report(self.run_dir)}")
+        self._close()
+        return results
+
+    def _stop(self, signum: int, step: int) -> None:
+        """After a signal: checkpoint the last completed step (unless just saved), close, raise `TrainingInterrupted`."""
+        if not (self.config.output.save_every and step % self.config.output.save_every == 0):
+            self._save(step)
+        self._close()
+        raise TrainingInterrupted(
+            signum, f"{signal_name(signum)}: stopped after step {step} of {self.config.training.steps}; checkpoint "
+            f"{checkpoint_path(self.run_dir, step)}; continue with --resume",
+        )
+
+    def _close(self) -> None:
         self.engine.close()
         self.scorer.close()
         if self.eval_metric_scorer is not None:
             self.eval_metric_scorer.close()
         self.accelerator.end_training()
-        return results
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     # ------------------------------------------------------------------ rollout and scoring
     def collect_batch(self) -> Batch:
@@ -576,17 +607,10 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(config))
-        logs = ("metrics.jsonl", "evaluations.jsonl", "completions.jsonl", ALERTS_NAME)
+        # The logs were trimmed to the checkpoint's step (or emptied) before the model loaded: `run_dir.apply_start`.
         previous = read_manifest(self.run_dir) if self.start_step > 0 else None
-        for name in logs:
-            path = self.run_dir / name
-            if self.start_step == 0:
-                path.unlink(missing_ok=True)
-            elif path.exists():
-                # A resumed run keeps what happened up to its checkpoint, not what the killed run did after.
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.start_step]
-                path.write_text("".join(line + "\n" for line in kept))
         manifest = build_manifest(config, self.train_examples, self.eval_examples, self.engine.name)
+        manifest.update(run_id=self.run_start.run_id, recipe_changes=self.run_start.recipe_changes)
         if previous is not None:
             manifest["evaluation"] = previous.get("evaluation", {})
             manifest["resumed_at_step"] = self.start_step
@@ -594,8 +618,7 @@ class Trainer:
         self.monitors = Monitors.from_recipe(config, self.scorer.names, self.run_dir / ALERTS_NAME)
         if self.start_step > 0:
             main_mode = self.eval_plans[0].mode
-            rows = {name: [json.loads(line) for line in (self.run_dir / name).read_text().splitlines()]
-                    if (self.run_dir / name).exists() else [] for name in ("metrics.jsonl", "evaluations.jsonl")}
+            rows = {name: run_dir.read_log(self.run_dir / name) for name in ("metrics.jsonl", "evaluations.jsonl")}
             self.monitors.replay(rows["metrics.jsonl"], [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode])
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
@@ -623,8 +646,10 @@ class Trainer:
         state_dict = distributed.full_state_dict(self.accelerator, self.model, prefix="policy.")
         optimizer_state = distributed.optimizer_state(self.accelerator, self.model, self.optimizer)
         if self.accelerator.is_main_process:
+            info = {"run_id": self.run_start.run_id, "recipe": self.config.model_dump(mode="json"),
+                    "recipe_changes": self.run_start.recipe_changes}
             save_checkpoint(
-                self.run_dir, self._state(step), self.policy, self.tokenizer, self.optimizer, self.scheduler,
+                self.run_dir, self._state(step), info, self.policy, self.tokenizer, self.optimizer, self.scheduler,
                 keep=self.config.output.keep_checkpoints, state_dict=state_dict, optimizer_state=optimizer_state,
             )
         # Nobody moves on (or resumes, or exits) before the checkpoint is complete.
@@ -636,23 +661,39 @@ class Trainer:
             save_policy(self.policy, self.tokenizer, self.run_dir / "final", state_dict=state_dict)
         self.accelerator.wait_for_everyone()
 
-    def _checkpoint_to_resume(self, resume: bool | str) -> Path | None:
-        if not resume:
-            return None
-        checkpoints = list_checkpoints(self.run_dir)
-        checkpoint = Path(resume) if isinstance(resume, str) else (checkpoints[-1] if checkpoints else None)
+    def _checkpoint_to_resume(self, resume: bool | str, allow_recipe_change: bool, overwrite: bool) -> run_dir.RunStart:
+        """Decide (before any model loads) the run id and checkpoint; every process reaches the same decision."""
+        accelerator = self.accelerator
+        try:
+            local: run_dir.RunStart | str = run_dir.plan_start(
+                self.config, resume, allow_recipe_change=allow_recipe_change, overwrite=overwrite,
+                main=accelerator.is_main_process,
+            )
+        except run_dir.RunDirError as exc:
+            local = str(exc)
+        plans = distributed.gather_from_processes(accelerator, local)
+        seen = [plan.checkpoint.name if plan.checkpoint else None for plan in plans if not isinstance(plan, str)]
+        errors = [plan for plan in plans if isinstance(plan, str)]
+        if (errors or len(set(seen)) > 1) and self.run_lock is not None:
+            self.run_lock.release()  # this start ends here; the folder is free for the next
+        # A refusal anywhere stops every process, or the others would wait for it in the next collective.
+        if errors:
+            raise run_dir.RunDirError(errors[0])
         # Each machine reads its own copy of the run directory; a process that saw another checkpoint (or
         # none) would train from a different step and leave the others waiting in a collective.
-        seen = distributed.gather_from_processes(self.accelerator, checkpoint.name if checkpoint else None)
         if len(set(seen)) > 1:
             raise RuntimeError(
                 f"--resume: the processes see different checkpoints in {self.run_dir / 'checkpoints'} "
                 f"(by process: {seen}); every machine needs the same run directory (shared, or synced as "
                 "SageMaker does with /opt/ml/checkpoints)"
             )
-        if checkpoint is None:
-            logger.warning("--resume: no checkpoint in %s; starting from scratch", self.run_dir / "checkpoints")
-        return checkpoint
+        assert not isinstance(local, str)
+        # The main process's run id is the run's: only it writes the manifest and checkpoints.
+        local.run_id = plans[0].run_id
+        if accelerator.is_main_process:
+            for note in run_dir.apply_start(self.run_dir, local):
+                logger.warning(note)
+        return local
 
     def _resume(self, checkpoint: Path) -> None:
         """Everything but the weights (already loaded before `prepare`); every process reads the same checkpoint."""
@@ -660,6 +701,9 @@ class Trainer:
         if not distributed.load_optimizer_state(self.accelerator, self.model, self.optimizer, payload["optimizer"]):
             logger.warning("%s holds no optimizer state (DeepSpeed ZeRO-3): the optimizer moments restart", checkpoint)
         self.scheduler.load_state_dict(payload["scheduler"])
+        if self.run_start.new_changes:
+            # The checkpoint's optimizer and scheduler carry the old settings; a changed recipe must reach them.
+            apply_optimizer_settings(self.optimizer, self.scheduler, self.config.training)
         state = TrainerState(**payload["state"])
         self.start_step = state.step
         self.sampler.position = state.data_position
@@ -668,9 +712,4 @@ class Trainer:
             set_seed(self.config.training.seed + self.accelerator.process_index + 1_000_003 * state.step)
         with distributed.full_weights(self.accelerator, self.model):
             self.engine.sync_weights(self.policy)
-        # Metrics written after the checkpoint belong to the lost part of the killed run.
-        metrics_path = self.run_dir / "metrics.jsonl"
-        if metrics_path.exists() and self.accelerator.is_main_process:
-            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state.step]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
         logger.info("resumed from %s at step %d", checkpoint, state.step)

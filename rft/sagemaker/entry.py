@@ -17,6 +17,10 @@ host. This module then:
 5. on the first host, copies the final model to `SM_MODEL_DIR` and the run's records
    (metrics, evaluations, results, manifest, report, resolved config) to `SM_OUTPUT_DATA_DIR`;
 6. on any failure writes the reason to /opt/ml/output/failure (SageMaker's FailureReason) and exits 1.
+
+A SIGTERM (a spot interruption, a stopped job) is passed on to the launcher, whose processes finish
+their step, checkpoint it into /opt/ml/checkpoints and stop (`rft.interrupt`); the entry point then
+exits 143 with that reason, and the restarted job resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +41,7 @@ from typing import Any
 
 from rft.checkpoint import list_checkpoints
 from rft.config import load_config
+from rft.interrupt import TrainingInterrupted, signal_name
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,9 @@ RUN_NAME = "run"
 MASTER_PORT = 29500
 # SageMaker keeps the first 1024 characters of the failure reason.
 FAILURE_REASON_LIMIT = 1024
+# Seconds torchrun gives its processes after passing on a SIGTERM before it kills them (its default: 30):
+# time to finish the step and write its checkpoint.
+SHUTDOWN_TIMEOUT_S = "100"
 
 
 class EntryError(RuntimeError):
@@ -196,18 +206,35 @@ def launch_command(plan: RunPlan, environment: SageMakerEnvironment) -> list[str
 
 
 def run_processes(command: list[str], code_dir: Path) -> None:
-    """Run the launcher, passing its output through and keeping the tail for the failure reason."""
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")]))}
+    """Run the launcher, passing its output through (and a SIGTERM on), keeping the tail for the failure reason."""
+    environment = {
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": SHUTDOWN_TIMEOUT_S, **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")])),
+    }
     logger.info("launching: %s", " ".join(command))
     tail: collections.deque[str] = collections.deque(maxlen=20)
+    received: list[int] = []
     with subprocess.Popen(
         command, cwd=code_dir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            sys.stdout.write(line)
-            if line.strip():
-                tail.append(line.rstrip())
+        def forward(signum: int, _frame: object) -> None:
+            received.append(signum)
+            process.send_signal(signum)
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, forward) if main_thread else None
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                sys.stdout.write(line)
+                if line.strip():
+                    tail.append(line.rstrip())
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+    if received:
+        raise TrainingInterrupted(received[0], f"{signal_name(received[0])}: passed on to the training processes, "
+                                               f"which exited with code {process.returncode}")
     if process.returncode != 0:
         errors = [line for line in tail if "Error" in line or "error" in line] or list(tail)
         raise RuntimeError(f"{command[0]} exited with code {process.returncode}: {errors[-1] if errors else ''}")
@@ -254,6 +281,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             run_processes(launch_command(plan, environment), code_dir)
         if environment.is_first_host:
             export_outputs(plan, environment)
+    except TrainingInterrupted as exc:
+        # A restarted job resumes from the checkpoint the processes saved on their way out.
+        logger.warning("training stopped: %s", exc)
+        write_failure(failure_file(environ), f"rft: {exc}")
+        return exc.exit_code
     except Exception as exc:
         logger.exception("training failed")
         write_failure(failure_file(environ), f"rft: {type(exc).__name__}: {exc}")

@@ -1,0 +1,274 @@
+"""A run folder belongs to one run: its id, its lock, and what a start or a resume may do with it.
+
+- A run gets an id when it starts; the manifest and every checkpoint carry it. Starting a new run
+  into a folder that holds another run's records is refused (or, with `--overwrite`, the folder is
+  emptied first); `--resume` loads only checkpoints with the folder's run id.
+- The main process holds an exclusive lock (`flock` on `RUN_DIR/.lock`) for the run's life, so a
+  second run into the same folder stops before its model loads. The kernel drops the lock with the
+  process, so a killed run leaves no stale lock behind (the file itself stays, harmlessly).
+- On resume the recipe is compared with the one stored in the checkpoint. Fields that only say how
+  the run executes or is recorded (`FREE_FIELDS`) may change; any other change is refused unless the
+  user forces it, and every change is recorded with its step (`recipe_changes` in the manifest and in
+  each later checkpoint).
+- The run's logs are JSON lines. Resuming trims them to the checkpoint's step; a torn last line (a
+  run killed mid-write) is dropped and said so, a broken line elsewhere is an error naming file and line.
+
+Everything here reads only small files, so all of it happens before a model loads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rft.checkpoint import INFO_NAME, checkpoint_info, checkpoint_step, list_checkpoints
+from rft.config import ConfigError, RecipeConfig
+from rft.manifest import MANIFEST_NAME, read_manifest
+from rft.monitors import ALERTS_NAME
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+LOG_NAMES = ("metrics.jsonl", "evaluations.jsonl", "completions.jsonl", ALERTS_NAME)
+# What a run writes: a folder holding any of these holds a run.
+RECORD_NAMES = (MANIFEST_NAME, "config.yaml", *LOG_NAMES, "results.json", "checkpoints", "final")
+# Recipe fields that cannot change what the run computes, only how long it runs, how it executes
+# (same maths, other split or kernels) or what is recorded. A prefix ends with a dot.
+FREE_FIELDS = (
+    "training.steps", "training.threads", "training.micro_batch_size", "training.logprob_chunk_size",
+    "model.gradient_checkpointing", "model.attn_implementation",
+    "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep_mode", "rollout.vllm_max_model_len",
+    "scoring.concurrency", "output.", "monitors.",
+    "eval.every", "eval.before_training", "eval.after_training", "eval.keep_samples", "eval.batch_size",
+    "eval.baseline_cache", "eval.noise_sigmas",
+)
+ABSENT = "(absent)"
+
+
+class RunDirError(ConfigError):
+    """A run folder that this start cannot use (another run's, locked, or a bad --resume); one line."""
+
+
+class RunLock:
+    """An exclusive `flock` on RUN_DIR/.lock, held until `release` or the process ends."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / LOCK_NAME
+        self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self._fd, 64).decode(errors="replace").strip() or "unknown"
+            self.release()
+            raise RunDirError(
+                f"{run_dir}: in use by another run (process {holder}); wait for it to end or choose another "
+                "output.name"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+@dataclass
+class RunStart:
+    """What this start does with the run folder, decided before any model loads."""
+
+    run_id: str
+    checkpoint: Path | None = None
+    step: int = 0
+    # The run's recipe changes so far, this start's included: {step, field, old, new}.
+    recipe_changes: list[dict[str, Any]] = field(default_factory=list)
+    new_changes: list[dict[str, Any]] = field(default_factory=list)
+    overwrite: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def run_records(run_dir: Path) -> list[str]:
+    return [name for name in RECORD_NAMES if (run_dir / name).exists()]
+
+
+def folder_run_id(run_dir: Path) -> str | None:
+    manifest = read_manifest(run_dir)
+    return manifest.get("run_id") if manifest else None
+
+
+def plan_start(
+    config: RecipeConfig, resume: bool | str, *, allow_recipe_change: bool = False, overwrite: bool = False,
+    main: bool = True,
+) -> RunStart:
+    """Decide the run id and the checkpoint to resume; refuse what would mix two runs or change one silently.
+
+    Reads only. `main`: this is the process that writes the folder (the others check only what they load).
+    """
+    run_dir = config.run_dir
+    if overwrite and resume:
+        raise RunDirError("--overwrite starts a new run in the folder; it cannot be combined with --resume")
+    records = run_records(run_dir) if main else []
+    if not resume:
+        if records and not overwrite:
+            raise RunDirError(
+                f"{run_dir} already holds a run ({', '.join(records)}); continue it with --resume, choose another "
+                "output.name (--set output.name=...), or pass --overwrite to delete it"
+            )
+        return RunStart(new_run_id(), overwrite=bool(records))
+    run_id = folder_run_id(run_dir)
+    if run_id is None and records:
+        raise RunDirError(
+            f"{run_dir} holds records of a run without a run id (from an older rft, or its {MANIFEST_NAME} is "
+            "gone), so --resume cannot tell its checkpoints; choose another output.name or pass --overwrite instead"
+        )
+    checkpoint = _explicit_checkpoint(Path(resume), run_dir, run_id) if isinstance(resume, str) else None
+    if checkpoint is None and not isinstance(resume, str):
+        own = list_checkpoints(run_dir, run_id=run_id) if run_id else []
+        checkpoint = own[-1] if own else None
+    if checkpoint is None:
+        note = f"--resume: no checkpoint of this run in {run_dir / 'checkpoints'}; starting from scratch"
+        return RunStart(run_id or new_run_id(), notes=[note])
+    if main:
+        check_logs(run_dir)
+    return _resume_start(config, checkpoint, run_id or "", allow_recipe_change)
+
+
+def _explicit_checkpoint(checkpoint: Path, run_dir: Path, run_id: str | None) -> Path:
+    info = checkpoint_info(checkpoint)
+    if info is None:
+        what = "does not exist" if not checkpoint.exists() else f"holds no {INFO_NAME}"
+        raise RunDirError(
+            f"--resume {checkpoint}: not a checkpoint ({what}); give a folder RUN_DIR/checkpoints/step-NNNNNN "
+            "written by this rft, or --resume alone for the run folder's latest"
+        )
+    if info.get("run_id") != run_id:
+        raise RunDirError(
+            f"--resume {checkpoint}: a checkpoint of run {info.get('run_id')}, not of the run in {run_dir} "
+            f"(run id {run_id or 'none'}); resume a run in its own folder (output.run_dir)"
+        )
+    return checkpoint
+
+
+def _resume_start(config: RecipeConfig, checkpoint: Path, run_id: str, allow_recipe_change: bool) -> RunStart:
+    info = checkpoint_info(checkpoint) or {}
+    step = int(info.get("step", checkpoint_step(checkpoint) or 0))
+    changes = recipe_changes(info.get("recipe", {}), config.model_dump(mode="json"), step)
+    meaningful = [change for change in changes if not is_free_field(change["field"])]
+    listed = "; ".join(f"{c['field']} {_show(c['old'])} -> {_show(c['new'])}" for c in meaningful)
+    if meaningful and not allow_recipe_change:
+        raise RunDirError(
+            f"--resume {checkpoint.name}: the recipe differs from the checkpoint's in what the run computes: {listed}; "
+            "resume with the checkpoint's values, or pass --allow-recipe-change to apply them from step "
+            f"{step} (recorded in the manifest)"
+        )
+    notes = [f"recipe changes from step {step}: " + "; ".join(
+        f"{c['field']} {_show(c['old'])} -> {_show(c['new'])}" for c in changes
+    )] if changes else []
+    return RunStart(
+        run_id, checkpoint=checkpoint, step=step, recipe_changes=[*info.get("recipe_changes", []), *changes],
+        new_changes=changes, notes=notes,
+    )
+
+
+def _show(value: Any) -> str:
+    return ABSENT if value is ABSENT else json.dumps(value)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaves of a dumped recipe (`rewards.1.weight`); a list of plain values is one leaf."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and any(isinstance(item, dict | list) for item in value):
+        items = ((str(index), item) for index, item in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], step: int) -> list[dict[str, Any]]:
+    """The fields that differ between two dumped recipes, each as {step, field, old, new}."""
+    before, after = flatten(old), flatten(new)
+    return [
+        {"step": step, "field": key, "old": before.get(key, ABSENT), "new": after.get(key, ABSENT)}
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, ABSENT) != after.get(key, ABSENT)
+    ]
+
+
+def is_free_field(name: str) -> bool:
+    return any(name.startswith(free) if free.endswith(".") else name == free for free in FREE_FIELDS)
+
+
+# ---------------------------------------------------------------------------------------------- the logs
+def _log_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """A JSON-lines log's lines with their rows, and whether its last line was torn (and left out).
+
+    Only the last line can be torn by a kill (rows are appended whole); a broken line elsewhere
+    means the file was damaged some other way, so it is an error naming the file and the line.
+    """
+    if not path.exists():
+        return [], False
+    lines = path.read_text().splitlines()
+    parsed: list[tuple[str, dict[str, Any]]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                return parsed, True
+            raise RunDirError(f"{path}:{number}: not a JSON line ({exc.msg}); repair or delete that line") from None
+    return parsed, False
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run log (none if it does not exist), a torn last line left out."""
+    return [row for _, row in _log_lines(path)[0]]
+
+
+def check_logs(run_dir: Path) -> None:
+    """Fail now, before a model loads, on a log that resuming could not trim."""
+    for name in LOG_NAMES:
+        _log_lines(run_dir / name)
+
+
+def apply_start(run_dir: Path, start: RunStart) -> list[str]:
+    """The main process's changes to the folder once every process agrees: empty it, or trim its logs.
+
+    A new run (or one restarting from scratch) starts with empty logs; a resumed one keeps what happened
+    up to its checkpoint, not what the killed run did after it. Returns the lines to tell the user.
+    """
+    notes = list(start.notes)
+    if start.overwrite:
+        for path in run_dir.iterdir():
+            if path.name != LOCK_NAME:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        notes.append(f"--overwrite: deleted the previous run in {run_dir}")
+    for name in LOG_NAMES:
+        path = run_dir / name
+        if start.step == 0:
+            path.unlink(missing_ok=True)
+            continue
+        lines, torn = _log_lines(path)
+        if torn:
+            notes.append(f"{path}: dropped a torn last line (the previous run was stopped while writing it)")
+        if path.exists():
+            path.write_text("".join(line + "\n" for line, row in lines if row["step"] <= start.step))
+    return notes
