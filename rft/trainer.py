@@ -41,7 +41,7 @@ from rft.evaluation import (
     run_plans,
 )
 from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
-from rft.models import LogProbModel, load_policy, reference_policy
+from rft.models import LogProbModel, load_policy, load_tokenizer, reference_policy, resolve_model_path
 from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
 from rft.rollout import make_engine, require_vllm
@@ -158,6 +158,13 @@ class Trainer:
         load_splits(config.data, None, config.training.seed)
         # One process per machine converts or downloads the model; the others then read it from the cache.
         with self.accelerator.local_main_process_first():
+            model_path = resolve_model_path(config.model.name_or_path)
+        # Prompt lengths need only the tokenizer: a split they empty fails before the model loads.
+        tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+        self.train_examples, self.eval_examples = load_splits(config.data, tokenizer, config.training.seed)
+        if not self.eval_examples and self.accelerator.is_main_process:
+            logger.warning("no held-out rows (data.eval, data.eval_size): this run trains without evaluation")
+        with self.accelerator.local_main_process_first():
             self.model, self.tokenizer = load_policy(config, self.accelerator.device)
         checkpoint = self._checkpoint_to_resume(resume)
         if checkpoint is not None:
@@ -168,8 +175,8 @@ class Trainer:
             self.reference, _ = load_policy(config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})}), self.accelerator.device)
             self.reference.eval().requires_grad_(False)
             self.reference = self._logprob_model(self.reference)
-        self.train_examples, self.eval_examples = load_splits(config.data, self.tokenizer, config.training.seed)
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
+        # After the restored weights: the engine serves the model as it is now.
         self.engine = make_engine(config, self.model, self.tokenizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -704,8 +711,6 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             # The checkpoint holds the main process's random state; give each process its own stream again.
             set_seed(self.config.training.seed + self.accelerator.process_index + 1_000_003 * state.step)
-        with distributed.full_weights(self.accelerator, self.model):
-            self.engine.sync_weights(self.policy)
         # Metrics written after the checkpoint belong to the lost part of the killed run.
         metrics_path = self.run_dir / "metrics.jsonl"
         if metrics_path.exists() and self.accelerator.is_main_process:
