@@ -176,7 +176,7 @@ def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[l
     if config.eval:
         eval_rows = read_rows(config.eval, config.eval_split)
         if not eval_rows:
-            # Not "no evaluation": a run would report no held-out scores and look like it had none to give.
+            # A mistake, not a choice: the run would go on and silently report no held-out scores.
             raise DataError(f"{config.eval}: data.eval holds no rows (leave data.eval out to run without evaluation)")
     else:
         shuffled = list(train_rows)

