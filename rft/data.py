@@ -161,15 +161,23 @@ def prepare_examples(
             label, dropped, len(prepared), config.max_prompt_length,
         )
     if not examples:
-        raise DataError(f"{label}: no usable prompts (all {len(prepared)} dropped or none given)")
+        reason = f"all {len(prepared)} longer than data.max_prompt_length={config.max_prompt_length} tokens" if prepared else "no rows"
+        raise DataError(f"{label}: no usable prompts ({reason})")
     return examples
 
 
 def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples. Without `data.eval`, `eval_size` rows are held out from train (seeded)."""
+    """(train, held-out) examples. Without `data.eval`, `eval_size` rows are held out from train (seeded).
+
+    Held-out rows are empty only when none are configured (no `data.eval`, `eval_size` 0). A
+    `data.eval` without rows, or whose prompts are all too long, is an error naming the file.
+    """
     train_rows = read_rows(config.train, config.train_split)
     if config.eval:
         eval_rows = read_rows(config.eval, config.eval_split)
+        if not eval_rows:
+            # A mistake, not a choice: the run would go on and silently report no held-out scores.
+            raise DataError(f"{config.eval}: data.eval holds no rows (leave data.eval out to run without evaluation)")
     else:
         shuffled = list(train_rows)
         random.Random(seed).shuffle(shuffled)

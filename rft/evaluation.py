@@ -560,9 +560,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", action="store_true", help="re-evaluate the base model even if cached")
 
 
+def held_out_split(config: RecipeConfig, tokenizer_path: str, recipe: str) -> list[Example]:
+    """The held-out examples as a model's tokenizer sees them (prompts too long dropped), before any model loads."""
+    from rft.models import load_tokenizer
+
+    _, held_out = load_splits(config.data, load_tokenizer(tokenizer_path, config.model.trust_remote_code), config.training.seed)
+    if not held_out:
+        raise ConfigError(f"{recipe}: no held-out rows: set data.eval or data.eval_size")
+    return held_out
+
+
 def run(args: argparse.Namespace) -> int:
     """`rft eval`: score the base model or a checkpoint on the held-out split."""
-    from rft.models import load_policy
+    from rft.models import load_policy, resolve_model_path
     from rft.rollout import make_engine
 
     overrides = [*args.overrides, *(["eval.baseline_cache=false"] if args.no_cache else [])]
@@ -570,39 +580,37 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the input is found before a model loads.
     scorer = RewardScorer(config.rewards)
     metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
-    _, raw_held_out = load_splits(config.data, None, config.training.seed)
-    if not raw_held_out:
-        raise ConfigError(f"{args.recipe}: no held-out rows: set data.eval or data.eval_size")
     try:
-        slices = check_held_out(raw_held_out, config.eval)
         checkpoint = resolve_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+        held_out: dict[str, list[Example]] = {}
+        if checkpoint is None or args.compare_with_base:
+            held_out["base"] = held_out_split(config, resolve_model_path(config.model.name_or_path), str(args.recipe))
+        if checkpoint is not None:
+            held_out["checkpoint"] = held_out_split(config, str(checkpoint), str(args.recipe))
+        # Each split must serve the evaluation settings; the slices are the first one's.
+        slices, *_ = [check_held_out(examples, config.eval) for examples in held_out.values()]
     except EvalError as exc:
         raise ConfigError(str(exc)) from None
     plans = eval_plans(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base_config = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
     output: dict[str, Any] = {"recipe": str(args.recipe), "checkpoint": str(checkpoint) if checkpoint else None}
     base: list[EvalResult] | None = None
-    if checkpoint is None or args.compare_with_base:
+    if "base" in held_out:
+        base_config = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
         model, tokenizer = load_policy(base_config, device)
-        _, held_out = load_splits(config.data, tokenizer, config.training.seed)
-        engine = make_engine(base_config, model, tokenizer)
-        base = baseline_results(config, engine, tokenizer, held_out, scorer, plans, slices, metric_scorer)
+        engine = make_engine(config, model, tokenizer)
+        base = baseline_results(config, engine, tokenizer, held_out["base"], scorer, plans, slices, metric_scorer)
         engine.close()
         del model, engine
         output["base"] = [r.to_dict() for r in base]
+    results: list[EvalResult] = []
     if checkpoint is not None:
         model, tokenizer = load_checkpoint_policy(config, checkpoint, device)
-        _, held_out = load_splits(config.data, tokenizer, config.training.seed)
-        engine_config = config.model_copy(
-            update={"lora": config.lora.model_copy(update={"enabled": (checkpoint / "adapter_config.json").is_file()})}
-        )
-        engine = make_engine(engine_config, model, tokenizer)
-        results = run_plans(str(checkpoint), engine, tokenizer, held_out, scorer, plans, slices, metric_scorer)
+        # The engine serves `model`, the checkpoint's weights, whatever files it starts from.
+        engine = make_engine(config, model, tokenizer)
+        results = run_plans(str(checkpoint), engine, tokenizer, held_out["checkpoint"], scorer, plans, slices, metric_scorer)
         engine.close()
         output["checkpoint_results"] = [r.to_dict() for r in results]
-    else:
-        results = []
     sigmas = config.eval.noise_sigmas
     for result in base or []:
         print(format_result(result))

@@ -59,7 +59,7 @@ from rft.metrics import (
     add_policy_stats,
     add_token_mean,
 )
-from rft.models import LogProbModel, load_policy, reference_policy
+from rft.models import LogProbModel, load_policy, load_tokenizer, reference_policy, resolve_model_path
 from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
 from rft.rollout import make_engine, require_vllm
@@ -154,11 +154,21 @@ class Trainer:
         train, held_out = load_splits(config.data, None, config.training.seed)
         self.scorer.check_columns({f"data.train ({config.data.train})": [e.row for e in train],
                                    f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out]})
+        # One process per machine converts or downloads the model; the others then read it from the cache.
+        with self.accelerator.local_main_process_first():
+            model_path = resolve_model_path(config.model.name_or_path)
+        # Prompt lengths need only the tokenizer: a split they empty fails before the model loads.
+        tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+        self.train_examples, self.eval_examples = load_splits(config.data, tokenizer, config.training.seed)
+        if self.accelerator.is_main_process:
+            for warning in recipe_warnings(config, len(self.train_examples)):
+                logger.warning(warning)
+            if not self.eval_examples:
+                logger.warning("no held-out rows (data.eval, data.eval_size): this run trains without evaluation")
         # The main process writes the run folder, and holds it for the run's life.
         self.run_lock = run_dir.RunLock(self.run_dir) if self.accelerator.is_main_process else None
         self.run_start = self._checkpoint_to_resume(resume, allow_recipe_change, overwrite)
         checkpoint = self.run_start.checkpoint
-        # One process per machine converts or downloads the model; the others then read it from the cache.
         with self.accelerator.local_main_process_first():
             self.model, self.tokenizer = load_policy(config, self.accelerator.device)
         if checkpoint is not None:
@@ -169,11 +179,8 @@ class Trainer:
             self.reference, _ = load_policy(config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})}), self.accelerator.device)
             self.reference.eval().requires_grad_(False)
             self.reference = self._logprob_model(self.reference)
-        self.train_examples, self.eval_examples = load_splits(config.data, self.tokenizer, config.training.seed)
-        if self.accelerator.is_main_process:
-            for warning in recipe_warnings(config, len(self.train_examples)):
-                logger.warning(warning)
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
+        # After the restored weights: the engine serves the model as it is now.
         self.engine = make_engine(config, self.model, self.tokenizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -710,6 +717,4 @@ class Trainer:
         if self.accelerator.num_processes > 1:
             # The checkpoint holds the main process's random state; give each process its own stream again.
             set_seed(self.config.training.seed + self.accelerator.process_index + 1_000_003 * state.step)
-        with distributed.full_weights(self.accelerator, self.model):
-            self.engine.sync_weights(self.policy)
         logger.info("resumed from %s at step %d", checkpoint, state.step)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,30 @@ def test_long_prompts_are_dropped_not_truncated(tmp_path: Path, embedded_model_d
     train, _ = load_splits(config, load_tokenizer(str(embedded_model_dir)), seed=0)
     assert [e.row["prompt"] for e in train] == ["short"]
     assert "dropped 1 of 2 prompts" in caplog.text
+
+
+def test_eval_file_without_rows_is_an_error_naming_it(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}])
+    empty = tmp_path / "eval.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: data.eval holds no rows"):
+        load_splits(DataConfig(train=str(train), eval=str(empty)), None, seed=0)
+
+
+def test_eval_split_emptied_by_prompt_length_is_an_error_naming_it(tmp_path: Path, embedded_model_dir: Path) -> None:
+    from rft.models import load_tokenizer
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "short"}])
+    long = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "long " * 100}, {"prompt": "longer " * 100}])
+    config = DataConfig(train=str(train), eval=str(long), max_prompt_length=64)
+    expected = rf"held-out \({re.escape(str(long))}\): no usable prompts \(all 2 longer than data.max_prompt_length=64 tokens\)"
+    with pytest.raises(DataError, match=expected):
+        load_splits(config, load_tokenizer(str(embedded_model_dir)), seed=0)
+
+
+def test_no_eval_data_configured_is_no_held_out_split(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert load_splits(DataConfig(train=str(train)), None, seed=0)[1] == []
 
 
 def test_sampler_is_seeded_and_resumable() -> None:

@@ -329,3 +329,48 @@ def test_one_noise_rule_one_text() -> None:
     row = compare(summary(0.5, 0.1), summary(0.6, 0.1), 2.0)[0]
     assert verdict(row, 2.0) == "within noise (+0.7 s.e. ≤ 2)" == _verdict(row, 2.0)[1]
     assert format_comparison([row], 2.0).endswith("within noise (+0.7 s.e. ≤ 2)")
+
+
+# ---------------------------------------------------------------------------- held-out data that is not there
+@pytest.fixture
+def tokenizer_only_model_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """A model folder with a tokenizer and no model: a command that loads the model fails on it."""
+    from rft.models import load_tokenizer
+
+    directory = tmp_path / "tokenizer-only"
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+@pytest.mark.parametrize("held_out", ["no rows", "every prompt too long"])
+def test_an_empty_held_out_split_stops_train_and_eval_before_the_model_loads(
+    command: str, held_out: str, tmp_path: Path, tokenizer_only_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rft.cli import main
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("" if held_out == "no rows" else json.dumps({"prompt": "many words " * 80}) + "\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(
+        tokenizer_only_model_dir, tmp_path / "run", data={"eval": str(eval_file), "max_prompt_length": 64},
+    )))
+    assert main([command, str(recipe)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(eval_file) in errors[0], errors
+    assert ("data.eval holds no rows" if held_out == "no rows" else "longer than data.max_prompt_length=64") in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_without_held_out_data_trains_and_says_so_once(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rft.trainer import Trainer
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 1}, output={"report": False})
+    del recipe["data"]["eval"], recipe["data"]["max_eval_rows"]
+    with caplog.at_level("INFO"):
+        results = Trainer(load_config(raw=recipe)).train()
+    assert results == {"engine": "transformers"}
+    said = [r for r in caplog.records if "trains without evaluation" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"

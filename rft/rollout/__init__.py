@@ -48,6 +48,7 @@ def choose_engine(name: str) -> str:
 
 
 def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+    """The recipe's engine, serving `model`'s current weights (a checkpoint, restored weights, the base)."""
     if choose_engine(config.rollout.engine) == "vllm":
         require_vllm()
         try:

