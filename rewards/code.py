@@ -47,6 +47,7 @@ Recipe::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -59,7 +60,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,49 +205,104 @@ def _communicate(process: subprocess.Popen, stdin: bytes, deadline: float) -> tu
     return bytes(stdout), bytes(stderr), True
 
 
-def _run_sandboxed(directory: Path, stdin: str, timeout_s: float, memory_mb: int, isolation: str) -> _Run:
-    config = {
-        "memory_mb": memory_mb,
-        "cpu_s": max(1, int(timeout_s) + 1),
-        "file_mb": _FILE_MB,
-        "processes": _MAX_PROCESSES if isolation == "bwrap" else 0,
-        "code_dir": _CODE_DIR if isolation == "bwrap" else str(directory),
-    }
-    environment = {
-        "PATH": "/usr/bin:/bin",
-        "HOME": "/tmp" if isolation == "bwrap" else str(directory),
-        "TMPDIR": "/tmp" if isolation == "bwrap" else str(directory),
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONHASHSEED": "0",
-    }
+@functools.cache
+def _pids_cgroup_parent() -> Path | None:
+    """A pids cgroup this process may make children in (cgroup v1's `pids` hierarchy, or v2's root with
+    pids delegated), or None. RLIMIT_NPROC does not bind a trainer run as root: this does."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/pids") / path.lstrip("/")
+        elif controllers == "" and path == "/":  # v2 forbids children beside processes below the root
+            candidate = Path("/sys/fs/cgroup")
+            with contextlib.suppress(OSError):
+                if "pids" not in (candidate / "cgroup.subtree_control").read_text().split():
+                    continue
+        else:
+            continue
+        if (candidate / "cgroup.procs").is_file() and os.access(candidate, os.W_OK):
+            return candidate
+    return None
+
+
+@contextlib.contextmanager
+def _pids_cgroup() -> Iterator[Path | None]:
+    """A fresh cgroup allowing `_MAX_PROCESSES` tasks, for one run, or None where none can be made."""
+    parent = _pids_cgroup_parent()
+    if parent is None:
+        yield None
+        return
+    group = parent / f"rft-sandbox-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        group.mkdir()
+        (group / "pids.max").write_text(str(_MAX_PROCESSES))
+    except OSError:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        yield None
+        return
+    try:
+        yield group
+    finally:
+        for _ in range(100):  # the namespace's last processes may still be exiting after the kill
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
+def _command(directory: Path, config: dict[str, Any], environment: dict[str, str], group: Path | None) -> list[str]:
     command = [sys.executable, "-I", "-c", _LAUNCHER, json.dumps(config)]
-    if isolation == "bwrap":
+    if config["isolation"] == "bwrap":
         tool = shutil.which("bwrap") or "bwrap"
         setenv = [part for item in environment.items() for part in ("--setenv", *item)]
         command = [*_bwrap_command(tool, directory), *setenv, "--", *command]
+    if group is not None:  # joins the cgroup before bwrap starts, so everything it starts is counted
+        command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"), *command]
+    return command
+
+
+def _run_sandboxed(directory: Path, stdin: str, timeout_s: float, memory_mb: int, isolation: str) -> _Run:
+    sandboxed = isolation == "bwrap"
+    config = {
+        "isolation": isolation,
+        "memory_mb": memory_mb,
+        "cpu_s": max(1, int(timeout_s) + 1),
+        "file_mb": _FILE_MB,
+        "processes": _MAX_PROCESSES if sandboxed else 0,
+        "code_dir": _CODE_DIR if sandboxed else str(directory),
+    }
+    home = "/tmp" if sandboxed else str(directory)
+    environment = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+                   "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
     deadline = time.monotonic() + timeout_s
-    process = subprocess.Popen(
-        command, cwd=directory, env=environment,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, killed whole at the end
-    )
-    try:
-        stdout, stderr, finished = _communicate(process, stdin.encode(), deadline)
-        returncode: int | None = None
-        if finished:
-            try:
-                returncode = process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                finished = False
-    finally:
-        # Under bwrap this kills the PID namespace's init, and the kernel then kills all inside it.
-        with contextlib.suppress(ProcessLookupError):  # exited, and nothing it started is left in its group
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
+    with _pids_cgroup() if sandboxed else contextlib.nullcontext() as group:
+        process = subprocess.Popen(
+            _command(directory, config, environment, group), cwd=directory, env=environment,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, killed whole at the end
+        )
+        try:
+            stdout, stderr, finished = _communicate(process, stdin.encode(), deadline)
+            returncode: int | None = None
+            if finished:
+                try:
+                    returncode = process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    finished = False
+        finally:
+            # Under bwrap this kills the PID namespace's init, and the kernel then kills all inside it.
+            with contextlib.suppress(ProcessLookupError):  # exited, and nothing it started is left in its group
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    pipe.close()
     timed_out = not finished and len(stdout) <= _MAX_OUTPUT_BYTES
     text = stdout[:_MAX_OUTPUT_BYTES].decode(errors="replace")
     return _Run(returncode, text, stderr.decode(errors="replace"), timed_out)
@@ -291,31 +347,56 @@ def check_sandbox(isolation: str = "bwrap", memory_mb: int = 512) -> None:
         raise RewardContractError(_probed[key])
 
 
+# The probe's solution: forks past the process limit; its children sleep until the sandbox is killed.
+_PROBE_FORKS = f"""
+import os, time
+forked = 0
+for _ in range({_MAX_PROCESSES + 8}):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    forked += 1
+"""
+
+
 def _probe(isolation: str, tool: str, memory_mb: int) -> str:
+    """Run a trivial solution, and under bwrap one forking past the limit: "" when all holds, else why not."""
     if isolation == "bwrap" and not tool:
         return (
             "code_tests cannot sandbox the completions' code: bubblewrap (bwrap) is not on PATH; install it "
             "(apt-get install bubblewrap, dnf install bubblewrap), or set `isolation: none` in the reward's "
             "kwargs for trusted code only"
         )
-    directory = _prepare("", _ASSERT_HARNESS)
-    (directory / "cases.json").write_text(json.dumps(["assert True"]))
+    solution, test = ("", "assert True") if isolation == "none" else (_PROBE_FORKS, "print('forked', forked)")
+    directory = _prepare(solution, _ASSERT_HARNESS)
+    (directory / "cases.json").write_text(json.dumps([test]))
     try:
         run = _run_sandboxed(directory, "probe\n", 60.0, memory_mb, isolation)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    if run.returncode == 0 and run.stdout.rstrip("\n").endswith("probe 1"):
-        return ""
-    why = " ".join(run.stderr.split()) or f"exit code {run.returncode}, no message"
-    if isolation == "none":
-        return f"code_tests cannot run Python under its limits (memory_mb: {memory_mb}): {why}"
-    return (
-        f"code_tests cannot sandbox the completions' code: {tool} failed: {why}; bubblewrap needs user "
-        "namespaces: allow them (sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0; "
-        "Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a container, a seccomp profile that "
-        "allows them, e.g. docker run --security-opt seccomp=unconfined), or set `isolation: none` in the "
-        "reward's kwargs for trusted code only"
-    )
+    if run.returncode != 0 or not run.stdout.rstrip("\n").endswith("probe 1"):
+        why = " ".join(run.stderr.split()) or f"exit code {run.returncode}, no message"
+        if isolation == "none":
+            return f"code_tests cannot run Python under its limits (memory_mb: {memory_mb}): {why}"
+        return (
+            f"code_tests cannot sandbox the completions' code: {tool} failed: {why}; bubblewrap needs user "
+            "namespaces: allow them (sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0; "
+            "Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a container, a seccomp profile "
+            "that allows them, e.g. docker run --security-opt seccomp=unconfined), or set `isolation: none` in "
+            "the reward's kwargs for trusted code only"
+        )
+    if isolation == "bwrap" and f"forked {_MAX_PROCESSES + 8}" in run.stdout:
+        return (
+            f"code_tests cannot limit the sandbox to {_MAX_PROCESSES} processes: RLIMIT_NPROC does not bind a "
+            "trainer run as root, and no pids cgroup is writable here (/sys/fs/cgroup/pids, or cgroup v2 with "
+            "pids delegated); run the trainer as a non-root user, or give it a writable pids cgroup, or set "
+            "`isolation: none` in the reward's kwargs for trusted code only"
+        )
+    return ""
 
 
 def run_tests(
