@@ -9,17 +9,19 @@ sandbox from Linux namespaces as an unprivileged user:
   its virtual environment), the solution and the harness read-only in `/code`, and a private, size-limited
   `/tmp` as working directory: nothing the trainer owns is visible or writable;
 - resource limits, set inside the sandbox: CPU time, address space (`memory_mb`), file size, and at most
-  `_MAX_PROCESSES` processes and threads (RLIMIT_NPROC counts per user namespace, so this bounds the
-  sandbox alone);
+  `_MAX_PROCESSES` processes and threads: RLIMIT_NPROC, which counts per user namespace and so bounds
+  the sandbox alone, and a fresh pids cgroup per run where one is writable (RLIMIT_NPROC does not bind
+  a trainer run as root);
 - a wall-clock limit (`timeout_s`) that kills the whole sandbox: killing bwrap kills its PID namespace's
   init (`--die-with-parent`), and with it every process inside, even one that called `setsid` and holds
   the output pipes, so the call returns on time;
 - output read as it comes, at most `_MAX_OUTPUT_BYTES` (more kills the sandbox and fails the run);
 - a bare environment (no credentials, no PYTHONPATH) and Python's isolated mode (`-I`).
 
-The first call checks, once per process, that the sandbox starts (a trivial solution must pass). If
-it cannot (bwrap missing, user namespaces forbidden, as in containers without the right seccomp or
-AppArmor profile), the reward raises `RewardContractError`: the run and `rft reward check` stop with
+The first call checks, once per process, that the sandbox starts (a trivial solution must pass) and
+that forking past the process limit fails. If not (bwrap missing, user namespaces forbidden, as in
+containers without CAP_SYS_ADMIN or the right seccomp or AppArmor profile; root without a writable
+pids cgroup), the reward raises `RewardContractError`: the run and `rft reward check` stop with
 one line naming what is missing, instead of scoring every completion 0. `isolation: none` runs the
 code as a plain subprocess with the same limits except the process count, and without any of the
 namespaces above: code that forks, calls `setsid` or signals other processes escapes it. Use it
@@ -338,7 +340,7 @@ def check_sandbox(isolation: str = "bwrap", memory_mb: int = 512) -> None:
     missing and the choices. Probes once per process and setting: a trivial solution must pass."""
     if isolation not in _ISOLATIONS:
         raise RewardContractError(f"code_tests: isolation must be one of {list(_ISOLATIONS)}, got {isolation!r}")
-    tool = shutil.which("bwrap") or "" if isolation == "bwrap" else ""
+    tool = (shutil.which("bwrap") or "") if isolation == "bwrap" else ""
     key = (isolation, tool, memory_mb)
     with _probe_lock:
         if key not in _probed:
