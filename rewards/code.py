@@ -1,7 +1,9 @@
 """Code: run the completion's Python against the row's tests in a sandbox.
 
-Each completion runs under bubblewrap (`bwrap`, Debian/Ubuntu package `bubblewrap`), which builds the
-sandbox from Linux namespaces as an unprivileged user:
+Each completion runs under bubblewrap (`bwrap`, package `bubblewrap` in Debian, Ubuntu and Fedora), which
+builds the sandbox from Linux namespaces, with no daemon and no setuid helper. A maintained tool (it is
+Flatpak's sandbox) rather than hand-written `unshare` and `mount` calls, which missed the PID namespace,
+the teardown of everything inside and the capabilities. Under it:
 
 - new user, PID, network, IPC, UTS and cgroup namespaces: no network at all, and the trainer and every
   other process of the machine are out of reach (they have no PID there, so cannot be signalled);
