@@ -390,8 +390,9 @@ def _probe(isolation: str, tool: str, memory_mb: int) -> str:
             f"code_tests cannot sandbox the completions' code: {tool} failed: {why}; bubblewrap needs user "
             "namespaces: allow them (sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0; "
             "Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a container, a seccomp profile "
-            "that allows them, e.g. docker run --security-opt seccomp=unconfined), or set `isolation: none` in "
-            "the reward's kwargs for trusted code only"
+            "that allows them, e.g. docker run --security-opt seccomp=unconfined), run the trainer as a non-root "
+            "user (root without CAP_SYS_ADMIN cannot map its own uid), or set `isolation: none` in the reward's "
+            "kwargs for trusted code only"
         )
     if isolation == "bwrap" and f"forked {_MAX_PROCESSES + 8}" in run.stdout:
         return (
