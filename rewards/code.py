@@ -160,7 +160,7 @@ def _bwrap_command(bwrap: str, directory: Path) -> list[str]:
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     prefixes.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
     for prefix in sorted(prefixes):
-        if not prefix.startswith("/usr/") and prefix != "/usr":
+        if prefix != "/" and not prefix.startswith("/usr/") and prefix != "/usr":
             command += ["--ro-bind", prefix, prefix]
     command += ["--ro-bind", str(directory), _CODE_DIR, "--chdir", "/tmp", "--clearenv"]
     return command
@@ -190,7 +190,9 @@ def _communicate(process: subprocess.Popen, stdin: bytes, deadline: float) -> tu
                 if key.fileobj is process.stdin:
                     try:
                         pending = pending[os.write(key.fd, pending[: 1 << 16]):]
-                    except BrokenPipeError:
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # it stopped reading: the rest of its input is moot
                         pending = memoryview(b"")
                     if not pending:
                         selector.unregister(process.stdin)
