@@ -42,6 +42,8 @@ def test_stdin_stdout_tests():
     code = "a, b = map(int, input().split())\nprint(a + b)\n"
     result = run_tests(code, [{"input": "1 2\n", "output": "3"}, {"input": "5 5", "output": "11\n"}])
     assert (result.passed, result.total) == (1, 2)
+    big = "x" * (2 << 20)  # larger than a pipe's buffer: written as the solution reads it
+    assert run_tests("import sys\nprint(len(sys.stdin.read()))\n", [{"input": big, "output": str(len(big))}]).passed == 1
 
 
 def test_early_exit_does_not_pass():
