@@ -194,6 +194,13 @@ class RewardScorer:
     def functions(self) -> list[tuple[str, float, RewardFunction]]:
         return [(r.name, r.weight, r.function) for r in self.rewards]
 
+    def close(self) -> None:
+        """Close the rewards that hold resources (a judge's HTTP client and thread): those with a `close()`."""
+        for reward in self.rewards:
+            close = getattr(reward.function, "close", None)
+            if callable(close):
+                close()
+
     def score(
         self,
         prompts: Sequence[Any],

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from rft.checkpoint import list_checkpoints
+from rft.cli import configure_logging
 from rft.config import load_config
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def write_failure(path: Path, reason: str) -> None:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, code_dir: Path | None = None) -> int:
     environ = os.environ if environ is None else environ
     code_dir = code_dir or Path.cwd()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         environment = SageMakerEnvironment.from_environ(environ, sys.argv[1:] if argv is None else argv)
         plan = plan_run(environment, code_dir)
