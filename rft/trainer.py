@@ -250,6 +250,9 @@ class Trainer:
             if config.output.report:
                 tqdm.write(f"report: {write_report(self.run_dir)}")
         self.engine.close()
+        for scorer in (self.scorer, self.eval_metric_scorer):
+            if scorer is not None:
+                scorer.close()
         self.accelerator.end_training()
         return results
 
