@@ -112,6 +112,27 @@ def test_env_secrets_are_named_in_one_warning(capsys: pytest.CaptureFixture[str]
     assert "warning:" not in capsys.readouterr().err
 
 
+def test_secrets_travel_as_ids_and_are_read_in_the_job(capsys: pytest.CaptureFixture[str]) -> None:
+    from moto import mock_aws
+
+    request = _dry_run(str(REPO / "recipes" / "quickstart.yaml"), "--instance-type", "ml.g5.xlarge",
+                       "--secret", "HF_TOKEN=rft/hf-token")
+    _validate(request)
+    assert "warning:" not in capsys.readouterr().err
+    assert "hf_secret_value" not in json.dumps(request)
+    environment = request["Environment"]
+    assert json.loads(environment[entry.SECRETS_VARIABLE]) == {"HF_TOKEN": "rft/hf-token"}
+    with mock_aws():
+        client = boto3.client("secretsmanager", region_name=environment["AWS_DEFAULT_REGION"],
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_secret(Name="rft/hf-token", SecretString="hf_secret_value")
+        assert entry.read_secrets(environment, client) == {"HF_TOKEN": "hf_secret_value"}
+        missing = {entry.SECRETS_VARIABLE: json.dumps({"OPENAI_API_KEY": "rft/not-there"})}
+        with pytest.raises(entry.EntryError, match="OPENAI_API_KEY: cannot read secret 'rft/not-there'"):
+            entry.read_secrets(missing, client)
+    assert entry.read_secrets({}) == {}
+
+
 def test_launch_refuses_bad_options_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     recipe = str(REPO / "recipes" / "quickstart.yaml")
     assert launcher.run(_arguments(recipe, "--instance-type", "ml.g5.xlarge")) == 2

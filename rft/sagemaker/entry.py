@@ -17,6 +17,9 @@ host. This module then:
 5. on the first host, copies the final model to `SM_MODEL_DIR` and the run's records
    (metrics, evaluations, results, manifest, report, resolved config) to `SM_OUTPUT_DATA_DIR`;
 6. on any failure writes the reason to /opt/ml/output/failure (SageMaker's FailureReason) and exits 1.
+
+Before all that, the variables named in `RFT_SECRETS` (`rft sagemaker launch --secret NAME=ID`) are
+read from AWS Secrets Manager into the environment, so secrets stay out of the job's description.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ RUN_NAME = "run"
 MASTER_PORT = 29500
 # SageMaker keeps the first 1024 characters of the failure reason.
 FAILURE_REASON_LIMIT = 1024
+# {"NAME": "secret name or ARN"}: variables whose values the job reads from AWS Secrets Manager.
+SECRETS_VARIABLE = "RFT_SECRETS"
 
 
 class EntryError(RuntimeError):
@@ -238,11 +243,43 @@ def write_failure(path: Path, reason: str) -> None:
     path.write_text(reason[:FAILURE_REASON_LIMIT])
 
 
+def read_secrets(environ: Mapping[str, str], client: Any = None) -> dict[str, str]:
+    """The variables named in RFT_SECRETS with their values from AWS Secrets Manager (`client`: a boto3
+    secretsmanager client; default one from the job's role). The job's request holds only the ids."""
+    wanted = environ.get(SECRETS_VARIABLE)
+    if not wanted:
+        return {}
+    try:
+        names = json.loads(wanted)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise EntryError(f"{SECRETS_VARIABLE}={wanted!r}: expected a JSON object of NAME: secret id")
+    if client is None:
+        import boto3
+
+        client = boto3.client("secretsmanager")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    values = {}
+    for name, secret_id in names.items():
+        try:
+            values[name] = client.get_secret_value(SecretId=secret_id)["SecretString"]
+        except (BotoCoreError, ClientError, KeyError) as exc:
+            raise EntryError(f"{SECRETS_VARIABLE}: {name}: cannot read secret {secret_id!r}: {exc}") from exc
+    return values
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, code_dir: Path | None = None) -> int:
     environ = os.environ if environ is None else environ
     code_dir = code_dir or Path.cwd()
     configure_logging()
     try:
+        # Into this process's environment, which the trainer and torchrun's processes read.
+        secrets = read_secrets(environ)
+        os.environ.update(secrets)
+        if secrets:
+            logger.info("read %s from AWS Secrets Manager", ", ".join(sorted(secrets)))
         environment = SageMakerEnvironment.from_environ(environ, sys.argv[1:] if argv is None else argv)
         plan = plan_run(environment, code_dir)
         logger.info(
