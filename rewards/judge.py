@@ -304,12 +304,13 @@ class LLMJudge:
                 await asyncio.sleep(self._delay(attempt, last_error))
             counters.requests += 1
             try:
-                async with self.slots, asyncio.timeout(self.timeout_s):
+                async with self.slots:
                     # The raw body: the SDK would hand a non-JSON one back as a str, or raise on bad JSON.
-                    response = await self.client.chat.completions.with_raw_response.create(
+                    sending = self.client.chat.completions.with_raw_response.create(
                         model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
                     )
-            except TimeoutError:
+                    response = await asyncio.wait_for(sending, self.timeout_s)
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                 last_error = TimeoutError(f"no complete reply within timeout_s={self.timeout_s:g} s")
                 continue
             except (self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError) as exc:

@@ -40,6 +40,7 @@ class JudgeServer:
         self.authorizations: list[str | None] = []
         self.always_a = False
         self.stopping = threading.Event()
+        self.dropped = 0  # trickled replies whose connection the client closed
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -152,7 +153,8 @@ class JudgeServer:
                 handler.wfile.write(data[index : index + 1])
                 handler.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up: what the tests want
+            with self.lock:
+                self.dropped += 1  # the client gave up and closed the connection: what the tests want
         handler.close_connection = True
 
     def pairwise(self, prompt: str) -> str:
@@ -315,6 +317,10 @@ def test_a_trickling_reply_is_cut_at_the_whole_request_deadline(server, completi
     assert values is not None, "the judge call was still waiting 15 s into a 2 s timeout"
     assert 1.9 < elapsed < 2.0 + 1.5, elapsed
     assert values == pytest.approx([0.0, 0.9]) and values.counters["failures"] == 1
+    deadline = time.monotonic() + 3
+    while server.dropped < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.dropped == 1, "the judge left the trickling connection open"
 
 
 @pytest.mark.parametrize(("completion", "message"), [("html", "not JSON"), ("truncated", "not JSON"),
@@ -370,8 +376,9 @@ from rft.config import RewardConfig, ScoringConfig
 from rft.scoring import RewardScorer
 
 kwargs = {"base_url": sys.argv[1], "model": "judge-model", "rubric": "r", "on_failure": 0.0, "api_key_env": None,
-          "timeout_s": 2.0, "retries": 0}
-# The scorer gives up on the call after 1 s, as training ends with a judge request still in flight.
+          "timeout_s": 30.0, "retries": 0}
+# The scorer gives up on the call after 1 s, as training ends with a judge request still in flight (and
+# 29 s from its deadline: a process that waited for it would show).
 scorer = RewardScorer([RewardConfig(fn="rewards.judge:LLMJudge", timeout_s=1.0, kwargs=kwargs)],
                        ScoringConfig(on_error="zero"))
 output = scorer.score(["q"], ["trickle"], [[]], [{}])
@@ -393,7 +400,7 @@ def test_the_process_exits_promptly_after_an_abandoned_judge_call(server):
     assert child.returncode == 0, stderr[-2000:]
     timeouts, scored_at = (float(word) for word in stdout.split())
     assert timeouts == 1.0
-    assert exited - scored_at < 1.5, f"exited {exited - scored_at:.2f} s after scoring"
+    assert exited - scored_at < 10, f"exited {exited - scored_at:.2f} s after scoring"  # ~1 s: interpreter teardown
 
 
 LOGGED_CALL = """
