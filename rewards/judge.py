@@ -17,11 +17,17 @@ Two modes:
   half a win). G completions cost G(G-1) requests (both orders).
 
 Failures are explicit: `on_failure` (required) says what a request that still fails after the
-retries, or a reply that cannot be parsed, scores: a number (e.g. 0), `null` (not applicable: left
+retries, a body that is not a chat completion (an HTML error page served with HTTP 200, truncated
+JSON), or a reply that cannot be parsed, scores: a number (e.g. 0), `null` (not applicable: left
 out of the mean and adding 0), or `error` (the call raises, and `scoring.on_error` decides).
 
 Limits: at most `concurrency` requests in flight per judge (shared by all calls), `timeout_s` per
-request, `retries` with exponential backoff from `backoff_s` (honouring Retry-After). Replies are
+request for all of it (connect, headers and body: a server that trickles its reply a byte at a time
+is cut off at the deadline, not only one that goes silent), `retries` with exponential backoff from
+`backoff_s` (honouring Retry-After). Requests run on an event loop in one daemon thread, where a
+deadline cancels a request wherever it waits and closes its connection; so no request outlives its
+deadline, and none keeps the process alive. `close()` (called by `RewardScorer.close()` at the end
+of training) cancels what is in flight and closes the HTTP client and the cache. Replies are
 cached in memory, and in SQLite at `cache_path` when given, keyed on the model and the exact
 request (rubric, prompt and completion), so a repeated completion costs nothing.
 
@@ -39,6 +45,8 @@ Recipe::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import json
@@ -47,9 +55,7 @@ import random
 import re
 import sqlite3
 import threading
-import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +119,22 @@ def parse_score(reply: str, min_score: float, max_score: float) -> float | None:
     return value
 
 
+def reply_content(body: str) -> str:
+    """The message text of a chat completion body; JudgeFailure for any other body (an HTML page or
+    truncated JSON served with HTTP 200, a completion without message content)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise JudgeFailure(f"judge endpoint answered HTTP 200 with a body that is not JSON: {body[:200]!r}") from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise JudgeFailure(f"judge reply is not a chat completion with message content: {body[:200]!r}")
+    return content
+
+
 def parse_winner(reply: str) -> str | None:
     """'A', 'B' or 'tie' from the last `Winner: ...` in a reply (or a bare A / B / tie)."""
     found = _WINNER.findall(reply)
@@ -160,6 +182,34 @@ class _ReplyCache:
             if self.database is not None:
                 self.database.execute("INSERT OR REPLACE INTO replies VALUES (?, ?)", (key, reply))
                 self.database.commit()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.database is not None:
+                self.database.close()
+                self.database = None
+
+
+class _EventLoopThread:
+    """An asyncio event loop running in a daemon thread, for coroutines submitted from other threads."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self, last: Coroutine[Any, Any, Any], timeout_s: float = 10.0) -> None:
+        """Run `last` (clean-up), then stop the loop and its thread."""
+        try:
+            self.submit(last).result(timeout=timeout_s)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=timeout_s)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 _MISSING = object()
@@ -217,12 +267,16 @@ class LLMJudge:
         self.reference_column = reference_column
         self.template = template or (SCORE_TEMPLATE if mode == "score" else PAIRWISE_TEMPLATE)
         self.system_prompt = system_prompt
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         self.temperature, self.max_tokens = temperature, max_tokens
         api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         # A local vLLM needs no key, but the client insists on one.
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout_s)
-        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout_s
+        )
+        self.slots = asyncio.Semaphore(concurrency)  # binds to the judge's loop at first use
+        self.requests = _EventLoopThread(name=f"judge-{model}")
+        self.closed = False
         self.cache = _ReplyCache(cache_path)
         if mode == "score":
             self.reward_range = (0.0, 1.0) if normalize else (min_score, max_score)
@@ -240,20 +294,25 @@ class LLMJudge:
         payload = json.dumps([self.model, messages, self.temperature, self.max_tokens], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def _request(self, messages: list[dict[str, str]], counters: _Counters, lock: threading.Lock) -> str:
-        """The reply text, retrying transient failures; raises JudgeFailure."""
+    async def _request(self, messages: list[dict[str, str]], counters: _Counters) -> str:
+        """The reply text, retrying transient failures; raises JudgeFailure. Runs on the judge's loop,
+        so the counters need no lock."""
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
-                with lock:
-                    counters.retries += 1
-                time.sleep(self._delay(attempt, last_error))
-            with lock:
-                counters.requests += 1
+                counters.retries += 1
+                await asyncio.sleep(self._delay(attempt, last_error))
+            counters.requests += 1
             try:
-                response = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
-                )
+                async with self.slots:
+                    # The raw body: the SDK would hand a non-JSON one back as a str, or raise on bad JSON.
+                    sending = self.client.chat.completions.with_raw_response.create(
+                        model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
+                    )
+                    response = await asyncio.wait_for(sending, self.timeout_s)
+            except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+                last_error = TimeoutError(f"no complete reply within timeout_s={self.timeout_s:g} s")
+                continue
             except (self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError) as exc:
                 last_error = exc  # APITimeoutError is an APIConnectionError
                 continue
@@ -262,10 +321,7 @@ class LLMJudge:
                     last_error = exc
                     continue
                 raise JudgeFailure(f"judge endpoint answered HTTP {exc.status_code}: {exc.message}") from exc
-            content = response.choices[0].message.content if response.choices else None
-            if content is None:
-                raise JudgeFailure("judge reply has no message content")
-            return content
+            return reply_content(response.text)
         raise JudgeFailure(f"judge request failed after {self.retries + 1} attempts: {last_error}") from last_error
 
     def _delay(self, attempt: int, error: Exception | None) -> float:
@@ -281,7 +337,8 @@ class LLMJudge:
 
     def _replies(self, requests: list[list[dict[str, str]]], counters: _Counters) -> list[str | JudgeFailure]:
         """Replies for requests (same order), each distinct request sent once, cached ones not at all."""
-        lock = threading.Lock()
+        if self.closed:
+            raise RuntimeError("LLMJudge: called after close()")
         keys = [self._key(messages) for messages in requests]
         replies: dict[str, str | JudgeFailure] = {}
         pending = {}
@@ -293,7 +350,7 @@ class LLMJudge:
                 replies[key] = cached
                 counters.cache_hits += 1
             else:
-                pending[key] = self.pool.submit(self._request, messages, counters, lock)
+                pending[key] = self.requests.submit(self._request(messages, counters))
         for key, future in pending.items():
             try:
                 reply = future.result()
@@ -302,7 +359,25 @@ class LLMJudge:
             except JudgeFailure as exc:
                 counters.failures += 1
                 replies[key] = exc
+            except concurrent.futures.CancelledError:
+                counters.failures += 1
+                replies[key] = JudgeFailure("the judge was closed while the request was in flight")
         return [replies[key] for key in keys]
+
+    def close(self) -> None:
+        """Cancel the requests in flight, close the HTTP client and the cache, stop the loop's thread."""
+        if self.closed:
+            return
+        self.closed = True
+        self.requests.close(self._shutdown())
+        self.cache.close()
+
+    async def _shutdown(self) -> None:
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self.client.close()
 
     def _failed(self, reason: str) -> float | None:
         if self.on_failure == "error":

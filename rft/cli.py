@@ -127,10 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# Libraries that log every request or lock at INFO; their warnings and errors still show. The
+# openai client (an LLM judge) sends through httpx2, one "HTTP Request" line per judged completion.
+CHATTY_LOGGERS = ("httpx", "httpx2", "urllib3", "filelock")
+
+
+def configure_logging() -> None:
+    """INFO for the project's own messages; WARNING and above for the chatty libraries."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in CHATTY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -254,6 +254,10 @@ class OutputConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
     log_completions: int = Field(2, ge=0, description="Sampled completions written to completions.jsonl per step.")
+    log_every: int = Field(
+        0, ge=0, description="Print a `step N/M: reward/mean=... loss=...` line every N steps (0: off), for logs "
+        "that tools read (SageMaker's MetricDefinitions; `rft sagemaker launch` sets 1 unless the recipe sets it).",
+    )
     report: bool = Field(True, description="Write report.html and summary.json into the run directory at the end.")
     trackers: list[Literal["tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "clearml", "dvclive", "swanlab"]] = Field(
         default_factory=list,

@@ -187,15 +187,19 @@ class RewardScorer:
                 "; ".join(problems) + "; set the reward's kwargs in the recipe, or map the column with data.column_map"
             )
 
-    def close(self) -> None:
-        """Stop the rewards' worker processes (they also end with the process)."""
-        for reward in self.rewards:
-            if reward.pool is not None:
-                reward.pool.close()
-
     @property
     def functions(self) -> list[tuple[str, float, RewardFunction]]:
         return [(r.name, r.weight, r.function) for r in self.rewards]
+
+    def close(self) -> None:
+        """Stop the rewards' worker processes (they also end with the process) and close the rewards that hold
+        resources here (a judge's HTTP client and thread): those with a `close()`."""
+        for reward in self.rewards:
+            if reward.pool is not None:
+                reward.pool.close()
+            close = getattr(reward.function, "close", None)
+            if callable(close):
+                close()
 
     def score(
         self,

@@ -42,6 +42,7 @@ from rft.evaluation import (
     run_plans,
 )
 from rft.interrupt import StopOnSignal, TrainingInterrupted, signal_name
+from rft.log_lines import held_out_line, step_line
 from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
 from rft.metrics import (
     COMPLETION_TOKENS,
@@ -591,10 +592,7 @@ class Trainer:
                     result.label = label
                     handle.write(json.dumps({"step": step, **result.summary(), "samples": result.samples}, default=str) + "\n")
                     tracked.update(result.tracker_metrics())
-                    tqdm.write(
-                        f"held-out [{label}, {result.mode}] mean reward {result.mean:.3f} ± {result.stderr:.3f} "
-                        f"(n={result.count}){' (cached baseline)' if result.cached else ''}"
-                    )
+                    tqdm.write(held_out_line(label, result.mode, result.mean, result.stderr, result.count, result.cached))
             self.accelerator.log(tracked, step=step)
             record_evaluation(self.run_dir, label, [result.summary() for result in results])
             if self.monitors is not None:
@@ -633,6 +631,8 @@ class Trainer:
             with (self.run_dir / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
             self.accelerator.log(metrics, step=step)
+            if self.config.output.log_every and step % self.config.output.log_every == 0:
+                tqdm.write(step_line(step, self.config.training.steps, metrics, self.scorer.names))
             if self.monitors is not None:
                 self.monitors.observe_step(step, metrics)
 

@@ -70,14 +70,24 @@ def test_adapter_deployment_layout_and_limits(llama_run: Path, tmp_path: Path) -
     assert members == on_disk
 
 
+def test_the_message_says_what_was_written(llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    export(llama_run, tmp_path / "lmi", "--adapter-name", "math-v1", "--base-model-id", "org/base", "--tar")
+    printed = capsys.readouterr().out
+    assert "merged" not in printed
+    assert f"wrote adapter math-v1 (rank 12) for base org/base to {tmp_path / 'lmi'}" in printed
+    assert f"packed {tmp_path / 'lmi' / 'model.tar.gz'}: adapters/math-v1/adapter_config.json, " in printed
+    assert "serving.properties" in printed.splitlines()[-2]
+
+
 def test_vllm_rank_limits() -> None:
     assert [sagemaker.vllm_max_lora_rank(rank) for rank in (1, 2, 8, 9, 64, 512)] == [1, 8, 8, 16, 64, 512]
     with pytest.raises(sagemaker.ExportError, match="exceeds vLLM's largest"):
         sagemaker.vllm_max_lora_rank(1024)
 
 
-def test_merged_deployment_serves_the_policy(llama_run: Path, tmp_path: Path) -> None:
+def test_merged_deployment_serves_the_policy(llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = export(llama_run, tmp_path / "lmi-merged", "--merged", "--dtype", "float32", "--max-model-len", "2048")
+    assert f"wrote the merged model (float32) to {out}" in capsys.readouterr().out
     properties = sagemaker.read_serving_properties(out / "serving.properties")
     assert "option.enable_lora" not in properties and "option.model_id" not in properties
     assert properties["option.max_model_len"] == "2048"

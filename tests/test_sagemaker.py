@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,10 +86,51 @@ def test_dry_run_request_is_a_valid_create_training_job(recipe: str, extra: list
         assert hyperparameters["accelerate_config"] == "accelerate_config.yaml"
     if "--env" in extra:
         assert request["Environment"]["HF_TOKEN"] == "abc"
+    # What botocore's model leaves to the service: the regex and list limits.
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    limits = model.shape_for("MetricDefinition").members["Regex"].metadata
+    definitions = request["AlgorithmSpecification"]["MetricDefinitions"]
+    assert 0 < len(definitions) <= model.shape_for("MetricDefinitionList").metadata["max"]
+    assert all(len(d["Regex"]) <= limits["max"] and re.fullmatch(limits["pattern"], d["Regex"]) for d in definitions)
+    assert {"train:reward/mean", "train:loss", "held-out:greedy:reward"} <= {d["Name"] for d in definitions}
     # The validator is strict enough to notice a malformed request.
     broken = {**request, "ResourceConfig": {**request["ResourceConfig"], "InstanceCount": "2"}}
     with pytest.raises(ParamValidationError):
         _validate(broken)
+
+
+def test_env_secrets_are_named_in_one_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    arguments = _arguments(recipe, "--instance-type", "ml.g5.xlarge", "--dry-run", "--region", REGION,
+                           "--env", "HF_TOKEN=hf_abc", "--env", "OPENAI_API_KEY=sk-1", "--env", "LOG_LEVEL=debug")
+    assert launcher.run(arguments) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "HF_TOKEN, OPENAI_API_KEY" in warnings[0] and "LOG_LEVEL" not in warnings[0]
+    assert "Secrets Manager" in warnings[0]
+    assert launcher.run(_arguments(recipe, "--instance-type", "ml.g5.xlarge", "--dry-run", "--region", REGION,
+                                   "--env", "LOG_LEVEL=debug")) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_secrets_travel_as_ids_and_are_read_in_the_job(capsys: pytest.CaptureFixture[str]) -> None:
+    from moto import mock_aws
+
+    request = _dry_run(str(REPO / "recipes" / "quickstart.yaml"), "--instance-type", "ml.g5.xlarge",
+                       "--secret", "HF_TOKEN=rft/hf-token")
+    _validate(request)
+    assert "warning:" not in capsys.readouterr().err
+    assert "hf_secret_value" not in json.dumps(request)
+    environment = request["Environment"]
+    assert json.loads(environment[entry.SECRETS_VARIABLE]) == {"HF_TOKEN": "rft/hf-token"}
+    with mock_aws():
+        client = boto3.client("secretsmanager", region_name=environment["AWS_DEFAULT_REGION"],
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_secret(Name="rft/hf-token", SecretString="hf_secret_value")
+        assert entry.read_secrets(environment, client) == {"HF_TOKEN": "hf_secret_value"}
+        missing = {entry.SECRETS_VARIABLE: json.dumps({"OPENAI_API_KEY": "rft/not-there"})}
+        with pytest.raises(entry.EntryError, match="OPENAI_API_KEY: cannot read secret 'rft/not-there'"):
+            entry.read_secrets(missing, client)
+    assert entry.read_secrets({}) == {}
 
 
 def test_launch_refuses_bad_options_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,6 +268,27 @@ def test_entry_point_trains_on_several_processes(tiny_recipe_file: Path, tmp_pat
     assert "torch.distributed.run" in result.stdout + result.stderr
     assert _metrics_steps(opt_ml) == [1, 2]
     assert (opt_ml / "model" / "adapter_model.safetensors").exists()
+
+
+def test_metric_definitions_read_the_jobs_log_lines(tiny_recipe_file: Path, tmp_path: Path) -> None:
+    """The request's regexes, applied line by line (as CloudWatch holds them) to what a job prints, give
+    the values in metrics.jsonl and evaluations.jsonl."""
+    opt_ml, environment, argv = _fake_opt_ml(tiny_recipe_file, tmp_path, "--training.steps", "3", "--eval.every", "2")
+    job = subprocess.run(argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
+    log_lines = (job.stdout + job.stderr).split("\n")
+    run_dir = opt_ml / "checkpoints" / entry.RUN_NAME
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    config = load_config(tiny_recipe_file)
+    definitions = {d["Name"]: d["Regex"] for d in launcher.metric_definitions(config)}
+    read = {name: [float(m.group(1)) for line in log_lines if (m := re.search(regex, line))]
+            for name, regex in definitions.items()}
+    for name in ("reward/mean", "reward/length_mod_three/mean", "reward/final_number_correct/mean", "loss",
+                 "kl/old", "grad_norm", "completion/length/mean", "learning_rate"):
+        assert read[f"train:{name}"] == pytest.approx([step[name] for step in steps], rel=1e-5, abs=1e-12), name
+    assert read["held-out:greedy:reward"] == pytest.approx([e["mean"] for e in evaluations], abs=5e-4)
+    assert len(read["held-out:greedy:reward"]) == 1 and read["held-out:sampled:reward"] == []
 
 
 def test_entry_point_writes_the_failure_reason(tiny_recipe_file: Path, tmp_path: Path) -> None:

@@ -63,12 +63,14 @@ def check_adapter_servable(source: PolicySource) -> None:
         )
 
 
+def property_text(value: str | int | bool) -> str:
+    """A value as serving.properties spells it (booleans in lower case)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def serving_properties(options: dict[str, str | int | bool]) -> str:
     """DJL Serving's properties file: `engine=Python` then `option.KEY=VALUE` lines."""
-    lines = ["engine=Python"]
-    for key, value in options.items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        lines.append(f"option.{key}={text}")
+    lines = ["engine=Python"] + [f"option.{key}={property_text(value)}" for key, value in options.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +111,12 @@ def write_model_tar(out_dir: Path) -> Path:
     return archive
 
 
+def tar_members(archive: Path) -> list[str]:
+    """The files packed in an archive, as the endpoint will find them under /opt/ml/model."""
+    with tarfile.open(archive) as tar:
+        return [member.name for member in tar.getmembers() if member.isfile()]
+
+
 def export_sagemaker(
     source: PolicySource,
     out_dir: Path,
@@ -121,7 +129,7 @@ def export_sagemaker(
     max_model_len: int | None,
     make_tar: bool,
 ) -> dict[str, str]:
-    """Write the deployment folder; returns the serving.properties options written."""
+    """Write the deployment folder; returns the serving.properties options, as written in the file."""
     options: dict[str, str | int | bool] = {}
     if merged or not source.is_adapter:
         ensure_empty_dir(out_dir)
@@ -158,7 +166,7 @@ def export_sagemaker(
     (out_dir / "serving.properties").write_text(serving_properties(options))
     if make_tar:
         write_model_tar(out_dir)
-    return {key: str(value) for key, value in options.items()}
+    return {key: property_text(value) for key, value in options.items()}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -212,9 +220,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if options.get("enable_lora") == "true":
-        print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to {args.out}")
+        print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to {args.out}; "
+              "the endpoint loads the base model itself")
         print(f'requests select it with "adapters": "{adapter_name}"')
     else:
         print(f"wrote the merged model ({args.dtype}) to {args.out}")
+    if args.tar:
+        print(f"packed {args.out / 'model.tar.gz'}: " + ", ".join(sorted(tar_members(args.out / "model.tar.gz"))))
     print(f"serving.properties: {args.out / 'serving.properties'}; deploy: docs/deploy.md")
     return 0

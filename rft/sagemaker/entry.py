@@ -21,6 +21,9 @@ host. This module then:
 A SIGTERM (a spot interruption, a stopped job) is passed on to the launcher, whose processes finish
 their step, checkpoint it into /opt/ml/checkpoints and stop (`rft.interrupt`); the entry point then
 exits 143 with that reason, and the restarted job resumes from the checkpoint.
+
+Before all that, the variables named in `RFT_SECRETS` (`rft sagemaker launch --secret NAME=ID`) are
+read from AWS Secrets Manager into the environment, so secrets stay out of the job's description.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rft.checkpoint import list_checkpoints
+from rft.cli import configure_logging
 from rft.config import load_config
 from rft.interrupt import TrainingInterrupted, signal_name
 
@@ -53,6 +57,9 @@ FAILURE_REASON_LIMIT = 1024
 # Seconds torchrun gives its processes after passing on a SIGTERM before it kills them (its default: 30):
 # time to finish the step and write its checkpoint.
 SHUTDOWN_TIMEOUT_S = "100"
+
+# {"NAME": "secret name or ARN"}: variables whose values the job reads from AWS Secrets Manager.
+SECRETS_VARIABLE = "RFT_SECRETS"
 
 
 class EntryError(RuntimeError):
@@ -264,11 +271,43 @@ def write_failure(path: Path, reason: str) -> None:
     path.write_text(reason[:FAILURE_REASON_LIMIT])
 
 
+def read_secrets(environ: Mapping[str, str], client: Any = None) -> dict[str, str]:
+    """The variables named in RFT_SECRETS with their values from AWS Secrets Manager (`client`: a boto3
+    secretsmanager client; default one from the job's role). The job's request holds only the ids."""
+    wanted = environ.get(SECRETS_VARIABLE)
+    if not wanted:
+        return {}
+    try:
+        names = json.loads(wanted)
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise EntryError(f"{SECRETS_VARIABLE}={wanted!r}: expected a JSON object of NAME: secret id")
+    if client is None:
+        import boto3
+
+        client = boto3.client("secretsmanager")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    values = {}
+    for name, secret_id in names.items():
+        try:
+            values[name] = client.get_secret_value(SecretId=secret_id)["SecretString"]
+        except (BotoCoreError, ClientError, KeyError) as exc:
+            raise EntryError(f"{SECRETS_VARIABLE}: {name}: cannot read secret {secret_id!r}: {exc}") from exc
+    return values
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, code_dir: Path | None = None) -> int:
     environ = os.environ if environ is None else environ
     code_dir = code_dir or Path.cwd()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
+        # Into this process's environment, which the trainer and torchrun's processes read.
+        secrets = read_secrets(environ)
+        os.environ.update(secrets)
+        if secrets:
+            logger.info("read %s from AWS Secrets Manager", ", ".join(sorted(secrets)))
         environment = SageMakerEnvironment.from_environ(environ, sys.argv[1:] if argv is None else argv)
         plan = plan_run(environment, code_dir)
         logger.info(

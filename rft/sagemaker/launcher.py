@@ -8,7 +8,15 @@ What goes where:
 - local data files and a local model directory go up as input channels `train`, `eval`, `model`;
   hub data sets (`hf:`) and hub model ids are fetched inside the job;
 - checkpoints live in /opt/ml/checkpoints, synced to `<s3 prefix>/<job>/checkpoints`, so a spot job
-  that is interrupted resumes where it stopped.
+  that is interrupted resumes where it stopped;
+- the job prints a metrics line every step (`output.log_every: 1` unless the recipe sets it) and the
+  request's `MetricDefinitions` read reward, loss, KL and held-out curves from those lines into the
+  SageMaker console and CloudWatch (`rft.log_lines`).
+
+`--env` values are stored in plain text in the job's description (DescribeTrainingJob, the
+console): the launcher warns about names that look like secrets. `--secret NAME=SECRET_ID` puts
+only the id of an AWS Secrets Manager secret in the request; the entry point reads its value at
+start (docs/sagemaker.md).
 
 The job is created with boto3's `create_training_job`, from a request built here, not with the
 SageMaker Python SDK: `sagemaker` 3.x would downgrade protobuf (7 -> 6) and pyarrow (26 -> 25) in
@@ -33,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from rft.config import EMBEDDED_MODEL, RecipeConfig, dump_config, load_config
-from rft.sagemaker.entry import ENTRY_SCRIPT
+from rft.log_lines import EVAL_MODES, held_out_regex, line_metric_names, step_metric_regex
+from rft.sagemaker.entry import ENTRY_SCRIPT, SECRETS_VARIABLE
 
 PROJECT = "rft-trainer"
 PACKAGES = ("rft", "rewards")
@@ -47,6 +56,9 @@ DEFAULT_IMAGE = (
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 DRY_RUN_ROLE = "arn:aws:iam::111122223333:role/REPLACE-WITH-YOUR-SAGEMAKER-EXECUTION-ROLE"
 DRY_RUN_S3_PREFIX = "s3://REPLACE-WITH-YOUR-BUCKET/rft"
+# CreateTrainingJob accepts at most 40 metric definitions.
+MAX_METRIC_DEFINITIONS = 40
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE)
 ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in rft/sagemaker/entry.py."""
 
 import sys
@@ -79,6 +91,7 @@ class LaunchOptions:
     volume_gb: int = 200
     accelerate_config: Path | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)  # variable name -> Secrets Manager secret id
 
 
 @dataclass
@@ -161,6 +174,8 @@ def stage_source(options: LaunchOptions, directory: Path) -> SourcePackage:
         packaged.data.eval = f"channel:eval/{channels['eval'].name}"
     if "model" in channels:
         packaged.model.name_or_path = "channel:model"
+    # The console's curves come from the job's log lines (`metric_definitions`).
+    packaged.output.log_every = packaged.output.log_every or 1
     (directory / "recipe.yaml").write_text(
         f"# {options.recipe.name} as launched, every setting resolved (rft sagemaker launch)\n"
         + dump_config(packaged)
@@ -199,6 +214,28 @@ def job_prefix(s3_prefix: str, job_name: str) -> str:
     return f"s3://{bucket}/{prefix + '/' if prefix else ''}{job_name}"
 
 
+def metric_definitions(config: RecipeConfig) -> list[dict[str, str]]:
+    """Regexes that read the step lines and held-out lines the job prints (`rft.log_lines`)."""
+    reward_names = [reward.name or reward.fn.rpartition(":")[2] for reward in config.rewards]
+    definitions = [{"Name": f"train:{name}", "Regex": step_metric_regex(name)} for name in line_metric_names(reward_names)]
+    definitions += [{"Name": f"held-out:{mode}:reward", "Regex": held_out_regex(mode)} for mode in EVAL_MODES]
+    # Past the limit, the per-reward means go first (they sit after reward/std).
+    excess = max(0, len(definitions) - MAX_METRIC_DEFINITIONS)
+    return definitions[:2] + definitions[2 + excess :]
+
+
+def secret_like(environment: dict[str, str]) -> list[str]:
+    """The names among `--env` variables that look like they hold secrets."""
+    return sorted(name for name in environment if SECRET_NAME.search(name))
+
+
+def _secrets_environment(options: LaunchOptions) -> dict[str, str]:
+    """What the entry point needs to read the `--secret` variables: their ids and the region."""
+    if not options.secrets:
+        return {}
+    return {SECRETS_VARIABLE: json.dumps(options.secrets), "AWS_DEFAULT_REGION": options.region}
+
+
 def build_request(options: LaunchOptions, package: SourcePackage, job_name: str) -> dict[str, Any]:
     """The CreateTrainingJob request (botocore's shape); S3 locations under <s3 prefix>/<job name>/."""
     s3_prefix = options.s3_prefix or DRY_RUN_S3_PREFIX
@@ -231,6 +268,7 @@ def build_request(options: LaunchOptions, package: SourcePackage, job_name: str)
         "AlgorithmSpecification": {
             "TrainingImage": options.image_uri or DEFAULT_IMAGE.format(region=options.region),
             "TrainingInputMode": "File",
+            "MetricDefinitions": metric_definitions(package.config),
         },
         "RoleArn": options.role or DRY_RUN_ROLE,
         "InputDataConfig": [
@@ -253,7 +291,8 @@ def build_request(options: LaunchOptions, package: SourcePackage, job_name: str)
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": options.spot,
         "CheckpointConfig": {"S3Uri": f"{base}/checkpoints", "LocalPath": CHECKPOINT_LOCAL_PATH},
-        "Environment": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **options.environment},
+        "Environment": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **options.environment,
+                        **_secrets_environment(options)},
         "Tags": [{"Key": "rft-recipe", "Value": options.recipe.stem[:256]}],
     }
     if not request["InputDataConfig"]:
@@ -301,7 +340,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate-config", type=Path,
                         help="launch with accelerate and this config (e.g. recipes/accelerate/fsdp2.yaml); default torchrun")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job (repeatable), e.g. HF_TOKEN=...")
+                        help="environment variable for the job (repeatable); stored in plain text in the job's "
+                        "description: pass secrets with --secret")
+    parser.add_argument("--secret", action="append", default=[], metavar="NAME=SECRET_ID",
+                        help="environment variable the job reads from AWS Secrets Manager at start (repeatable), "
+                        "e.g. HF_TOKEN=rft/hf-token; the role needs secretsmanager:GetSecretValue on it")
     parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; upload and start nothing")
 
 
@@ -324,13 +367,18 @@ def _region(requested: str | None, dry_run: bool) -> str:
         raise
 
 
-def options_from_args(args: argparse.Namespace) -> LaunchOptions:
-    environment = {}
-    for item in args.env:
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
         key, separator, value = item.partition("=")
         if not separator or not key:
-            raise LaunchError(f"--env {item!r}: expected KEY=VALUE")
-        environment[key] = value
+            raise LaunchError(f"{option} {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def options_from_args(args: argparse.Namespace) -> LaunchOptions:
+    environment, secrets = _pairs(args.env, "--env"), _pairs(args.secret, "--secret")
     if args.instance_count < 1:
         raise LaunchError(f"--instance-count {args.instance_count}: must be at least 1")
     if not args.dry_run and (not args.role or not args.s3_prefix):
@@ -340,7 +388,7 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
         instance_count=args.instance_count, spot=args.spot, s3_prefix=args.s3_prefix, role=args.role,
         region=_region(args.region, args.dry_run), image_uri=args.image_uri, job_name=args.job_name,
         max_run_hours=args.max_run_hours, max_wait_hours=args.max_wait_hours, volume_gb=args.volume_gb,
-        accelerate_config=args.accelerate_config, environment=environment,
+        accelerate_config=args.accelerate_config, environment=environment, secrets=secrets,
     )
 
 
@@ -348,6 +396,10 @@ def run(args: argparse.Namespace, session: Any = None) -> int:
     """`rft sagemaker launch`; `session` (a boto3 Session) is for tests."""
     try:
         options = options_from_args(args)
+        if secrets := secret_like(options.environment):
+            print(f"warning: --env {', '.join(secrets)}: stored in plain text in the job's description (console, "
+                  "DescribeTrainingJob); keep secrets in AWS Secrets Manager and pass --secret NAME=SECRET_ID "
+                  "(docs/sagemaker.md)", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="rft-sagemaker-") as staging:
             package = stage_source(options, Path(staging) / "source")
             job_name = options.job_name or default_job_name(package.config)

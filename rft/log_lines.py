@@ -1,0 +1,48 @@
+"""Metrics as plain log lines, for consoles that read them from a job's log (SageMaker's MetricDefinitions).
+
+With `output.log_every: N` the trainer prints, every N steps, one line such as
+
+    step 12/200: reward/mean=0.4125 reward/std=0.2311 reward/math_answer/mean=0.5 loss=-0.00317 ...
+
+and every held-out evaluation prints `held-out [step-10, greedy] mean reward 0.412 ± 0.031 (n=50)`.
+The regexes below match one value each in those lines. They use only what every regex dialect
+reads alike (literal text, character classes, one capturing group), since the console, not Python,
+applies them; a value that is not finite (nan, inf) matches nothing, so the point is left out
+rather than plotted as a wrong number.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+# The step metrics a line carries (when the step has them), with each reward's mean after reward/std.
+STEP_LINE_METRICS = (
+    "reward/mean", "reward/std", "loss", "kl/old", "kl/ref", "entropy", "grad_norm", "learning_rate",
+    "completion/length/mean", "completion/truncated_share", "groups/zero_variance_share", "time/step",
+)
+EVAL_MODES = ("greedy", "sampled")
+_NUMBER = r"(-?[0-9.]+(?:e[-+]?[0-9]+)?)"
+
+
+def line_metric_names(reward_names: Sequence[str]) -> list[str]:
+    """The metric names of a step line, in their order, for rewards with these names."""
+    return [*STEP_LINE_METRICS[:2], *(f"reward/{name}/mean" for name in reward_names), *STEP_LINE_METRICS[2:]]
+
+
+def step_line(step: int, total: int, metrics: Mapping[str, float], reward_names: Sequence[str]) -> str:
+    values = " ".join(f"{name}={metrics[name]:.6g}" for name in line_metric_names(reward_names) if name in metrics)
+    return f"step {step}/{total}: {values}"
+
+
+def held_out_line(label: str, mode: str, mean: float, stderr: float, count: int, cached: bool) -> str:
+    return f"held-out [{label}, {mode}] mean reward {mean:.3f} ± {stderr:.3f} (n={count}){' (cached baseline)' if cached else ''}"
+
+
+def step_metric_regex(name: str) -> str:
+    """Matches `name`'s value in a step line (the space before it keeps `reward/mean` from `x/reward/mean`)."""
+    return rf"step [0-9]+/[0-9]+:.* {re.escape(name)}={_NUMBER}"
+
+
+def held_out_regex(mode: str) -> str:
+    return rf"held-out \[[^,]+, {mode}\] mean reward {_NUMBER}"
