@@ -255,6 +255,8 @@ def _invocation_output(body: Any) -> str | None:
         return _text([part for part in body["content"] if isinstance(part, Mapping) and part.get("type", "text") == "text"])
     if isinstance(body.get("generation"), str):  # Llama
         return body["generation"]
+    if isinstance(body.get("completion"), str):  # Anthropic text completions (Claude 2)
+        return body["completion"].strip()
     if isinstance(body.get("outputs"), list) and body["outputs"]:  # Mistral
         return str(body["outputs"][0].get("text", ""))
     if isinstance(body.get("results"), list) and body["results"]:  # Titan

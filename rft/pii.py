@@ -92,6 +92,8 @@ class PIISpan:
 
 def _build_analyzer(spacy_model: str | None):
     # Imported here: spaCy and Presidio take about a second to import and only PII users need them.
+    import logging
+
     import regex
     import spacy
     import tldextract
@@ -135,6 +137,9 @@ def _build_analyzer(spacy_model: str | None):
         ner_model_configuration=NerModelConfiguration(model_to_presidio_entity_mapping=mapping),
     )
     engine.load()
+    # Presidio logs a warning for each recognizer of another language it leaves out and an INFO line
+    # for each recognizer it loads: some 20 lines before the first result, none of them news here.
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     registry = RecognizerRegistry(supported_languages=["en"])
     registry.load_predefined_recognizers(languages=["en"], nlp_engine=engine)
     registry.remove_recognizer("EmailRecognizer")
