@@ -1,4 +1,4 @@
-"""Find and redact personal data (PII) in text, offline, with Microsoft Presidio's pattern recognizers.
+"""Find and redact personal data (PII) in text, offline, with Microsoft Presidio.
 
 Why Presidio: it is maintained (monthly releases), and its recognizers validate what they match
 (Luhn for card numbers, IBAN checksums, `phonenumbers` for phone numbers in many national formats,
@@ -90,25 +90,13 @@ class PIISpan:
     score: float
 
 
-def _build_analyzer(spacy_model: str | None):
-    # Imported here: spaCy and Presidio take about a second to import and only PII users need them.
-    import logging
-
+def _own_recognizers() -> list:
+    """Presidio recognizers replaced or added here: an offline email check, SSNs including the
+    published samples, street addresses."""
     import regex
-    import spacy
     import tldextract
-    from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
-    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+    from presidio_analyzer import Pattern, PatternRecognizer
     from presidio_analyzer.predefined_recognizers import EmailRecognizer, UsSsnRecognizer
-
-    class _LocalSpacyEngine(SpacyNlpEngine):
-        """A spaCy engine that loads an installed model, or a blank English tokenizer; never downloads."""
-
-        def load(self) -> None:
-            try:
-                self.nlp = {"en": spacy.load(spacy_model) if spacy_model else spacy.blank("en")}
-            except OSError:
-                raise ValueError(f"spaCy pipeline {spacy_model!r} is not installed") from None
 
     offline_suffixes = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
@@ -130,6 +118,26 @@ def _build_analyzer(spacy_model: str | None):
                   Pattern("post office box", r"\b(?i:p\.?\s?o\.?\s*box)\s+\d+\b", 0.85),
                   Pattern("postal code", _POSTAL_CODE, 0.85)],
     )
+    return [_OfflineEmailRecognizer(), _SsnRecognizer(), addresses]
+
+
+def _build_analyzer(spacy_model: str | None):
+    # Imported here: spaCy and Presidio take about a second to import and only PII users need them.
+    import logging
+
+    import spacy
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+
+    class _LocalSpacyEngine(SpacyNlpEngine):
+        """A spaCy engine that loads an installed model, or a blank English tokenizer; never downloads."""
+
+        def load(self) -> None:
+            try:
+                self.nlp = {"en": spacy.load(spacy_model) if spacy_model else spacy.blank("en")}
+            except OSError:
+                raise ValueError(f"spaCy pipeline {spacy_model!r} is not installed") from None
+
     # spaCy's FAC (buildings, airports, roads) is a place too; Presidio's default mapping leaves it out.
     mapping = {**NerModelConfiguration().model_to_presidio_entity_mapping, "FAC": "LOCATION"}
     engine = _LocalSpacyEngine(
@@ -144,7 +152,7 @@ def _build_analyzer(spacy_model: str | None):
     registry.load_predefined_recognizers(languages=["en"], nlp_engine=engine)
     registry.remove_recognizer("EmailRecognizer")
     registry.remove_recognizer("UsSsnRecognizer")
-    for recognizer in (_OfflineEmailRecognizer(), _SsnRecognizer(), addresses):
+    for recognizer in _own_recognizers():
         registry.add_recognizer(recognizer)
     return AnalyzerEngine(nlp_engine=engine, registry=registry, supported_languages=["en"])
 

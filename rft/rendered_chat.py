@@ -3,13 +3,14 @@
 Bedrock's `InvokeModel` takes Llama and Mistral prompts (and Claude 2's text completions) as one string
 in the model's own chat format, and the invocation log keeps that string. The trainer renders prompts
 with the policy's chat template, so a rendered prompt kept verbatim would be templated twice, control
-tokens and all. `unrender` reads the formats Bedrock documents for those models:
+tokens and all. `unrender` reads the formats Bedrock documents for those models, and ChatML:
 
 - Llama 3: `<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>`; Llama 4 the
-  same with `<|header_start|>`, `<|header_end|>`, `<|eot|>`; ChatML (`<|im_start|>user\\n...<|im_end|>`);
+  same with `<|header_start|>`, `<|header_end|>`, `<|eot|>`; ChatML `<|im_start|>user\\n...<|im_end|>`
+  (Qwen and other models brought in with Custom Model Import);
 - Llama 2 and Mistral: `<s>[INST] <<SYS>>\\n...\\n<</SYS>>\\n\\n... [/INST] reply </s><s>[INST] ... [/INST]`;
-- Anthropic text completions (`\\n\\nHuman: ...\\n\\nAssistant:`), for `anthropic.` models only, since
-  a plain prompt may quote such a dialogue.
+- Anthropic text completions (`\\n\\nHuman: ...\\n\\nAssistant:`), for Anthropic model ids only,
+  since a plain prompt may quote such a dialogue.
 
 A trailing empty assistant turn (the generation prompt) is dropped. Any other chat-template control
 token (Gemma's `<start_of_turn>`, DeepSeek's `<｜User｜>`, Phi's `<|user|>`...) raises ValueError
@@ -102,7 +103,7 @@ def unrender(prompt: str, model_id: str | None = None) -> list[dict[str, str]] |
         turns = _header_turns(stripped, spec)
     if turns is None and "[INST]" in stripped:
         turns = _inst_turns(stripped)
-    if turns is None and (model_id or "").startswith(("anthropic.", "us.anthropic.")) and "Human:" in stripped:
+    if turns is None and "anthropic." in (model_id or "") and "Human:" in stripped:  # also us.anthropic.* profiles
         turns = _human_turns(prompt)
     if turns is None:
         token = _CONTROL_TOKEN.search(prompt)
