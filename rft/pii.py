@@ -61,7 +61,7 @@ _STREET_TYPE = (
 )
 _STREET_WORD = r"(?:[A-Z][A-Za-z'’.-]*|\d+(?:st|nd|rd|th))"  # a capitalised word, or "5th"
 _STREET_ADDRESS = (
-    rf"\b\d{{1,6}}[A-Za-z]?\s+(?:{_STREET_WORD}\s+){{0,3}}{_STREET_WORD}\s+{_STREET_TYPE}\b\.?(?:\s+(?:NW|NE|SW|SE))?"
+    rf"\b\d{{1,6}}[A-Za-z]?\s+(?:{_STREET_WORD}\s+){{0,3}}{_STREET_WORD}\s+{_STREET_TYPE}\b(?:\s+(?:NW|NE|SW|SE)\b)?"
     r"(?:,?\s+(?i:apt|apartment|suite|ste|unit|flat|\#)\.?\s*\w+(?:-\w+)?)?"
 )
 _US_STATES = (
@@ -125,6 +125,9 @@ def _build_analyzer(spacy_model: str | None):
     # Imported here: spaCy and Presidio take about a second to import and only PII users need them.
     import logging
 
+    # Presidio logs a warning for each recognizer of another language it leaves out and an INFO line
+    # for each it loads and for its device: some 20 lines before the first result, none of them news.
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     import spacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
     from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
@@ -145,9 +148,6 @@ def _build_analyzer(spacy_model: str | None):
         ner_model_configuration=NerModelConfiguration(model_to_presidio_entity_mapping=mapping),
     )
     engine.load()
-    # Presidio logs a warning for each recognizer of another language it leaves out and an INFO line
-    # for each recognizer it loads: some 20 lines before the first result, none of them news here.
-    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     registry = RecognizerRegistry(supported_languages=["en"])
     registry.load_predefined_recognizers(languages=["en"], nlp_engine=engine)
     registry.remove_recognizer("EmailRecognizer")
