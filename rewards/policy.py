@@ -13,7 +13,8 @@ Recipe::
 
 PII is found with Presidio's pattern recognizers (see rft/pii.py): emails, phone numbers, card
 numbers (Luhn-checked), IBANs, IP addresses, US SSN/ITIN/passport numbers, UK NHS numbers, crypto
-wallets. A value counts as echoed when its canonical form (digits only for numbers, lower case
+wallets; `entities: [PERSON, LOCATION, ...]` adds names, places and street addresses (spaCy NER).
+A value counts as echoed when its canonical form (digits only for numbers, lower case
 otherwise) appears in the completion, so "+1 (415) 555-0132" is caught as "415 555 0132" too.
 """
 

