@@ -43,11 +43,15 @@ class Example:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     rows: list[tuple[str, dict[str, Any]]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -68,9 +72,17 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
     if path.suffix == ".json":
         if not path.is_file():
             raise DataError(f"{source}: data file not found")
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            payload = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{source}: not UTF-8 (at byte {exc.start})") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(payload, list):
             raise DataError(f"{source}: a .json data file holds a list of objects")
+        for i, row in enumerate(payload):
+            if not isinstance(row, dict):
+                raise DataError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
         return [(f"{source}[{i}]", row) for i, row in enumerate(payload)]
     import datasets
 
@@ -91,17 +103,35 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
 def _check_messages(messages: Any, where: str, name: str) -> Messages:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{name}' must be a non-empty list of messages")
+    messages = list(messages)  # normalised below; the row keeps what the file holds
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: field '{name}[{i}]' needs 'role' and 'content'")
         if message["role"] not in ("system", "user", "assistant", "tool"):
             raise DataError(f"{where}: field '{name}[{i}].role' is {message['role']!r}; allowed: system, user, assistant, tool")
+        messages[i] = {**message, "content": _content_text(message["content"], where, f"{name}[{i}].content")}
     # Bedrock RFT rows may end with a reference assistant turn; the policy must write that turn itself.
     while messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages:
         raise DataError(f"{where}: field '{name}' has no system or user message")
     return messages
+
+
+def _content_text(content: Any, where: str, field_name: str) -> str:
+    """A message's text: a string, or OpenAI-style content parts of type text (joined); anything else is an error."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        texts = [part.get("text") for part in content]
+        if all(isinstance(text, str) for text in texts):
+            return "".join(texts)
+    if isinstance(content, list):
+        kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content})
+        raise DataError(f"{where}: field '{field_name}' holds parts {kinds}; only text parts ({{'type': 'text', "
+                        "'text': ...}) can be trained on")
+    raise DataError(f"{where}: field '{field_name}' is {type(content).__name__ if content is not None else 'null'}; "
+                    "a message's content is text")
 
 
 def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | Messages:
@@ -173,6 +203,8 @@ def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[l
     `data.eval` without rows, or whose prompts are all too long, is an error naming the file.
     """
     train_rows = read_rows(config.train, config.train_split)
+    if not train_rows:
+        raise DataError(f"{config.train}: data.train holds no rows")
     if config.eval:
         eval_rows = read_rows(config.eval, config.eval_split)
         if not eval_rows:

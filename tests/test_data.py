@@ -40,6 +40,49 @@ def test_bad_message_names_field(tmp_path: Path) -> None:
         prepare_examples(read_rows(str(path), "train"), DataConfig(train=str(path)), None, "t")
 
 
+def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 15\)"):
+        read_rows(str(path), "train")
+
+
+def test_malformed_json_file_names_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text('[{"prompt": "a"},\n {"prompt": }]')
+    with pytest.raises(DataError, match=rf"{path}:2: not valid JSON \(Expecting value at column 13\)"):
+        read_rows(str(path), "train")
+    path.write_text('[{"prompt": "a"}, 3]')
+    with pytest.raises(DataError, match=rf"{path}\[1\]: expected a JSON object, got int"):
+        read_rows(str(path), "train")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "is null; a message's content is text"),
+    (7, "is int; a message's content is text"),
+    ([{"type": "image_url", "image_url": {"url": "x"}}], r"holds parts \['image_url'\]; only text parts"),
+])
+def test_message_content_that_is_not_text_names_the_field(tmp_path: Path, content, message) -> None:
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": content}]}])
+    with pytest.raises(DataError, match=rf"{path}:1: field 'messages\[0\]\.content' {message}"):
+        prepare_examples(read_rows(str(path), "train"), DataConfig(train=str(path)), None, "t")
+
+
+def test_text_content_parts_become_the_message_text(tmp_path: Path) -> None:
+    parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": parts}]}])
+    [example] = prepare_examples(read_rows(str(path), "train"), DataConfig(train=str(path)), None, "t")
+    assert example.prompt == [{"role": "user", "content": "What is 2+2?"}]
+    assert example.row["messages"][0]["content"] == parts  # the row reaches rewards as the file holds it
+
+
+def test_empty_train_file_is_an_error_before_any_tokenizer(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=rf"{path}: data.train holds no rows"):
+        load_splits(DataConfig(train=str(path)), None, 0)
+
+
 def test_missing_prompt_suggests_mapping(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q"}])
     with pytest.raises(DataError, match="column_map"):
