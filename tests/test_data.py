@@ -43,7 +43,7 @@ def test_bad_message_names_field(tmp_path: Path) -> None:
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 15\)"):
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 \(byte 0xe9 at column 16\)"):
         read_rows(str(path), "train")
 
 
