@@ -60,6 +60,7 @@ from rft.metrics import (
     add_policy_stats,
     add_token_mean,
 )
+from rft.model_card import record_base_model, write_model_card
 from rft.models import LogProbModel, load_policy, load_tokenizer, reference_policy, resolve_model_path
 from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
@@ -259,6 +260,7 @@ class Trainer:
             results["after"] = self._evaluate("trained", step=config.training.steps).summary()
         if self.accelerator.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            write_model_card(self.run_dir / "final", config, read_manifest(self.run_dir), results)
             if "before" in results and "after" in results:
                 comparison = compare(results["before"], results["after"], config.eval.noise_sigmas)
                 record_evaluation(self.run_dir, "before_after", comparison)
@@ -666,6 +668,7 @@ class Trainer:
         state_dict = distributed.full_state_dict(self.accelerator, self.model, prefix="policy.")
         if self.accelerator.is_main_process:
             save_policy(self.policy, self.tokenizer, self.run_dir / "final", state_dict=state_dict)
+            record_base_model(self.run_dir / "final", self.config)
         self.accelerator.wait_for_everyone()
 
     def _checkpoint_to_resume(self, resume: bool | str, allow_recipe_change: bool, overwrite: bool) -> run_dir.RunStart:
