@@ -16,6 +16,11 @@ logs what it carries::
 the scorer averages and logs as `reward/<name>/<component>/mean`; `counters` are counts that the
 scorer sums over the calls of a batch and logs as `reward/<name>/<counter>`.
 
+A reward that needs something of the machine (a sandbox, a server) can say at once whether it will
+work: give it a `preflight` attribute, a callable that takes any of the reward's recipe kwargs and
+raises `RewardContractError` with what is missing. The scorer runs it when it is built, so
+`rft train` and `rft reward check` stop in one line before any model loads (`rewards.code` does).
+
 The other helpers turn the shapes rows and completions come in (strings, chat message lists,
 content-part lists, Bedrock `reference_answer` objects) into text.
 """

@@ -163,6 +163,9 @@ def _bwrap_command(bwrap: str, directory: Path) -> list[str]:
         if prefix != "/" and not prefix.startswith("/usr/") and prefix != "/usr":
             command += ["--ro-bind", prefix, prefix]
     command += ["--ro-bind", str(directory), _CODE_DIR, "--chdir", "/tmp", "--clearenv"]
+    # bwrap's own root is a writable tmpfs holding the mount points (e.g. /work/main for a venv there):
+    # read-only too, so that only the private /tmp takes writes.
+    command += ["--remount-ro", "/"]
     return command
 
 
@@ -478,3 +481,6 @@ def code_tests(
 
 
 code_tests.reward_range = (0.0, 1.0)  # type: ignore[attr-defined]
+# Run by the scorer when it is built, with the recipe's kwargs: a sandbox that cannot start stops
+# `rft train` and `rft reward check` before any model loads (see rft.scoring).
+code_tests.preflight = check_sandbox  # type: ignore[attr-defined]

@@ -85,6 +85,18 @@ class ScoreMetrics:
         return {**self.sums.result(), **totals, "time/reward_functions": self.seconds}
 
 
+def _preflight(config: RewardConfig, function: RewardFunction) -> None:
+    """A reward's `preflight(**recipe kwargs it takes)`, if it has one: can it work here at all? Run once, at start."""
+    preflight = getattr(getattr(function, "func", function), "preflight", None)
+    if preflight is None:
+        return
+    accepted = inspect.signature(preflight).parameters
+    try:
+        preflight(**{key: value for key, value in config.kwargs.items() if key in accepted})
+    except RewardContractError as exc:
+        raise RewardError(f"reward {config.name or config.fn!r}: {exc}") from None
+
+
 @dataclass
 class ScoreOutput:
     """Rewards of one batch.
@@ -148,6 +160,7 @@ class RewardScorer:
         self.rewards: list[_Reward] = []
         for config in configs:
             default_name, function = build_reward(config.fn, config.kwargs)
+            _preflight(config, function)
             self.rewards.append(
                 _Reward(
                     name=config.name or default_name,

@@ -190,9 +190,9 @@ def test_trusted_code_may_opt_out_of_isolation():
 
 def test_missing_bwrap_stops_the_run_in_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without bwrap
-    scorer = RewardScorer([RewardConfig(fn="rewards.code:code_tests")], ScoringConfig(on_error="zero"))
+    # When the scorer is built (the trainer builds it before the model loads), not at the first step.
     with pytest.raises(RewardError, match=r"bwrap\) is not on PATH; install it .*isolation: none") as raised:
-        scorer.score(["p"], [ADD], [[]], [{"tests": ADD_TESTS}])
+        RewardScorer([RewardConfig(fn="rewards.code:code_tests")], ScoringConfig(on_error="zero"))
     assert "\n" not in str(raised.value)
     with pytest.raises(RewardContractError):
         check_sandbox()
