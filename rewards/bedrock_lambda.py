@@ -109,7 +109,7 @@ class BedrockLambdaReward:
         memory_limit_in_mb: int = 1024,
     ):
         # Imported here: rft.scoring imports this package's base module.
-        from rft.scoring import load_function
+        from rft.reward_loading import load_function
 
         if ":" not in handler:
             handler = f"{handler}:lambda_handler"

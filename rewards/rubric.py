@@ -33,7 +33,7 @@ from rewards.base import RewardContractError, RewardValues
 class Rubric:
     def __init__(self, components: Sequence[Mapping[str, Any]], normalize: bool = False):
         # Imported here: rft.scoring imports this package's base module, and a rubric is built late.
-        from rft.scoring import build_reward
+        from rft.reward_loading import build_reward
 
         if not components:
             raise ValueError("Rubric: `components` is empty")
