@@ -45,7 +45,8 @@ FREE_FIELDS = (
     "training.steps", "training.threads", "training.micro_batch_size", "training.logprob_chunk_size",
     "model.gradient_checkpointing", "model.attn_implementation",
     "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep_mode", "rollout.vllm_max_model_len",
-    "scoring.concurrency", "output.", "monitors.",
+    # The engines sample the same distribution from the same weights: another engine is another kernel.
+    "rollout.engine", "scoring.concurrency", "scoring.isolation", "scoring.memory_mb", "output.", "monitors.",
     "eval.every", "eval.before_training", "eval.after_training", "eval.keep_samples", "eval.batch_size",
     "eval.baseline_cache", "eval.noise_sigmas",
 )

@@ -265,7 +265,9 @@ def _signal_recipe(tmp_path: Path, model_dir: Path, name: str) -> Path:
     reward_file.write_text(SIGNALLING_REWARD)
     recipe = tiny_recipe(model_dir, tmp_path / name, training={"steps": 4})
     recipe["rewards"] = [{"fn": f"{reward_file}:reward"}]
-    recipe["scoring"] = {"concurrency": 1}  # one call per group, in order: call 5 is step 3's first
+    # One call per group, in order: call 5 is step 3's first. In the trainer's threads, so that the reward's
+    # signal reaches the trainer (a reward worker process would take it itself).
+    recipe["scoring"] = {"concurrency": 1, "isolation": "thread"}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -329,7 +331,8 @@ def test_a_sigterm_on_one_of_two_processes_stops_both_after_the_same_step(tiny_m
     reward_file.write_text(RANK_SIGNALLING_REWARD)
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 3})
     recipe["rewards"] = [{"fn": f"{reward_file}:reward"}]
-    recipe["scoring"] = {"concurrency": 1}  # each process scores one group a step: call 2 is step 2's
+    # Each process scores one group a step: call 2 is step 2's; in its threads, so the signal reaches the process.
+    recipe["scoring"] = {"concurrency": 1, "isolation": "thread"}
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
