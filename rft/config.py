@@ -250,6 +250,9 @@ class AlgorithmConfig(_Section):
         correcting = self.rollout_correction not in ("off", "icepop")
         if correcting and self.rollout_ratio_min is None and self.rollout_ratio_max is None:
             raise ValueError(f"rollout_correction {self.rollout_correction} needs rollout_ratio_max and/or rollout_ratio_min")
+        if self.rollout_correction.startswith("sequence") and self.rollout_ratio_max is None:
+            raise ValueError(f"rollout_correction {self.rollout_correction} needs rollout_ratio_max (a product of "
+                             "ratios overflows without a ceiling)")
         if (self.rollout_ratio_min is not None and self.rollout_ratio_max is not None
                 and self.rollout_ratio_min > self.rollout_ratio_max):
             raise ValueError("rollout_ratio_min is above rollout_ratio_max")

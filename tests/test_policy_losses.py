@@ -199,6 +199,8 @@ def test_rollout_correction_cases_by_hand() -> None:
     for bad in [{"low": None, "high": None}, {"low": 3.0, "high": 2.0}]:
         with pytest.raises(ValueError, match="bound"):
             rollout_correction(trainer, rollout, mask, mode="token_mask", **bad)
+    with pytest.raises(ValueError, match="upper bound"):
+        rollout_correction(trainer, rollout, mask, mode="sequence_truncate", low=0.5, high=None)
     with pytest.raises(ValueError, match="'token_clip'"):
         rollout_correction(trainer, rollout, mask, mode="token_clip", low=None, high=2.0)  # type: ignore[arg-type]
 
@@ -209,6 +211,8 @@ def test_rollout_correction_config() -> None:
     assert AlgorithmConfig(rollout_correction="icepop").rollout_settings == ("icepop", None, None)
     with pytest.raises(ValueError, match="needs rollout_ratio_max"):
         AlgorithmConfig(rollout_correction="sequence_mask")
+    with pytest.raises(ValueError, match="needs rollout_ratio_max"):
+        AlgorithmConfig(rollout_correction="sequence_truncate", rollout_ratio_min=0.5)
     with pytest.raises(ValueError, match="tis_cap and rollout_correction"):
         AlgorithmConfig(rollout_correction="icepop", tis_cap=2.0)
 

@@ -2,7 +2,8 @@
 trainer's for the same tokens (other kernels, precision, batching), so the samples are slightly
 off-policy even at the first update. Truncated importance sampling (TIS; Yao et al. 2025, "Your
 Efficient RL Framework Secretly Brings You Off-Policy RL Training") reweights each token by
-min(pi_trainer / pi_rollout, C).
+min(pi_trainer / pi_rollout, C); `rollout_correction` adds masking (MIS), the sequence-level and
+geometric-mean ratios, and IcePop's two-sided token mask, looked up by mode.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def truncated_importance_weights(
         raise ValueError(f"cap must be > 0, got {cap}")
     weights, _, stats = rollout_correction(trainer_logp, rollout_logp, mask, mode="token_truncate", low=None, high=cap)
     return weights, stats
+
 
 RolloutCorrection = Literal[
     "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "geometric_truncate", "geometric_mask",
@@ -136,6 +138,9 @@ def rollout_correction(
         high = ICEPOP_BOUNDS[1] if high is None else high
     if low is None and high is None:
         raise ValueError(f"rollout correction {mode!r} needs a bound (low, high or both)")
+    if mode.startswith("sequence") and high is None:
+        # A product of hundreds of ratios overflows (e^89 is inf in float32): its weight needs a ceiling.
+        raise ValueError(f"rollout correction {mode!r} needs an upper bound (high)")
     if (low is not None and low < 0) or (high is not None and high <= 0) or (
         low is not None and high is not None and low > high
     ):
