@@ -229,7 +229,8 @@ class AlgorithmConfig(_Section):
         "at or above the batch's (1 - rho)-quantile count in the loss; paper 0.2; 1.0: all tokens (as TRL).",
     )
     entropy_coef: float = Field(
-        0.0, description="Entropy bonus: loss -= coef * token mean of the entropy over the counted tokens; 0: off."
+        0.0, description="Entropy bonus: loss -= coef * token mean of the entropy over the tokens that count in the "
+        "loss (after the rollout and top-entropy masks, as TRL), whatever loss_agg; 0: off.",
     )
 
     @model_validator(mode="before")

@@ -72,7 +72,10 @@ def loss_masks(
         kept.append(_rollout(algorithm, old_logp, rollout_logp, mask)[1])
     if algorithm.top_entropy_quantile >= 1.0:
         return kept
-    local = torch.cat([e[m].detach().cpu() for e, m in zip(old_entropies, kept, strict=True) if e is not None])
+    # A process may hold padding passes only: the empty start keeps its share a (possibly empty) tensor.
+    local = torch.cat([torch.zeros(0, dtype=torch.float64)] + [
+        e[m].detach().to("cpu", torch.float64) for e, m in zip(old_entropies, kept, strict=True) if e is not None
+    ])
     everywhere = torch.cat(distributed.gather_from_processes(accelerator, local))
     threshold = algorithms.top_entropy_threshold(everywhere, algorithm.top_entropy_quantile)
     return [
