@@ -51,7 +51,7 @@ def ppo_clip(
 def cispo(
     ratio: torch.Tensor, logp: torch.Tensor, adv: torch.Tensor, s: SurrogateSettings
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """l = -sg[clip(r, 1 - eps_low^IS, 1 + eps_high^IS)] A log pi_theta (CISPO, MiniMax-M1, Chen et al.
+    """l = -sg[clip(r, 1 - eps_low^IS, 1 + eps_high^IS)] A log pi_theta (CISPO, MiniMax-M1, MiniMax et al.
     2025, arXiv 2506.13585, Sec. 3.1 eqs. 3-4).
 
     The IS weight is clipped, not the update: every token keeps a gradient, scaled by the weight, so the
