@@ -62,7 +62,10 @@ RATIO_MEAN = Metric("policy/ratio_mean", Reduction.MEAN)
 RATIO_MAX = Metric("policy/ratio_max", Reduction.MAX)
 MISMATCH_ABS_MEAN = Metric("rollout/mismatch_abs_mean", Reduction.MEAN)
 MISMATCH_RATIO_MAX = Metric("rollout/mismatch_ratio_max", Reduction.MAX)
-TIS_CAPPED_SHARE = Metric("rollout/tis_capped_share", Reduction.MEAN)
+TIS_CAPPED_SHARE = Metric("rollout/tis_capped_share", Reduction.MEAN)  # weight truncated (*_truncate modes)
+ROLLOUT_MASKED_SHARE = Metric("rollout/masked_share", Reduction.MEAN)  # dropped by a *_mask / icepop correction
+ROLLOUT_KL = Metric("rollout/kl", Reduction.MEAN)  # k3 estimate of KL(pi_rollout || pi_trainer)
+ENTROPY_KEPT_SHARE = Metric("entropy/kept_share", Reduction.MEAN)  # kept by algorithm.top_entropy_quantile
 # The training batch (`Trainer._assemble`).
 TRUNCATED_SHARE = Metric("completion/truncated_share", Reduction.MEAN)
 COMPLETION_TOKENS = Metric("completion/tokens", Reduction.SUM)
@@ -256,9 +259,12 @@ def add_policy_stats(accumulator: Accumulator, stats: dict[str, torch.Tensor]) -
 
 
 def add_mismatch_stats(accumulator: Accumulator, stats: dict[str, torch.Tensor]) -> None:
-    """`rollout_mismatch` / `truncated_importance_weights` statistics as parts of the step's metrics."""
+    """`rollout_mismatch` / `truncated_importance_weights` / `rollout_correction` statistics as metric parts."""
     tokens = stats["tokens"]
     accumulator.add(MISMATCH_ABS_MEAN, stats["mismatch_abs_sum"], tokens)
     accumulator.add(MISMATCH_RATIO_MAX, stats["mismatch_ratio_max"], tokens)
+    accumulator.add(ROLLOUT_KL, stats["rollout_kl_sum"], tokens)
     if "tis_capped_tokens" in stats:
         accumulator.add(TIS_CAPPED_SHARE, stats["tis_capped_tokens"], tokens)
+    if "masked_tokens" in stats:
+        accumulator.add(ROLLOUT_MASKED_SHARE, stats["masked_tokens"], tokens)

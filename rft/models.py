@@ -145,11 +145,12 @@ class LogProbModel(torch.nn.Module):
     keeps every wrapper in the loop, at no cost in a single process.
     """
 
-    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int):
+    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int, entropy_grad: bool = False):
         super().__init__()
         self.policy = policy
         self.temperature = temperature
         self.chunk_size = chunk_size
+        self.entropy_grad = entropy_grad
         # FSDP2's auto-wrap policy reads the transformer blocks to shard from the model it is given.
         self._no_split_modules = getattr(causal_lm(policy), "_no_split_modules", None)
 
@@ -162,18 +163,18 @@ class LogProbModel(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logprobs(
             self.policy, input_ids, attention_mask, completion_start, completion_lengths,
-            temperature=self.temperature, chunk_size=self.chunk_size,
+            temperature=self.temperature, chunk_size=self.chunk_size, entropy_grad=self.entropy_grad,
         )
 
 
 def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float, entropy_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float() / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     token_logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return token_logp, entropy.detach()
+    return token_logp, entropy if entropy_grad else entropy.detach()
 
 
 def completion_logprobs(
@@ -185,8 +186,11 @@ def completion_logprobs(
     *,
     temperature: float,
     chunk_size: int,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of the completion tokens, shape (B, max completion length).
+
+    The entropies are detached unless `entropy_grad` (an entropy bonus in the loss needs their gradient).
 
     `input_ids` holds prompt + completion, right-padded; completion i starts at `completion_start[i]`.
     Only hidden states at completion positions go through the LM head, `chunk_size` tokens at a
@@ -214,7 +218,9 @@ def completion_logprobs(
         hidden_chunk = flat_hidden[start : start + chunk_size]
         target_chunk = flat_targets[start : start + chunk_size]
         if torch.is_grad_enabled():
-            logp, entropy = checkpoint(_chunk_logprobs, hidden_chunk, target_chunk, head, temperature, use_reentrant=False)
+            logp, entropy = checkpoint(
+                _chunk_logprobs, hidden_chunk, target_chunk, head, temperature, entropy_grad, use_reentrant=False
+            )
         else:
             logp, entropy = _chunk_logprobs(hidden_chunk, target_chunk, head, temperature)
         logps.append(logp)

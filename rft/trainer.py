@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rft import algorithms, distributed, run_dir
+from rft import algorithms, distributed, objective, run_dir
 from rft.checkpoint import (
     TrainerState,
     apply_optimizer_settings,
@@ -46,19 +46,13 @@ from rft.log_lines import held_out_line, step_line
 from rft.manifest import build_manifest, read_manifest, record_evaluation, write_manifest
 from rft.metrics import (
     COMPLETION_TOKENS,
-    ENTROPY,
     GRAD_NORM,
-    KL_OLD,
-    KL_REF,
     LEARNING_RATE,
     LOSS,
     TRUNCATED_SHARE,
     Accumulator,
     Metric,
     Reduction,
-    add_mismatch_stats,
-    add_policy_stats,
-    add_token_mean,
 )
 from rft.model_card import record_base_model, write_model_card
 from rft.models import LogProbModel, load_policy, load_tokenizer, reference_policy, resolve_model_path
@@ -103,20 +97,6 @@ class MicroBatch:
 
 def _pad(rows: list[list[float]], width: int, value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=dtype)
-
-
-def _add_micro_batch_metrics(
-    sums: Accumulator, mask: torch.Tensor, logp: torch.Tensor, old_logp: torch.Tensor, entropy: torch.Tensor,
-    stats: dict[str, torch.Tensor], mismatch: dict[str, torch.Tensor] | None, kl: torch.Tensor | None,
-) -> None:
-    """One micro-batch's part of the update's metrics: sums over its counted tokens, and its maxima."""
-    add_policy_stats(sums, stats)
-    if mismatch is not None:
-        add_mismatch_stats(sums, mismatch)
-    if kl is not None:
-        add_token_mean(sums, KL_REF, kl, mask)
-    add_token_mean(sums, ENTROPY, entropy, mask)
-    add_token_mean(sums, KL_OLD, algorithms.kl_penalty(logp.detach(), old_logp, "k3"), mask)
 
 
 def peak_memory_mb() -> float:
@@ -462,7 +442,8 @@ class Trainer:
 
     def _logprob_model(self, policy: torch.nn.Module) -> LogProbModel:
         return LogProbModel(
-            policy, temperature=self.config.rollout.temperature, chunk_size=self.config.training.logprob_chunk_size
+            policy, temperature=self.config.rollout.temperature, chunk_size=self.config.training.logprob_chunk_size,
+            entropy_grad=self.config.algorithm.entropy_coef != 0,
         )
 
     def _logprobs(self, model: torch.nn.Module, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,67 +477,59 @@ class Trainer:
         micro_batches = [self._collate(batch, indices) for mini in partition for indices in mini]
         # With one update per batch the policy that sampled is the one being updated: old log-probs
         # equal the current ones detached, so the extra forward pass is skipped.
-        reuse_current = algorithm.num_iterations == 1 and len(partition) == 1
+        # (Unless the loss's mask depends on the sampling policy: see `objective.loss_masks`.)
+        reuse_current = (algorithm.num_iterations == 1 and len(partition) == 1
+                         and not objective.needs_sampling_policy_pass(algorithm))
         start = time.perf_counter()
         old_logps: list[torch.Tensor | None] = [None] * len(micro_batches)
+        old_entropies: list[torch.Tensor | None] = [None] * len(micro_batches)
         ref_logps: list[torch.Tensor | None] = [None] * len(micro_batches)
         with torch.no_grad():
             for i, micro in enumerate(micro_batches):
                 if not reuse_current:
-                    old_logps[i] = self._logprobs(self.model, micro)[0]
+                    old_logps[i], old_entropies[i] = self._logprobs(self.model, micro)
                 if algorithm.beta > 0:
                     with reference_policy(self.policy, self.reference) as reference:
                         # With LoRA the reference is the policy itself, adapter off: run it through the
                         # prepared module like every other forward.
                         ref_logps[i] = self._logprobs(self.model if reference is self.policy else reference, micro)[0]
         metrics: dict[str, float] = {"time/logprobs": time.perf_counter() - start}
+        accelerator = self.accelerator
+        loss_masks = objective.loss_masks(
+            algorithm, accelerator, [m.mask for m in micro_batches], [m.rollout_logp for m in micro_batches],
+            old_logps, [None if m.padding else e for m, e in zip(micro_batches, old_entropies, strict=True)],
+        )
         # Parts of the step's metrics, kept as tensors and reduced once at the end (see `rft.metrics`).
         sums = Accumulator()
-        accelerator = self.accelerator
         micro_index = 0
         for _ in range(algorithm.num_iterations):
             micro_index = 0
             for mini in partition:
                 minis = micro_batches[micro_index : micro_index + len(mini)]
                 update_loss = torch.zeros((), device=accelerator.device)
-                # The global normaliser of the whole mini-batch (all micro-batches, all processes): this
+                # The global normalisers of the whole mini-batch (all micro-batches, all processes): this
                 # is what makes the loss independent of how the batch is split.
-                local_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-                for m in minis:
-                    if not m.padding:
-                        local_count = local_count + algorithms.loss_normalizer(m.mask, loss_agg=algorithm.loss_agg)
-                normalizer = accelerator.reduce(local_count, reduction="sum")
+                mini_masks = loss_masks[micro_index : micro_index + len(minis)]
+                norm = objective.normalizers(
+                    algorithm, accelerator, [m for m, micro in zip(mini_masks, minis, strict=True) if not micro.padding]
+                )
                 for position, micro in enumerate(minis):
                     with distributed.accumulate_gradients(accelerator, self.model, sync=position == len(minis) - 1):
                         logp, entropy = self._logprobs(self.model, micro)
-                        old_logp = logp.detach() if reuse_current else old_logps[micro_index]
-                        is_weights = mismatch = kl = None
-                        if micro.rollout_logp is not None and algorithm.tis_cap is not None:
-                            is_weights, mismatch = algorithms.truncated_importance_weights(
-                                old_logp, micro.rollout_logp, micro.mask, algorithm.tis_cap
-                            )
-                        elif micro.rollout_logp is not None:
-                            mismatch = algorithms.rollout_mismatch(old_logp, micro.rollout_logp, micro.mask)
-                        per_token, stats = algorithms.policy_loss(
-                            logp, old_logp, micro.advantages, micro.mask,
-                            eps_low=algorithm.eps_low, eps_high=algorithm.eps_high, delta=algorithm.delta,
-                            importance_sampling_level=algorithm.importance_sampling_level, is_weights=is_weights,
+                        inputs = objective.MicroInputs(
+                            mask=micro.mask, loss_mask=loss_masks[micro_index], advantages=micro.advantages,
+                            logp=logp, entropy=entropy,
+                            old_logp=logp.detach() if reuse_current else old_logps[micro_index],
+                            rollout_logp=micro.rollout_logp, ref_logp=ref_logps[micro_index],
                         )
-                        if ref_logps[micro_index] is not None:
-                            kl = algorithms.kl_penalty(logp, ref_logps[micro_index], algorithm.kl_estimator)
-                            per_token = per_token + algorithm.beta * kl * micro.mask
-                        loss = algorithms.aggregate_loss(
-                            per_token, micro.mask, loss_agg=algorithm.loss_agg, normalizer=normalizer,
-                            max_completion_length=config.rollout.max_new_tokens,
-                        )
+                        # Padding micro-batches too (with nothing counted): every process adds the same metrics.
+                        loss = objective.micro_batch_loss(algorithm, inputs, norm, config.rollout.max_new_tokens, sums)
                         # The loss is this micro-batch's share of the global loss, and DDP / FSDP2 / ZeRO-3
                         # average gradients over processes: scaling by their number makes the result the
                         # gradient of the global loss.
                         accelerator.backward(loss * accelerator.num_processes)
                     micro_index += 1
                     update_loss += loss.detach()
-                    # Padding micro-batches too (with nothing counted): every process adds the same metrics.
-                    _add_micro_batch_metrics(sums, micro.mask, logp, old_logp, entropy, stats, mismatch, kl)
                 if config.training.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), config.training.max_grad_norm)
                 else:

@@ -681,7 +681,8 @@ def test_truncated_importance_weights_by_hand() -> None:
     close(stats["mismatch_ratio_max"], math.exp(1.5))  # before capping; the masked 10 is ignored
     close(stats["tis_capped_tokens"], 1.0)
     mismatch = rollout_mismatch(trainer, rollout, mask)
-    assert mismatch.keys() == {"tokens", "mismatch_abs_sum", "mismatch_ratio_max"}
+    assert mismatch.keys() == {"tokens", "mismatch_abs_sum", "mismatch_ratio_max", "rollout_kl_sum"}
+    close(stats["rollout_kl_sum"], sum(math.expm1(x) - x for x in (0.1, -0.2, 1.5)))
     for name, value in mismatch.items():
         close(value, stats[name])
     # A ratio equal to the cap is not counted as capped.

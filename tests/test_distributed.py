@@ -161,6 +161,27 @@ def test_two_processes_compute_the_gradients_of_one_process(equivalence_runs: Pa
     assert min(lengths) < max(lengths), "all completions equally long: token-mean would not be exercised"
 
 
+def test_two_processes_share_the_step_wide_masks_of_one_process(stopping_model_dir: Path, tmp_path: Path) -> None:
+    # The entropy quantile is over every token of the step (gathered from both processes, the padding pass
+    # included), the rollout mask and the entropy bonus's token count over the global batch: CISPO with all
+    # of them trains one step on two processes as on one.
+    options = {"loss": "cispo", "top_entropy_quantile": 0.5, "entropy_coef": 0.05, "rollout_correction": "icepop",
+               "rollout_ratio_min": 0.999, "rollout_ratio_max": 1.001}
+    gradients, metrics = {}, {}
+    for processes, name in ((1, "single"), (2, "double")):
+        recipe = _equivalence_recipe(stopping_model_dir, tmp_path / name, steps=1)
+        recipe["algorithm"].update(options)
+        path = _write_recipe(tmp_path / f"{name}.yaml", recipe)
+        _torchrun(processes, str(WORKER), str(path), "--sgd", "--record-gradients", str(tmp_path / f"{name}-gradients"))
+        gradients[name], (metrics[name],) = _gradients(tmp_path / f"{name}-gradients"), _metrics(tmp_path / name)
+    assert 0 < metrics["single"]["entropy/kept_share"] < 1
+    for key in ("entropy/kept_share", "rollout/masked_share", "rollout/kl", "entropy", "loss", "grad_norm"):
+        assert metrics["double"][key] == pytest.approx(metrics["single"][key], rel=RELATIVE_TOLERANCE, abs=1e-9), key
+    for update, (expected, actual) in enumerate(zip(gradients["single"], gradients["double"], strict=True), start=1):
+        difference, name = _relative_difference(actual, expected)
+        assert difference < RELATIVE_TOLERANCE, f"update {update}, {name}: relative difference {difference:.3g}"
+
+
 def test_a_missing_gradient_sync_fails_the_comparison(
     equivalence_runs: Path, stopping_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -115,13 +115,17 @@ def fixed_batch(trainer: Trainer, keep: list[int]) -> Batch:
     )
 
 
-def update_once(model_dir: Path, run_dir: Path, micro_batch_size: int, keep: list[int]) -> tuple[dict, list]:
+def update_once(
+    model_dir: Path, run_dir: Path, micro_batch_size: int, keep: list[int], options: dict | None = None
+) -> tuple[dict, list]:
     """The update's metrics and the gradient of its first optimizer update (before clipping)."""
+    # Two updates on the batch: the second sees ratios away from 1, so the clip and ratio metrics move.
+    algorithm = {"mask_truncated": True, "loss_agg": "seq-mean-token-mean", "num_iterations": 2, "beta": 0.04,
+                 "tis_cap": 1.2, "eps_low": 0.2, "eps_high": 0.2, **(options or {})}
+    if "rollout_correction" in algorithm:
+        del algorithm["tis_cap"]
     recipe = tiny_recipe(
-        model_dir, run_dir,
-        # Two updates on the batch: the second sees ratios away from 1, so the clip and ratio metrics move.
-        algorithm={"mask_truncated": True, "loss_agg": "seq-mean-token-mean", "num_iterations": 2, "beta": 0.04,
-                   "tis_cap": 1.2, "eps_low": 0.2, "eps_high": 0.2},
+        model_dir, run_dir, algorithm=algorithm,
         rollout={"group_size": 3, "max_new_tokens": MAX_NEW_TOKENS},
         training={"micro_batch_size": micro_batch_size, "learning_rate": 0.05, "threads": 1},
     )
@@ -147,22 +151,18 @@ def update_once(model_dir: Path, run_dir: Path, micro_batch_size: int, keep: lis
     return metrics, gradient
 
 
-def test_update_metrics_and_gradient_do_not_depend_on_the_split(tiny_model_dir: Path, tmp_path: Path) -> None:
+def compare_splits(model_dir: Path, tmp_path: Path, options: dict | None = None) -> dict:
+    """Each split's metrics and first gradient against the whole batch's in one micro-batch; returns those."""
     everything = list(range(len(LENGTHS)))
     untruncated = [i for i, n in enumerate(LENGTHS) if n < MAX_NEW_TOKENS]
     runs = {
-        "micro 1": update_once(tiny_model_dir, tmp_path / "a", 1, everything),
-        "micro 4 (4 + 4 + 1)": update_once(tiny_model_dir, tmp_path / "b", 4, everything),
+        "micro 1": update_once(model_dir, tmp_path / "a", 1, everything, options),
+        "micro 4 (4 + 4 + 1)": update_once(model_dir, tmp_path / "b", 4, everything, options),
         # Overlong filtering removes the truncated samples: the same as never having them.
-        "whole batch, truncated rows removed": update_once(tiny_model_dir, tmp_path / "d", 9, untruncated),
+        "whole batch, truncated rows removed": update_once(model_dir, tmp_path / "d", 9, untruncated, options),
     }
-    reference, reference_gradient = update_once(tiny_model_dir, tmp_path / "c", 9, everything)
-    # The example exercises what it tests: clipping, ratios and the rollout mismatch off 1.
-    assert 0 < reference["clip/clip_region"] < 1
-    assert reference["policy/ratio_max"] > 1.2 and reference["rollout/mismatch_ratio_max"] > 1.2
-    assert 0 < reference["rollout/tis_capped_share"] < 1
+    reference, reference_gradient = update_once(model_dir, tmp_path / "c", 9, everything, options)
     compared = {key for key in reference if not key.startswith("time/")}
-    assert {"loss", "grad_norm", "entropy", "kl/old", "kl/ref", "policy/ratio_mean", "clip/clip_low"} <= compared
     scale = max(g.abs().max().item() for g in reference_gradient)
     assert scale > 0
     for label, (metrics, gradient) in runs.items():
@@ -173,6 +173,47 @@ def test_update_metrics_and_gradient_do_not_depend_on_the_split(tiny_model_dir: 
         for got, expected in zip(gradient, reference_gradient, strict=True):
             # Relative to the gradient's scale: summation order differs between the splits.
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=label)
+    return reference
+
+
+def test_update_metrics_and_gradient_do_not_depend_on_the_split(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reference = compare_splits(tiny_model_dir, tmp_path)
+    # The example exercises what it tests: clipping, ratios and the rollout mismatch off 1.
+    assert 0 < reference["clip/clip_region"] < 1
+    assert reference["policy/ratio_max"] > 1.2 and reference["rollout/mismatch_ratio_max"] > 1.2
+    assert 0 < reference["rollout/tis_capped_share"] < 1
+    assert {"loss", "grad_norm", "entropy", "kl/old", "kl/ref", "policy/ratio_mean", "clip/clip_low",
+            "rollout/kl"} <= set(reference)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        # CISPO with a token mask, the top 40% of the step's entropies and an entropy bonus.
+        {"loss": "cispo", "cispo_eps_high": 0.1, "rollout_correction": "token_mask", "rollout_ratio_min": 0.7,
+         "rollout_ratio_max": 1.3, "top_entropy_quantile": 0.4, "entropy_coef": 0.05},
+        # SAPO with a mask on the sequence ratio and a bonus over a DAPO token mean.
+        {"loss": "sapo", "rollout_correction": "sequence_mask", "rollout_ratio_max": 1.5, "entropy_coef": 0.05,
+         "loss_agg": "token-mean"},
+        # PPO-clip with a truncated geometric-mean ratio and only the top 20% of the step's entropies.
+        {"rollout_correction": "geometric_truncate", "rollout_ratio_min": 0.9, "rollout_ratio_max": 1.05,
+         "top_entropy_quantile": 0.2},
+        {"rollout_correction": "icepop", "rollout_ratio_min": 0.8, "rollout_ratio_max": 1.25},
+    ],
+    ids=["cispo-token_mask-entropy", "sapo-sequence_mask-bonus", "geometric_truncate-entropy", "icepop"],
+)
+def test_new_options_do_not_depend_on_the_split(tiny_model_dir: Path, tmp_path: Path, options: dict) -> None:
+    reference = compare_splits(tiny_model_dir, tmp_path, options)
+    # The example exercises what it tests: each option acts on part of the batch, not on none or all of it.
+    if "mask" in options["rollout_correction"] or options["rollout_correction"] == "icepop":
+        assert 0 < reference["rollout/masked_share"] < 1
+    else:
+        assert 0 < reference["rollout/tis_capped_share"] < 1
+    if options.get("top_entropy_quantile", 1.0) < 1:
+        assert 0 < reference["entropy/kept_share"] < 1
+    if options.get("loss") == "cispo":
+        assert 0 < reference["clip/clip_region"] < 1
+    assert reference["rollout/kl"] > 0
 
 
 # ---------------------------------------------------------------- rounds and the std convention, end to end

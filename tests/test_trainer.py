@@ -72,6 +72,47 @@ def test_every_algorithm_runs(tiny_model_dir: Path, tmp_path: Path, algorithm: d
         assert "reward/overlong/mean" in metrics[0]
 
 
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"loss": "cispo"},
+        {"loss": "sapo", "entropy_coef": 0.01},
+        {"top_entropy_quantile": 0.2, "rollout_correction": "icepop"},
+    ],
+    ids=["cispo", "sapo-entropy_bonus", "top_entropy-icepop"],
+)
+def test_new_losses_train_and_move_the_weights(tiny_model_dir: Path, tmp_path: Path, algorithm: dict) -> None:
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", algorithm=algorithm, training={"steps": 1})
+    trainer = Trainer(load_config(raw=recipe))
+    before = {k: v.detach().clone() for k, v in trainer.policy.named_parameters() if v.requires_grad}
+    trainer.train()
+    (row,) = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["advantage/max"] > 0  # something to learn from: a moved weight is the loss's doing
+    moved = [k for k, v in trainer.policy.named_parameters() if k in before and not torch.equal(v, before[k])]
+    assert moved, algorithm
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    if "top_entropy_quantile" in algorithm:
+        assert 0 < row["entropy/kept_share"] < 1
+        assert "rollout/masked_share" in row
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.1])
+def test_the_entropy_bonus_alone_moves_the_weights(tiny_model_dir: Path, tmp_path: Path, entropy_coef: float) -> None:
+    # A constant reward: every advantage is 0, so only the bonus has a gradient, through the model's entropies.
+    constant = tmp_path / "constant.py"
+    constant.write_text("def one(completions, **_):\n    return [1.0] * len(completions)\n")
+    recipe = tiny_recipe(
+        tiny_model_dir, tmp_path / "run", algorithm={"entropy_coef": entropy_coef}, lora={"enabled": False},
+        training={"steps": 1},
+    )
+    recipe["rewards"] = [{"fn": f"{constant}:one"}]
+    trainer = Trainer(load_config(raw=recipe))
+    before = {k: v.detach().clone() for k, v in trainer.policy.named_parameters()}
+    trainer.train()
+    moved = [k for k, v in trainer.policy.named_parameters() if not torch.equal(v, before[k])]
+    assert bool(moved) == (entropy_coef > 0)
+
+
 def test_full_finetune_with_reference_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", lora={"enabled": False}, algorithm={"beta": 0.05})
     trainer, metrics = run(recipe)

