@@ -91,6 +91,11 @@ class RewardConfig(_Section):
         description="Keyword arguments bound to the function (functools.partial); when `fn` names a class, "
         "the class is built once with them and the instance is called.",
     )
+    build: dict[str, Any] | None = Field(
+        None,
+        description="`fn` names a factory (TRL's `get_cosine_scaled_reward`, `get_soft_overlong_punishment`): it is "
+        "called once with these, and the function it returns is the reward (`kwargs` are then bound to that).",
+    )
     timeout_s: float | None = Field(
         None, gt=0, description="Limit for one call of this reward (one group of completions); default scoring.timeout_s."
     )
@@ -502,6 +507,11 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
             key: _resolve_spec(value, base, working_dir=False) if _looks_like_file(value) else value
             for key, value in reward.kwargs.items()
         }
+        if reward.build is not None:
+            reward.build = {
+                key: _resolve_spec(value, base, working_dir=False) if _looks_like_file(value) else value
+                for key, value in reward.build.items()
+            }
 
 
 def _looks_like_file(value: Any) -> bool:
