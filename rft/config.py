@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rft.field_names import unknown_field_hint
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -398,7 +400,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "(recipe)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown field (misspelt?)"
+            message = unknown_field_hint(item["loc"], item.get("input"), RecipeConfig)
         if item["type"] == "literal_error":
             message = f"got {item['input']!r}; {message}"
         lines.append(f"{source}: {field}: {message}")
