@@ -13,7 +13,6 @@ import pytest
 
 from rft.config import ConfigError, RewardConfig, ScoringConfig, load_config
 from rft.reward_check import check_file
-from rft.reward_context import RewardState
 from rft.scoring import RewardError, RewardScorer
 from tests.conftest import REPO, tiny_recipe
 
@@ -99,6 +98,8 @@ def test_factory_under_kwargs_says_to_use_build() -> None:
 
 
 def test_context_reaches_only_rewards_that_take_it() -> None:
+    from rft.reward_context import RewardState
+
     scorer = RewardScorer([RewardConfig(fn=f"{HERE}:state_only"), RewardConfig(fn=f"{HERE}:plain")],
                           ScoringConfig(isolation="thread", on_error="stop"))
     scorer.state = RewardState(global_step=3, max_steps=10, epoch=0.5)
