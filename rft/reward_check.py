@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rft.config import ConfigError, RecipeConfig, load_config
+from rft.reward_context import RewardState
 from rft.reward_report import (
     CheckReport,
     format_report,
@@ -132,6 +133,7 @@ def check_file(
 ) -> tuple[str, CheckReport, int]:
     """Score a completions file with the recipe's rewards: (printed text, report, failed expectations)."""
     scorer = RewardScorer(config.rewards, config.scoring)
+    scorer.state = RewardState(max_steps=config.training.steps)  # as before the first step
     cases = read_cases(path, scorer.names)
     output = scorer.score(
         [c.prompt for c in cases], [c.completion for c in cases], [[] for _ in cases], [c.row for c in cases]
@@ -244,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)
     if args.completions is None:
         scorer = RewardScorer(config.rewards, config.scoring)
+        scorer.state = RewardState(max_steps=config.training.steps)  # as before the first step
         reward_range = tuple(args.reward_range) if args.reward_range else recipe_reward_range(scorer)
         group_size = args.group_size or config.rollout.group_size
         report = sample_and_score(config, scorer, args.prompts, group_size, reward_range)

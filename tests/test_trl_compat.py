@@ -45,6 +45,11 @@ def plain(prompts, completions, completion_ids):
     return [1.0 for _ in completions]
 
 
+def first_length(completions, log_metric, **kwargs):
+    log_metric("first_length", len(completions[0]))
+    return [0.0 for _ in completions]
+
+
 def bad_extra(completions, log_extra, **kwargs):
     log_extra("short", [1])
     return [0.0 for _ in completions]
@@ -114,6 +119,18 @@ def test_log_extra_of_the_wrong_length_fails_the_call() -> None:
     finally:
         scorer.close()
     assert output.errors and "log_extra('short'): 1 values for the call's 2 completions" in output.errors[0]
+
+
+def test_logged_metric_is_the_mean_of_every_value_over_calls_and_processes() -> None:
+    """TRL sums values and counts over processes before dividing; so do rft's metric parts."""
+    from rft.scoring import ScoreMetrics
+
+    scorer = RewardScorer([RewardConfig(fn=f"{HERE}:first_length")], ScoringConfig(isolation="thread"))
+    first = scorer.score(["p", "p"], ["a", "bbb"], [[1], [1]], [{}, {}], group_size=1)  # logs 1 and 3
+    second = scorer.score(["p"], ["cccccc"], [[1]], [{}], group_size=1)  # another process: logs 6
+    assert first.metrics["first_length"] == 2.0
+    combined = ScoreMetrics.of_processes([first.stats, second.stats]).result()
+    assert combined["first_length"] == pytest.approx(10 / 3, rel=1e-12)
 
 
 def test_trainer_state_log_metric_and_log_extra_in_a_run(tiny_model_dir: Path, tmp_path: Path) -> None:
