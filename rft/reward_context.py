@@ -9,7 +9,7 @@ TRL's GRPOTrainer (1.16) passes every reward three more keyword arguments, and r
   worker processes too; held-out evaluations see the state of the step they follow.
 - `log_metric(name, value)`: a scalar for the step's metrics. As in TRL, values are averaged over
   the step (every call, every process, every dynamic-sampling round) and logged under `name` as given,
-  in `metrics.jsonl` and so the report.
+  in `metrics.jsonl` (and the trackers, and the last step's row in the report's `summary.json`).
 - `log_extra(column, values)`: one value per completion of the call, written beside those
   completions in `completions.jsonl` under `"extra"` (TRL's completions table).
 

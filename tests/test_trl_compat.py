@@ -149,6 +149,8 @@ def test_trainer_state_log_metric_and_log_extra_in_a_run(tiny_model_dir: Path, t
     records = [json.loads(line) for line in (trainer.run_dir / "completions.jsonl").read_text().splitlines()]
     assert len(records) == 6
     assert all(r["extra"]["length"] == len(r["completion"]) for r in records)
+    summary = json.loads((trainer.run_dir / "summary.json").read_text())  # the report's numbers
+    assert summary["train"]["last"]["curriculum/global_step"] == 1.0
 
 
 # -- names ----------------------------------------------------------------------------------------------
