@@ -9,7 +9,8 @@ TRL's GRPOTrainer (1.16) passes every reward three more keyword arguments, and r
   worker processes too; held-out evaluations see the state of the step they follow.
 - `log_metric(name, value)`: a scalar for the step's metrics. As in TRL, values are averaged over
   the step (every call, every process, every dynamic-sampling round) and logged under `name` as given,
-  in `metrics.jsonl` (and the trackers, and the last step's row in the report's `summary.json`).
+  in `metrics.jsonl` (and the trackers, and the last step's row in the report's `summary.json`); names
+  under `reward/` are the scorer's own and refused.
 - `log_extra(column, values)`: one value per completion of the call, written beside those
   completions in `completions.jsonl` under `"extra"` (TRL's completions table).
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONTEXT_ARGUMENTS = ("trainer_state", "log_extra", "log_metric")
+RESERVED_PREFIX = "reward/"
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,14 @@ class RewardLog:
     extras: dict[str, list[Any]] = field(default_factory=dict)
 
     def log_metric(self, name: str, value: float) -> None:
+        name = str(name)
+        if name.startswith(RESERVED_PREFIX):
+            # The scorer's own metrics live there, and a logged value of the same name would merge into them.
+            raise ValueError(f"log_metric({name!r}): names under {RESERVED_PREFIX!r} are the scorer's; choose another")
         number = float(value)
         if not math.isfinite(number):
             raise ValueError(f"log_metric({name!r}, {value!r}): the value must be a finite number")
-        self.metrics.setdefault(str(name), []).append(number)
+        self.metrics.setdefault(name, []).append(number)
 
     def log_extra(self, column: str, values: list[Any]) -> None:
         values = list(values)

@@ -55,6 +55,11 @@ def bad_extra(completions, log_extra, **kwargs):
     return [0.0 for _ in completions]
 
 
+def clashing_metric(completions, log_metric, **kwargs):
+    log_metric("reward/mean", 100.0)
+    return [0.0 for _ in completions]
+
+
 # -- TRL's own rewards through the scorer -------------------------------------------------------------
 
 TRL_REWARDS = [
@@ -119,6 +124,12 @@ def test_log_extra_of_the_wrong_length_fails_the_call() -> None:
     finally:
         scorer.close()
     assert output.errors and "log_extra('short'): 1 values for the call's 2 completions" in output.errors[0]
+
+
+def test_a_logged_metric_cannot_overwrite_the_scorers_own() -> None:
+    scorer = RewardScorer([RewardConfig(fn=f"{HERE}:clashing_metric")], ScoringConfig(isolation="thread"))
+    with pytest.raises(RewardError, match=r"log_metric\('reward/mean'\): names under 'reward/' are the scorer's"):
+        scorer.score(["p"], ["a"], [[1]], [{}])
 
 
 def test_logged_metric_is_the_mean_of_every_value_over_calls_and_processes() -> None:
