@@ -28,7 +28,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from rft.reward_context import RewardLog, RewardState
+from rft.reward_context import RewardLog, RewardState, accepted_context, call_reward
 
 # Worker start (fork, import the reward's module, build it) is not counted in a call's time limit.
 START_TIMEOUT_S = 120.0
@@ -75,7 +75,6 @@ def _serve(
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from rft.reward_context import accepted_context, call_reward
     from rft.reward_loading import build_reward
 
     try:
