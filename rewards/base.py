@@ -129,7 +129,9 @@ def reference_value(value: Any, key: str | None = None) -> Any:
 def column(columns: Mapping[str, Any], name: str, count: int, reward: str) -> list[Any]:
     """The dataset column `name` (one value per completion), or one clear error naming the reward."""
     if name not in columns:
-        available = ", ".join(sorted(k for k in columns if k not in ("completion_ids",))) or "none"
+        # Not rows' columns: the token ids and the trainer's context arguments (rft.reward_context).
+        skipped = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+        available = ", ".join(sorted(k for k in columns if k not in skipped)) or "none"
         raise KeyError(f"reward {reward} needs a column {name!r}; the rows have: {available}")
     values = list(columns[name])
     if len(values) != count:

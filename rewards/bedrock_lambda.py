@@ -126,7 +126,12 @@ class BedrockLambdaReward:
     def _describe(self) -> str:
         return f"Bedrock Lambda handler {self.handler_spec}"
 
-    def __call__(self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any) -> RewardValues:
+    def __call__(
+        self, completions: list[Any], prompts: list[Any] | None = None, *, trainer_state: Any = None,
+        log_extra: Any = None, log_metric: Any = None, **columns: Any,
+    ) -> RewardValues:
+        # The trainer's context arguments (rft.reward_context) are named so that they stay out of `columns`,
+        # every one of which becomes event metadata.
         if prompts is None:
             raise ValueError(f"{self._describe()}: needs `prompts` to build the event's messages")
         count = len(completions)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rft.field_names import unknown_field_hint
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -90,6 +92,11 @@ class RewardConfig(_Section):
         default_factory=dict,
         description="Keyword arguments bound to the function (functools.partial); when `fn` names a class, "
         "the class is built once with them and the instance is called.",
+    )
+    build: dict[str, Any] | None = Field(
+        None,
+        description="`fn` names a factory (TRL's `get_cosine_scaled_reward`, `get_soft_overlong_punishment`): it is "
+        "called once with these, and the function it returns is the reward (`kwargs` are then bound to that).",
     )
     timeout_s: float | None = Field(
         None, gt=0, description="Limit for one call of this reward (one group of completions); default scoring.timeout_s."
@@ -462,7 +469,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         field = ".".join(str(part) for part in item["loc"]) or "(recipe)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown field (misspelt?)"
+            message = unknown_field_hint(item["loc"], item.get("input"), RecipeConfig)
         if item["type"] == "literal_error":
             message = f"got {item['input']!r}; {message}"
         lines.append(f"{source}: {field}: {message}")
@@ -571,6 +578,11 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
             key: _resolve_spec(value, base, working_dir=False) if _looks_like_file(value) else value
             for key, value in reward.kwargs.items()
         }
+        if reward.build is not None:
+            reward.build = {
+                key: _resolve_spec(value, base, working_dir=False) if _looks_like_file(value) else value
+                for key, value in reward.build.items()
+            }
 
 
 def _looks_like_file(value: Any) -> bool:

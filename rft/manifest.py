@@ -90,6 +90,7 @@ def reward_fingerprints(configs: Sequence[RewardConfig]) -> list[dict[str, Any]]
             "version": config.version,
             "weight": config.weight,
             "kwargs": config.kwargs,
+            **({"build": config.build} if config.build is not None else {}),
             "source_file": str(source) if source else None,
             "source_sha256": file_sha256(source) if source else None,
         })

@@ -13,7 +13,9 @@ Two ways in:
       {"messages": [{"role": "user", "content": "..."}], "completion": "...", "expect": {"total": [0, 0.5]}}
 
   `prompt` (text or messages) or `messages` gives the prompt; every other field except
-  `completion` and `expect` is a column for the rewards. `expect` is optional: a number for the
+  `completion` and `expect` is a column for the rewards. `completion` is text, or a list of
+  messages; after a chat prompt, text reaches the rewards as the trainer gives it, TRL's
+  `[{"role": "assistant", "content": text}]`, so chat-style rewards (TRL's) work unchanged. `expect` is optional: a number for the
   total, or an object from a reward name (or `total`) to a number or an inclusive `[low, high]`.
   Lines with the same prompt form a group. The command exits 1 when an expectation fails.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rft.config import ConfigError, RecipeConfig, load_config
+from rft.reward_context import RewardState
 from rft.reward_report import (
     CheckReport,
     format_report,
@@ -101,12 +104,20 @@ def read_cases(path: Path, reward_names: Sequence[str]) -> list[_Case]:
             else:
                 problems.append(f"{where}: field expect.{name}: a number or [low, high], got {value!r}")
         row = {k: v for k, v in record.items() if k not in ("completion", "expect", "prompt")}
-        cases.append(_Case(number, prompt, record["completion"], row, expect))
+        cases.append(_Case(number, prompt, _as_trained(prompt, record["completion"]), row, expect))
     if problems:
         raise ConfigError("\n".join(problems))
     if not cases:
         raise ConfigError(f"{path}: no completions in the file")
     return cases
+
+
+def _as_trained(prompt: Any, completion: Any) -> Any:
+    """The completion as the trainer hands it to rewards (`decode_completions`): after a chat prompt (a list
+    of messages), TRL's `[{"role": "assistant", "content": text}]`; chat-style rewards index it so."""
+    if isinstance(prompt, list) and isinstance(completion, str):
+        return [{"role": "assistant", "content": completion}]
+    return completion
 
 
 def _meets(value: float | None, expectation: float | tuple[float, float]) -> bool:
@@ -122,6 +133,7 @@ def check_file(
 ) -> tuple[str, CheckReport, int]:
     """Score a completions file with the recipe's rewards: (printed text, report, failed expectations)."""
     scorer = RewardScorer(config.rewards, config.scoring)
+    scorer.state = RewardState(max_steps=config.training.steps)  # as before the first step
     cases = read_cases(path, scorer.names)
     output = scorer.score(
         [c.prompt for c in cases], [c.completion for c in cases], [[] for _ in cases], [c.row for c in cases]
@@ -234,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)
     if args.completions is None:
         scorer = RewardScorer(config.rewards, config.scoring)
+        scorer.state = RewardState(max_steps=config.training.steps)  # as before the first step
         reward_range = tuple(args.reward_range) if args.reward_range else recipe_reward_range(scorer)
         group_size = args.group_size or config.rollout.group_size
         report = sample_and_score(config, scorer, args.prompts, group_size, reward_range)

@@ -1,4 +1,5 @@
-"""Load reward functions by spec (`path/to/file.py:function` or `package.module:function`) and bind their kwargs.
+"""Load reward functions by spec (`path/to/file.py:function` or `package.module:function`), build them
+(factories) and bind their kwargs.
 
 Torch-free on purpose: reward worker processes (`rft.reward_workers`) import this and nothing heavier.
 """
@@ -12,7 +13,7 @@ import importlib.util
 import inspect
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,20 @@ def load_function(spec: str) -> Callable[..., Any]:
     return getattr(module, name)
 
 
-def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, RewardFunction]:
-    """Load a reward and bind its kwargs: (default name, callable)."""
+def build_reward(
+    spec: str, kwargs: dict[str, Any] | None = None, build: dict[str, Any] | None = None
+) -> tuple[str, RewardFunction]:
+    """Load a reward: (default name, callable).
+
+    `build`: `spec` names a factory (TRL's `get_cosine_scaled_reward`, `get_soft_overlong_punishment`),
+    called once with these; what it returns is the reward. `kwargs`: bound to the reward itself
+    (functools.partial), or, when `spec` names a class, given to its constructor.
+    """
     target = load_function(spec)
     kwargs = kwargs or {}
-    if inspect.isclass(target):
+    if build is not None:
+        target = _built(spec, target, build)
+    elif inspect.isclass(target):
         try:
             instance = target(**kwargs)
         except (TypeError, ValueError, KeyError, OSError) as exc:
@@ -71,11 +81,17 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
     if not callable(target):
         raise RewardError(f"reward {spec!r}: {type(target).__name__} is not callable")
     name = getattr(target, "__name__", spec.rsplit(":", 1)[1])
+    parameters = _parameters(target)
+    if parameters is not None and build is None and not _takes_completions(parameters):
+        named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        raise RewardError(
+            f"reward {spec!r}: {name}({', '.join(named)}) takes no `completions`, so it is no reward; if it builds "
+            "one (a factory, like TRL's get_cosine_scaled_reward), give its arguments under `build:` instead of `kwargs:`"
+        )
     if kwargs:
         # Named parameters only: a reward's **kwargs also catches the dataset columns, so a misspelt
         # recipe kwarg would otherwise vanish into it without a word.
-        parameters = inspect.signature(target).parameters
-        named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        named = [p for p, v in (parameters or {}).items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
         unknown = sorted(set(kwargs) - set(named))
         if unknown:
             raise RewardError(f"reward {spec!r}: unknown kwargs {unknown}; {name} takes {named}")
@@ -83,17 +99,43 @@ def build_reward(spec: str, kwargs: dict[str, Any] | None = None) -> tuple[str, 
     return name, target
 
 
-def declared_columns(spec: str, kwargs: dict[str, Any]) -> dict[str, str]:
+def _built(spec: str, factory: Any, build: dict[str, Any]) -> RewardFunction:
+    """The reward a factory returns for `build`."""
+    if not callable(factory):
+        raise RewardError(f"reward {spec!r}: build: {type(factory).__name__} is not callable")
+    try:
+        reward = factory(**build)
+    except (TypeError, ValueError, KeyError, OSError) as exc:
+        raise RewardError(f"reward {spec!r}: build: {exc}") from exc
+    if not callable(reward):
+        raise RewardError(
+            f"reward {spec!r}: build: it returned {type(reward).__name__}, not a reward function; "
+            "to bind arguments to the reward itself use `kwargs:`"
+        )
+    return reward
+
+
+def _parameters(function: Any) -> Mapping[str, inspect.Parameter] | None:
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return None
+
+
+def _takes_completions(parameters: Mapping[str, inspect.Parameter]) -> bool:
+    """Whether a call with `completions=` (and the other columns, by keyword) can bind."""
+    return "completions" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def declared_columns(spec: str, kwargs: dict[str, Any], build: dict[str, Any] | None = None) -> dict[str, str]:
     """The dataset columns a reward says it reads: its `*_column` parameters, recipe kwargs over defaults.
 
     The library's rewards name their inputs this way (`answer_column`, `tests_column`, ...), so a
-    missing column is found from the recipe and the rows alone, before any model loads.
+    missing column is found from the recipe and the rows alone, before any model loads. For a
+    factory (`build`) the parameters read are those of the reward it builds.
     """
-    target = load_function(spec)
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: nothing declared
-        parameters = {}
+    target = load_function(spec) if build is None else _built(spec, load_function(spec), build)
+    parameters = _parameters(target) or {}
     columns = {name: p.default for name, p in parameters.items() if name.endswith("_column")}
     columns.update({name: value for name, value in kwargs.items() if name.endswith("_column")})
     return {name: value for name, value in columns.items() if isinstance(value, str)}

@@ -28,6 +28,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from rft.reward_context import RewardLog, RewardState, accepted_context, call_reward
+
 # Worker start (fork, import the reward's module, build it) is not counted in a call's time limit.
 START_TIMEOUT_S = 120.0
 _PR_SET_PDEATHSIG = 1
@@ -48,7 +50,7 @@ class WorkerStartError(Exception):
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # The fork server imports only this module (and what it imports): not the trainer's __main__.
-    context.set_forkserver_preload(["rft.reward_workers", "rft.reward_loading"])
+    context.set_forkserver_preload(["rft.reward_workers", "rft.reward_loading", "rft.reward_context"])
     return context
 
 
@@ -61,7 +63,9 @@ def _portable(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}")
 
 
-def _serve(connection: Connection, spec: str, kwargs: dict[str, Any], memory_mb: int | None) -> None:
+def _serve(
+    connection: Connection, spec: str, kwargs: dict[str, Any], build: dict[str, Any] | None, memory_mb: int | None
+) -> None:
     """The worker: own process group, capped memory, then load the reward and answer calls until EOF."""
     os.setsid()
     # Die with the fork server (which dies with the trainer) even while stuck in a call; where prctl is
@@ -74,21 +78,23 @@ def _serve(connection: Connection, spec: str, kwargs: dict[str, Any], memory_mb:
     from rft.reward_loading import build_reward
 
     try:
-        _, function = build_reward(spec, kwargs)
+        _, function = build_reward(spec, kwargs, build)
+        accepted = accepted_context(function)
     except BaseException as error:
         connection.send(("start_error", _portable(error)))
         return
     connection.send(("ready", None))
     while True:
         try:
-            request = connection.recv()
+            request, state = connection.recv()
         except (EOFError, OSError):
             return
         try:
-            value = function(**request)
+            value, log = call_reward(function, accepted, request, state)
             if inspect.isawaitable(value):
                 value = asyncio.run(value)
-            reply = ("ok", value)
+            # What the reward logged travels back with its value: the trainer's own log is not reachable here.
+            reply = ("ok", (value, log))
             pickle.dumps(reply)
         except BaseException as error:
             reply = ("error", _portable(error))
@@ -97,9 +103,9 @@ def _serve(connection: Connection, spec: str, kwargs: dict[str, Any], memory_mb:
 
 class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext, spec: str, kwargs: dict[str, Any],
-                 memory_mb: int | None):
+                 build: dict[str, Any] | None, memory_mb: int | None):
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, spec, kwargs, memory_mb), daemon=True)
+        self.process = context.Process(target=_serve, args=(child, spec, kwargs, build, memory_mb), daemon=True)
         self.process.start()
         child.close()
         if not self.connection.poll(START_TIMEOUT_S):
@@ -123,8 +129,8 @@ class _Worker:
         self.process.join(timeout=1)
         return self.process.exitcode
 
-    def call(self, request: dict[str, Any], timeout_s: float) -> Any:
-        self.connection.send(request)
+    def call(self, request: dict[str, Any], state: RewardState, timeout_s: float) -> tuple[Any, RewardLog]:
+        self.connection.send((request, state))
         if not self.connection.poll(timeout_s):
             self.kill()
             raise WorkerTimeout(f"timed out after {timeout_s:g} s; its worker was killed")
@@ -144,20 +150,22 @@ class _Worker:
 class WorkerPool:
     """Up to `size` workers for one reward; a call takes an idle worker or starts one."""
 
-    def __init__(self, spec: str, kwargs: dict[str, Any], memory_mb: int | None, size: int):
-        self.spec, self.kwargs, self.memory_mb, self.size = spec, kwargs, memory_mb, size
+    def __init__(
+        self, spec: str, kwargs: dict[str, Any], memory_mb: int | None, size: int, build: dict[str, Any] | None = None
+    ):
+        self.spec, self.kwargs, self.build, self.memory_mb, self.size = spec, kwargs, build, memory_mb, size
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         self._context = _context()
 
-    def call(self, request: dict[str, Any], timeout_s: float) -> Any:
-        """The reward's value for one call; raises what the reward raised, or a Worker* error."""
+    def call(self, request: dict[str, Any], state: RewardState, timeout_s: float) -> tuple[Any, RewardLog]:
+        """The reward's value for one call and what it logged; raises what the reward raised, or a Worker* error."""
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         if worker is None:
-            worker = _Worker(self._context, self.spec, self.kwargs, self.memory_mb)
+            worker = _Worker(self._context, self.spec, self.kwargs, self.build, self.memory_mb)
         try:
-            return worker.call(request, timeout_s)
+            return worker.call(request, state, timeout_s)
         except (WorkerTimeout, WorkerCrashed):
             worker.kill()
             raise

@@ -5,7 +5,9 @@ receives `prompts`, `completions`, `completion_ids` and every dataset column as 
 the completions. `None` means "not applicable": excluded from that function's mean and contributing 0
 to the weighted sum. A recipe's `kwargs` are bound with functools.partial; when `fn` names a class,
 the class is built once with them and the instance is the reward (for rewards that keep clients,
-caches or loaded handlers between calls). `async def` rewards are awaited.
+caches or loaded handlers between calls); with `build`, `fn` is a factory called once with them, and
+what it returns is the reward. `async def` rewards are awaited. Rewards that take them also get TRL's
+`trainer_state`, `log_metric` and `log_extra` (see `rft.reward_context`; the trainer sets `state`).
 
 Calls and failures. With `group_size`, each reward function is called once per group of completions
 (the G completions of one prompt), so a failure touches one group only; without it, once per batch.
@@ -41,6 +43,7 @@ from typing import Any
 from rewards.base import RewardContractError, RewardValues
 from rft.config import RewardConfig, ScoringConfig
 from rft.metrics import Accumulator, Metric, Reduction, merged
+from rft.reward_context import RewardLog, RewardState, accepted_context, call_reward
 from rft.reward_loading import RewardError, RewardFunction, build_reward, declared_columns
 from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, WorkerTimeout
 
@@ -105,7 +108,8 @@ class ScoreOutput:
     (None: not applicable, or failed under `skip_group`); `components["name/component"][i]` the
     per-completion parts a function reported through `RewardValues`; `failed[i]` says a reward call
     covering completion i failed under `skip_group`, and the trainer must drop that completion's
-    whole group; `errors` holds one line per failed call, for the log; `stats` the metrics, in parts
+    whole group; `errors` holds one line per failed call, for the log; `extras[column][i]` what a reward
+    logged for completion i through `log_extra` (None where nothing was); `stats` the metrics, in parts
     that combine with other batches', and `metrics` those of this batch alone.
     """
 
@@ -115,6 +119,7 @@ class ScoreOutput:
     failed: list[bool] = field(default_factory=list)
     components: dict[str, list[float | None]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    extras: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -129,6 +134,7 @@ class _Reward:
     timeout_s: float
     columns: dict[str, str] = field(default_factory=dict)  # parameter -> dataset column it reads
     pool: WorkerPool | None = None  # isolation: process
+    accepted: tuple[str, ...] = ()  # the context arguments it takes (rft.reward_context)
 
 
 @dataclass
@@ -146,6 +152,7 @@ class _Outcome:
     counters: dict[str, float] = field(default_factory=dict)
     failure: str | None = None
     kind: str = ""  # "error", "timeout" or "invalid" for failures
+    log: RewardLog | None = None  # what the call logged through log_metric / log_extra
 
 
 class _ContractError(Exception):
@@ -159,7 +166,7 @@ class RewardScorer:
         self.scoring = scoring or ScoringConfig()
         self.rewards: list[_Reward] = []
         for config in configs:
-            default_name, function = build_reward(config.fn, config.kwargs)
+            default_name, function = build_reward(config.fn, config.kwargs, config.build)
             _preflight(config, function)
             self.rewards.append(
                 _Reward(
@@ -167,14 +174,17 @@ class RewardScorer:
                     weight=config.weight,
                     function=function,
                     timeout_s=config.timeout_s or self.scoring.timeout_s,
-                    columns=declared_columns(config.fn, config.kwargs),
-                    pool=WorkerPool(config.fn, config.kwargs, self.scoring.memory_mb, self.scoring.concurrency)
-                    if self.scoring.isolation == "process" else None,
+                    columns=declared_columns(config.fn, config.kwargs, config.build),
+                    pool=WorkerPool(config.fn, config.kwargs, self.scoring.memory_mb, self.scoring.concurrency,
+                                    config.build) if self.scoring.isolation == "process" else None,
+                    accepted=accepted_context(function),
                 )
             )
         names = self.names
         if len(set(names)) != len(names):
             raise RewardError(f"reward names must be unique, got {names}; set `name:` in the recipe")
+        # What rewards see as `trainer_state` (rft.reward_context); the trainer sets it before each step.
+        self.state = RewardState()
         # Run-long failure counts, so a slow trickle of failures is visible at any step.
         self.failure_totals: dict[str, int] = {name: 0 for name in names}
 
@@ -265,7 +275,7 @@ class RewardScorer:
                 allowance = START_TIMEOUT_S + 5 if call.reward.pool is not None else 0.0
                 deadlines[next_call] = time.monotonic() + call.reward.timeout_s + allowance
                 thread = threading.Thread(
-                    target=_invoke, args=(next_call, call, results), daemon=True,
+                    target=_invoke, args=(next_call, call, self.state, results), daemon=True,
                     name=f"reward-{call.reward.name}-{call.start}",
                 )
                 thread.start()
@@ -294,10 +304,12 @@ class RewardScorer:
                     failure=f"reward {call.reward.name!r} raised {type(error).__name__}: {error}", kind="error"
                 )
             else:
+                value, log = value
                 try:
                     outcomes[index] = _check(call, value, rows)
                 except _ContractError as exc:
                     raise RewardError(str(exc)) from None
+                outcomes[index].log = log
             self._stop_if_asked(outcomes[index], error)
         return [outcome for outcome in outcomes if outcome is not None]
 
@@ -313,6 +325,8 @@ class RewardScorer:
         per_function: dict[str, list[float | None]] = {r.name: [None] * count for r in self.rewards}
         components: dict[str, list[float | None]] = {}
         counters: dict[str, float] = {}
+        extras: dict[str, list[Any]] = {}
+        logged: dict[str, list[float]] = {}
         failures = {r.name: {"error": 0, "timeout": 0, "invalid": 0} for r in self.rewards}
         errors: list[str] = []
         for call, outcome in zip(calls, outcomes, strict=True):
@@ -337,6 +351,11 @@ class RewardScorer:
                     column[i] = value
             for key, value in outcome.counters.items():
                 counters[f"reward/{name}/{key}"] = counters.get(f"reward/{name}/{key}", 0.0) + value
+            if outcome.log is not None:
+                for key, values in outcome.log.metrics.items():
+                    logged.setdefault(key, []).extend(values)
+                for key, values in outcome.log.extras.items():
+                    extras.setdefault(key, [None] * count)[call.start:call.stop] = values
         sums = Accumulator()
         for reward in self.rewards:
             values = per_function[reward.name]
@@ -351,11 +370,15 @@ class RewardScorer:
             _add_present(sums, f"reward/{key}", series, std=False)
         for key, value in counters.items():
             sums.add(Metric(key, Reduction.SUM), value)
+        # log_metric: TRL's mean over every value logged in the step, under the name as given.
+        for key, values in logged.items():
+            sums.add(Metric(key, Reduction.MEAN), sum(values), len(values))
         sums.describe("reward/total", total, extremes=False)
         sums.add(Metric("reward/failed_share", Reduction.MEAN), sum(failed), count)
         stats = ScoreMetrics(sums, seconds, dict(self.failure_totals))
         return ScoreOutput(
-            total=total, per_function=per_function, stats=stats, failed=failed, components=components, errors=errors
+            total=total, per_function=per_function, stats=stats, failed=failed, components=components, errors=errors,
+            extras=extras,
         )
 
 
@@ -374,15 +397,16 @@ def _timeout(call: _Call) -> _Outcome:
     )
 
 
-def _invoke(index: int, call: _Call, results: queue.Queue) -> None:
+def _invoke(index: int, call: _Call, state: RewardState, results: queue.Queue) -> None:
+    """Puts (index, (value, log), None) or (index, None, error)."""
     try:
         if call.reward.pool is not None:
-            results.put((index, call.reward.pool.call(call.kwargs, call.reward.timeout_s), None))
+            results.put((index, call.reward.pool.call(call.kwargs, state, call.reward.timeout_s), None))
             return
-        value = call.reward.function(**call.kwargs)
+        value, log = call_reward(call.reward.function, call.reward.accepted, call.kwargs, state)
         if inspect.isawaitable(value):
             value = asyncio.run(_await(value, call.reward.timeout_s))
-        results.put((index, value, None))
+        results.put((index, (value, log), None))
     except BaseException as exc:  # reported to the scorer thread, which applies the policy
         results.put((index, None, exc))
 

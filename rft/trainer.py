@@ -58,6 +58,7 @@ from rft.model_card import record_base_model, write_model_card
 from rft.models import LogProbModel, load_policy, load_tokenizer, reference_policy, resolve_model_path
 from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
+from rft.reward_context import RewardState
 from rft.rollout import make_engine, require_vllm
 from rft.rollout.base import SamplingSettings
 from rft.scoring import RewardScorer, ScoreMetrics
@@ -197,6 +198,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         config = self.config
         self._prepare_run_dir()
+        self._set_reward_state(completed=self.start_step)
         results: dict[str, Any] = {"engine": self.engine.name}
         if config.eval.before_training and self.eval_examples and self.start_step == 0:
             results["before"] = self._evaluate("base", step=0).summary()
@@ -207,6 +209,7 @@ class Trainer:
         stop = StopOnSignal(self.accelerator)
         for step in stop.steps(progress):
             self.step = step
+            self._set_reward_state(completed=step - 1)
             step_start = time.perf_counter()
             batch = self.collect_batch()
             update_start = time.perf_counter()
@@ -230,6 +233,7 @@ class Trainer:
             )
             if config.output.save_every and step % config.output.save_every == 0:
                 self._save(step)
+            self._set_reward_state(completed=step)
             if config.eval.every and step % config.eval.every == 0 and self.eval_examples:
                 self._evaluate(f"step-{step}", step=step)
         progress.close()
@@ -354,7 +358,7 @@ class Trainer:
         sums.describe("reward", rewards)
         grouped = rewards.view(-1, group_size)
         zero_variance = algorithms.zero_variance_groups(grouped)
-        self._log_completions(rows, completions, rewards)
+        self._log_completions(rows, completions, rewards, scores.extras)
         groups = []
         for g in range(len(examples)):
             members = slice(g * group_size, (g + 1) * group_size)
@@ -611,14 +615,28 @@ class Trainer:
             if self.monitors is not None:
                 self.monitors.observe_step(step, metrics)
 
-    def _log_completions(self, rows: list[Example], completions: list[Any], rewards: torch.Tensor) -> None:
+    def _log_completions(
+        self, rows: list[Example], completions: list[Any], rewards: torch.Tensor, extras: dict[str, list[Any]]
+    ) -> None:
         keep = self.config.output.log_completions
         if not keep or not self.accelerator.is_main_process:
             return
         with (self.run_dir / "completions.jsonl").open("a") as handle:
-            for row, completion, reward in list(zip(rows, completions, rewards.tolist(), strict=True))[:keep]:
+            for i, (row, completion, reward) in enumerate(zip(rows, completions, rewards.tolist(), strict=True)):
+                if i == keep:
+                    break
                 record = {"step": self.step, "prompt": row.prompt, "completion": completion, "reward": reward}
+                if extras:  # what rewards logged through log_extra (TRL's completions table columns)
+                    record["extra"] = {column: values[i] for column, values in extras.items()}
                 handle.write(json.dumps(record, default=str) + "\n")
+
+    def _set_reward_state(self, completed: int) -> None:
+        """What rewards see as `trainer_state` (rft.reward_context) from now on: `completed` steps done."""
+        state = RewardState(global_step=completed, max_steps=self.config.training.steps,
+                            epoch=self.sampler.position / len(self.train_examples))
+        for scorer in (self.scorer, self.eval_metric_scorer):
+            if scorer is not None:
+                scorer.state = state
 
     def _state(self, step: int) -> TrainerState:
         return TrainerState(step=step, data_position=self.sampler.position, engine_name=self.engine.name)

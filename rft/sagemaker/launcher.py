@@ -142,10 +142,16 @@ def _carry_reward_files(config: RecipeConfig, directory: Path) -> None:
         target, _, name = reward.fn.rpartition(":")
         if target.endswith(".py"):
             reward.fn = f"{_carry_file(Path(target).resolve(), directory, carried)}:{name}"
-        reward.kwargs = {
-            key: _carry_file(Path(value).resolve(), directory, carried) if isinstance(value, str) and Path(value).is_file() else value
-            for key, value in reward.kwargs.items()
-        }
+        reward.kwargs = _carry_values(reward.kwargs, directory, carried)
+        if reward.build is not None:  # a factory's arguments may name files too
+            reward.build = _carry_values(reward.build, directory, carried)
+
+
+def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, str]) -> dict[str, Any]:
+    return {
+        key: _carry_file(Path(value).resolve(), directory, carried) if isinstance(value, str) and Path(value).is_file() else value
+        for key, value in values.items()
+    }
 
 
 def stage_source(options: LaunchOptions, directory: Path) -> SourcePackage:
