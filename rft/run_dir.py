@@ -47,7 +47,7 @@ FREE_FIELDS = (
     "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep_mode", "rollout.vllm_max_model_len",
     "scoring.concurrency", "output.", "monitors.",
     "eval.every", "eval.before_training", "eval.after_training", "eval.keep_samples", "eval.batch_size",
-    "eval.baseline_cache", "eval.noise_sigmas",
+    "eval.baseline_cache", "eval.noise_sigmas", "eval.early_stopping", "eval.patience", "bedrock_hyperparameters",
 )
 ABSENT = "(absent)"
 
