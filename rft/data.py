@@ -156,6 +156,9 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
     """The prompt of a row: chat messages (rendered later with the chat template) or plain text."""
     if "messages" in row:
         prompt: str | Messages = _check_messages(row["messages"], where, "messages")
+    elif row.get("prompt", "") is None:
+        # A Parquet (or datasets) column holds every row's key: a missing prompt reads as null.
+        raise DataError(f"{where}: field 'prompt' is empty (null); each row needs a prompt (text or messages)")
     elif "prompt" in row:
         prompt = row["prompt"]
         if isinstance(prompt, list):
