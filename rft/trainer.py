@@ -646,7 +646,12 @@ class Trainer:
         if self.start_step > 0:
             main_mode = self.eval_plans[0].mode
             rows = {name: run_dir.read_log(self.run_dir / name) for name in ("metrics.jsonl", "evaluations.jsonl")}
-            self.monitors.replay(rows["metrics.jsonl"], [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode])
+            evaluations = [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode]
+            self.monitors.replay(rows["metrics.jsonl"], evaluations)
+            if self.early_stopping is not None:
+                # The plateau count goes on from the checkpoint, as it would have without the interruption.
+                for row in evaluations:
+                    self.early_stopping.observe(row["step"], row)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.accelerator.is_main_process:
