@@ -82,3 +82,15 @@ def test_a_run_is_not_stopped_early_when_early_stopping_is_off(tiny_model_dir: P
     results = Trainer(load_config(raw=recipe)).train()
     assert "early_stopped" not in results
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_resumed_run_keeps_counting_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    evaluation = {"before_training": True, "every": 1, "patience": 3, "baseline_cache": False}
+    recipe = tiny_recipe(tiny_model_dir, run_dir, training={"steps": 2}, output={"report": False, "save_every": 2}, eval=evaluation)
+    recipe["rewards"] = [{"fn": CONSTANT}]
+    assert "early_stopped" not in Trainer(load_config(raw=recipe)).train()
+    recipe["training"]["steps"] = 10
+    # Base, step 1 and step 2 come from evaluations.jsonl: step 3 is the third without improvement.
+    results = Trainer(load_config(raw=recipe), resume=True).train()
+    assert results["early_stopped"] == {"step": 3, "of": 10}
