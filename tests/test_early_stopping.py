@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 from rft.config import eval_interval, load_config
 from rft.early_stopping import EarlyStopping
@@ -94,3 +99,21 @@ def test_a_resumed_run_keeps_counting_from_the_checkpoint(tiny_model_dir: Path, 
     # Base, step 1 and step 2 come from evaluations.jsonl: step 3 is the third without improvement.
     results = Trainer(load_config(raw=recipe), resume=True).train()
     assert results["early_stopped"] == {"step": 3, "of": 10}
+
+
+def test_two_processes_stop_early_together(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model_dir, run_dir, training={"steps": 6}, output={"report": False},
+        eval={"before_training": True, "every": 1, "patience": 2, "baseline_cache": False},
+    )
+    recipe["rewards"] = [{"fn": CONSTANT}]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rft", "train", str(tmp_path / "recipe.yaml")]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("early stopping after step 2:") + result.stdout.count("early stopping after step 2:") == 1
+    assert json.loads((run_dir / "results.json").read_text())["early_stopped"] == {"step": 2, "of": 6}
+    assert (run_dir / "final" / "adapter_config.json").exists()
