@@ -25,7 +25,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rft.config import ConfigError, RecipeConfig
+from pydantic import ValidationError
+
+from rft.config import ConfigError, RecipeConfig, _format_errors
 
 logger = logging.getLogger(__name__)
 
@@ -110,5 +112,5 @@ def apply_bedrock_hyperparameters(config: RecipeConfig, path: str) -> RecipeConf
         raw["training"]["steps"] = max(1, math.ceil(settings["epochCount"] * rows / raw["training"]["prompts_per_step"]))
     try:
         return RecipeConfig.model_validate(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: these settings make the recipe invalid: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, f"{path} (applied over the recipe)")) from None
