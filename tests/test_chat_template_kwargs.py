@@ -50,7 +50,9 @@ def test_defaults_in_the_template_yield_to_the_caller() -> None:
     assert template_with_defaults(None, {"enable_thinking": False}) is None
 
 
-def test_training_evaluation_and_export_see_the_kwargs(thinking_model_dir: Path, tmp_path: Path) -> None:
+def test_training_evaluation_and_export_see_the_kwargs(
+    thinking_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(thinking_model_dir, run_dir, training={"steps": 1}, output={"report": False},
                          data={"chat_template_kwargs": {"enable_thinking": False}})
@@ -65,9 +67,14 @@ def test_training_evaluation_and_export_see_the_kwargs(thinking_model_dir: Path,
     trainer.train()
     # The saved policy and the Bedrock export prompt the model as it was trained, unless a request says otherwise.
     assert main(["export", "bedrock", str(run_dir), "--out", str(tmp_path / "export")]) == 0
-    for folder in (run_dir / "final", tmp_path / "export"):
+    assert main(["export", "sagemaker", str(run_dir), "--out", str(tmp_path / "lmi"), "--merged"]) == 0
+    for folder in (run_dir / "final", tmp_path / "export", tmp_path / "lmi"):
         assert _render(folder).endswith(NO_THINKING)
         assert not _render(folder, enable_thinking=True).endswith(NO_THINKING)
+    # An adapter deployment serves the base model's template: the export says so, and what to send.
+    capsys.readouterr()
+    assert main(["export", "sagemaker", str(run_dir), "--out", str(tmp_path / "lmi-adapter"), "--base-model-id", "o/m"]) == 0
+    assert "data.chat_template_kwargs {'enable_thinking': False}" in capsys.readouterr().out
     # Without the kwargs the base template thinks: the difference above is the recipe's.
     assert not _render(thinking_model_dir).endswith(NO_THINKING)
 
