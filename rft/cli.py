@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
     from rft.interrupt import TrainingInterrupted, raise_on_sigterm
     from rft.trainer import Trainer
 
-    config = load_config(args.recipe, args.overrides)
+    config = load_config(args.recipe, args.overrides, bedrock_hyperparameters=args.bedrock_hyperparameters)
     # Outside the training steps (which stop after the current one) SIGTERM stops at once, in one line.
     previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-recipe-change", action="store_true",
         help="with --resume: apply recipe changes that alter what the run computes (learning rate, rewards, "
         "group size, seed, ...) from the checkpoint's step; they are recorded in the manifest",
+    )
+    train.add_argument(
+        "--bedrock-hyperparameters", metavar="JOB_JSON",
+        help="a Bedrock RFT job's hyperParameters (JSON, as CreateModelCustomizationJob takes them), applied over "
+        "the recipe; the README's table gives the field each one sets",
     )
     train.add_argument(
         "--overwrite", action="store_true", help="start a new run in a run directory that holds one, deleting it first",

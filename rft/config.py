@@ -20,6 +20,11 @@ from rft.field_names import unknown_field_hint
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+# Automatic evaluation interval (eval.every unset): about 10 evaluations a run, within these bounds, so
+# short runs are not slowed by evaluations and long ones still watch the held-out reward.
+AUTO_EVAL_EVALUATIONS = 10
+AUTO_EVAL_MIN_INTERVAL = 5
+AUTO_EVAL_MAX_INTERVAL = 50
 
 
 class ConfigError(ValueError):
@@ -58,7 +63,7 @@ class LoraConfig(_Section):
 class DataConfig(_Section):
     train: str = Field(
         ...,
-        description="Training rows: a .jsonl/.json file, a directory written by `datasets.save_to_disk`, "
+        description="Training rows: a .jsonl/.json/.parquet file, a directory written by `datasets.save_to_disk`, "
         "or a hub dataset id (`hf:name[:config]`).",
     )
     eval: str | None = Field(None, description="Held-out rows, same forms as `train`. None: split off `eval_size` rows.")
@@ -76,6 +81,12 @@ class DataConfig(_Section):
     )
     system_prompt: str | None = Field(None, description="System message prepended to every chat prompt.")
     use_chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Variables the chat template reads, e.g. {enable_thinking: false} (Qwen3) or "
+        "{reasoning_effort: low} (gpt-oss): used for training and evaluation prompts, and written into the saved "
+        "template as its defaults, so exports serve the model as it was trained.",
+    )
     max_prompt_length: int = Field(
         512, ge=1, description="Prompts with more tokens are dropped (counted in the log), never truncated."
     )
@@ -347,7 +358,18 @@ class EvalConfig(_Section):
         True, description="Score the base model on the held-out split before training (cached per model, data, rewards)."
     )
     after_training: bool = Field(True, description="Score the trained policy on the held-out split at the end.")
-    every: int = Field(0, ge=0, description="Evaluate every N steps during training (0: off).")
+    every: int | None = Field(
+        None, ge=0, description="Evaluate every N steps during training (0: off). None: automatic, about 10 "
+        f"evaluations a run, every {AUTO_EVAL_MIN_INTERVAL} to {AUTO_EVAL_MAX_INTERVAL} steps (`eval_interval`)."
+    )
+    early_stopping: bool = Field(
+        True, description="Stop when the held-out reward has not improved beyond noise (noise_sigmas) on "
+        "`patience` evaluations in a row, as Bedrock RFT does; the run then ends as a finished one (checkpoint, "
+        "final/, report)."
+    )
+    patience: int = Field(
+        3, ge=1, description="Periodic evaluations without an improvement beyond noise before early stopping."
+    )
     greedy: bool = Field(True, description="Greedy decoding for evaluation; False samples with the rollout settings.")
     sampled: bool = Field(
         False, description="With greedy: true, also run a sampled pass (rollout temperature / top_p / top_k), "
@@ -441,6 +463,11 @@ class RecipeConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     monitors: MonitorConfig = Field(default_factory=MonitorConfig)
+    bedrock_hyperparameters: str | None = Field(
+        None, description="A Bedrock RFT job's hyperparameters (JSON, as CreateModelCustomizationJob takes them), "
+        "applied over the recipe (`rft train --bedrock-hyperparameters`; mapping in rft/bedrock_job.py); the file "
+        "is copied into the run directory."
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -461,6 +488,14 @@ class RecipeConfig(_Section):
         if self.algorithm.dynamic_sampling and self.rollout.group_size < 2:
             raise ValueError("algorithm.dynamic_sampling needs rollout.group_size >= 2")
         return self
+
+
+def eval_interval(config: RecipeConfig) -> int:
+    """Steps between periodic evaluations (0: none): `eval.every`, or the automatic interval when unset."""
+    if config.eval.every is not None:
+        return config.eval.every
+    interval = round(config.training.steps / AUTO_EVAL_EVALUATIONS)
+    return min(max(interval, AUTO_EVAL_MIN_INTERVAL), AUTO_EVAL_MAX_INTERVAL)
 
 
 def _format_errors(error: ValidationError, source: str) -> str:
@@ -517,11 +552,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, raw: dict | None = None) -> RecipeConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, raw: dict | None = None,
+    bedrock_hyperparameters: str | None = None,
+) -> RecipeConfig:
     """Load a recipe from YAML (or a dict), apply `--set` overrides, validate.
 
     Relative data, model and reward paths are resolved against the recipe's folder first, then the
     current directory, and recorded as absolute paths, so recipes work from anywhere.
+    `bedrock_hyperparameters` (or the recipe's field of that name): a Bedrock job's settings file,
+    applied over the recipe (rft/bedrock_job.py).
     """
     source = str(path) if path is not None else "<recipe>"
     if raw is None:
@@ -542,6 +582,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_errors(exc, source)) from None
     if path is not None:
         _resolve_paths(config, Path(path).resolve().parent)
+    if bedrock_hyperparameters is not None:
+        config.bedrock_hyperparameters = str(Path(bedrock_hyperparameters).resolve())
+    if config.bedrock_hyperparameters is not None:
+        # Imported here: it reads the data through rft.data, which imports this module.
+        from rft.bedrock_job import apply_bedrock_hyperparameters
+
+        config = apply_bedrock_hyperparameters(config, config.bedrock_hyperparameters)
     return config
 
 
@@ -566,6 +613,8 @@ def _resolve_against(value: str, base: Path, *, working_dir: bool = True) -> str
 
 def _resolve_paths(config: RecipeConfig, base: Path) -> None:
     config.data.train = _resolve_against(config.data.train, base)
+    if config.bedrock_hyperparameters:
+        config.bedrock_hyperparameters = _resolve_against(config.bedrock_hyperparameters, base)
     if config.data.eval:
         config.data.eval = _resolve_against(config.data.eval, base)
     if not config.model.name_or_path.startswith("embedded:"):

@@ -3,6 +3,9 @@
 Accepted rows (DESIGN.md section 4):
 - Bedrock RFT: {"messages": [{"role": "system"|"user", "content": ...}, ...], "reference_answer": ..., ...}
 - TRL: {"prompt": "text" | [messages], ...columns}
+- verl / SageMaker RLVR: {"data_source", "prompt": [messages], "ability", "reward_model": {"ground_truth": ...},
+  "extra_info"}; `reward_model.ground_truth` also reaches rewards as `reference_answer` (unless the row has one)
+- any of these as .jsonl, .json, or .parquet
 - anything else through `data.column_map` and `data.prompt_template`.
 Every other field is metadata: it reaches reward functions as a column and serves as an evaluation slice.
 """
@@ -62,9 +65,24 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    return [(f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist())]
+
+
 def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows as (location, dict): a .jsonl/.json file, a `save_to_disk` folder, or `hf:name[:config]`."""
+    """Rows as (location, dict): a .jsonl/.json/.parquet file, a `save_to_disk` folder, or `hf:name[:config]`."""
     path = Path(source)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DataError(f"{source}: data file not found")
+        return _read_parquet(path)
     if path.suffix == ".jsonl" or (path.is_file() and path.suffix != ".json"):
         if not path.is_file():
             raise DataError(f"{source}: data file not found")
@@ -92,7 +110,7 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         name, _, config_name = source[3:].partition(":")
         dataset = datasets.load_dataset(name, config_name or None)
     else:
-        raise DataError(f"{source}: not a .jsonl/.json file, a saved dataset folder, or hf:<dataset id>")
+        raise DataError(f"{source}: not a .jsonl/.json/.parquet file, a saved dataset folder, or hf:<dataset id>")
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{source}: no split {split!r} (has {sorted(dataset)})")
@@ -138,6 +156,9 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
     """The prompt of a row: chat messages (rendered later with the chat template) or plain text."""
     if "messages" in row:
         prompt: str | Messages = _check_messages(row["messages"], where, "messages")
+    elif row.get("prompt", "") is None:
+        # A Parquet (or datasets) column holds every row's key: a missing prompt reads as null.
+        raise DataError(f"{where}: field 'prompt' is empty (null); each row needs a prompt (text or messages)")
     elif "prompt" in row:
         prompt = row["prompt"]
         if isinstance(prompt, list):
@@ -161,10 +182,48 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
     return prompt
 
 
-def tokenize_prompt(prompt: str | Messages, tokenizer: Any) -> list[int]:
+def tokenize_prompt(prompt: str | Messages, tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Prompt token ids; `template_kwargs` (data.chat_template_kwargs) are variables the chat template reads."""
     if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))
+        return list(tokenizer.apply_chat_template(
+            prompt, tokenize=True, add_generation_prompt=True, return_dict=False, **(template_kwargs or {})
+        ))
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def _jinja_literal(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_jinja_literal(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def template_with_defaults(template: str | dict[str, str] | None, template_kwargs: dict[str, Any]) -> Any:
+    """The chat template with `template_kwargs` as defaults a request can still override.
+
+    Servers that render the tokenizer's own template (vLLM and so SageMaker LMI, Bedrock Custom Model
+    Import, transformers) then prompt the model as it was trained, with no serving flag to set.
+    """
+    if not template or not template_kwargs:
+        return template
+    if isinstance(template, dict):
+        return {name: template_with_defaults(text, template_kwargs) for name, text in template.items()}
+    header = "".join(
+        f"{{%- if {name} is not defined %}}{{%- set {name} = {_jinja_literal(value)} %}}{{%- endif %}}"
+        for name, value in template_kwargs.items()
+    )
+    return header + template
+
+
+def _with_verl_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """verl / SageMaker RLVR rows: the ground truth also as `reference_answer`, the name Bedrock rewards read."""
+    reward_model = row.get("reward_model")
+    if isinstance(reward_model, dict) and "ground_truth" in reward_model and "reference_answer" not in row:
+        return {**row, "reference_answer": reward_model["ground_truth"]}
+    return row
 
 
 def prepare_examples(
@@ -173,14 +232,14 @@ def prepare_examples(
     """Validate every row first (cheap, all errors before heavy work), then tokenize and length-check."""
     prepared: list[tuple[str, dict[str, Any], str | Messages]] = []
     for where, raw_row in rows:
-        row = {config.column_map.get(key, key): value for key, value in raw_row.items()}
+        row = _with_verl_fields({config.column_map.get(key, key): value for key, value in raw_row.items()})
         prepared.append((where, row, build_prompt(row, config, where)))
     if tokenizer is None:
         return [Example(prompt=prompt, prompt_ids=[], row=row, source=where) for where, row, prompt in prepared]
     examples = []
     dropped = 0
     for where, row, prompt in prepared:
-        prompt_ids = tokenize_prompt(prompt, tokenizer)
+        prompt_ids = tokenize_prompt(prompt, tokenizer, config.chat_template_kwargs)
         if len(prompt_ids) > config.max_prompt_length:
             dropped += 1
             continue
@@ -194,6 +253,14 @@ def prepare_examples(
         reason = f"all {len(prepared)} longer than data.max_prompt_length={config.max_prompt_length} tokens" if prepared else "no rows"
         raise DataError(f"{label}: no usable prompts ({reason})")
     return examples
+
+
+def count_train_rows(config: DataConfig) -> int:
+    """Training rows before length checks (what Bedrock counts): the file's, less held-out rows, capped."""
+    rows = len(read_rows(config.train, config.train_split))
+    if not config.eval:
+        rows = max(0, rows - config.eval_size)
+    return min(rows, config.max_train_rows) if config.max_train_rows else rows
 
 
 def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[list[Example], list[Example]]:

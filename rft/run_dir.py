@@ -48,7 +48,7 @@ FREE_FIELDS = (
     # The engines sample the same distribution from the same weights: another engine is another kernel.
     "rollout.engine", "scoring.concurrency", "scoring.isolation", "scoring.memory_mb", "output.", "monitors.",
     "eval.every", "eval.before_training", "eval.after_training", "eval.keep_samples", "eval.batch_size",
-    "eval.baseline_cache", "eval.noise_sigmas",
+    "eval.baseline_cache", "eval.noise_sigmas", "eval.early_stopping", "eval.patience", "bedrock_hyperparameters",
 )
 ABSENT = "(absent)"
 

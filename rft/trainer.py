@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rft import algorithms, distributed, objective, run_dir
+from rft.bedrock_job import BEDROCK_HYPERPARAMETERS_NAME
 from rft.checkpoint import (
     TrainerState,
     apply_optimizer_settings,
@@ -30,8 +32,9 @@ from rft.checkpoint import (
     save_checkpoint,
     save_policy,
 )
-from rft.config import ConfigError, RecipeConfig, dump_config, recipe_warnings
+from rft.config import ConfigError, RecipeConfig, dump_config, eval_interval, recipe_warnings
 from rft.data import Example, PromptSampler, load_splits
+from rft.early_stopping import EarlyStopping
 from rft.evaluation import (
     EvalResult,
     baseline_results,
@@ -202,6 +205,9 @@ class Trainer:
         results: dict[str, Any] = {"engine": self.engine.name}
         if config.eval.before_training and self.eval_examples and self.start_step == 0:
             results["before"] = self._evaluate("base", step=0).summary()
+            if self.early_stopping is not None:
+                self.early_stopping.observe(0, results["before"])
+        interval = eval_interval(config)
         progress = tqdm(
             range(self.start_step + 1, config.training.steps + 1), initial=self.start_step, total=config.training.steps,
             desc="rft train", disable=not self.accelerator.is_main_process, dynamic_ncols=True,
@@ -234,14 +240,19 @@ class Trainer:
             if config.output.save_every and step % config.output.save_every == 0:
                 self._save(step)
             self._set_reward_state(completed=step)
-            if config.eval.every and step % config.eval.every == 0 and self.eval_examples:
-                self._evaluate(f"step-{step}", step=step)
+            if interval and step % interval == 0 and self.eval_examples:
+                summary = self._evaluate(f"step-{step}", step=step).summary()
+                if self._plateaued(step, summary):
+                    results["early_stopped"] = {"step": step, "of": config.training.steps}
+                    break
         progress.close()
         if stop.stopped_by is not None:
             self._stop(stop.stopped_by, self.step)
+        if "early_stopped" in results and not (config.output.save_every and self.step % config.output.save_every == 0):
+            self._save(self.step)
         self._save_final()
         if config.eval.after_training and self.eval_examples:
-            results["after"] = self._evaluate("trained", step=config.training.steps).summary()
+            results["after"] = self._evaluate("trained", step=self.step).summary()
         if self.accelerator.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             write_model_card(self.run_dir / "final", config, read_manifest(self.run_dir), results)
@@ -252,6 +263,14 @@ class Trainer:
                 tqdm.write(f"report: {write_report(self.run_dir)}")
         self._close()
         return results
+
+    def _plateaued(self, step: int, summary: dict[str, Any]) -> bool:
+        """Early stopping's decision, the main process's on every process so that all leave the loop together."""
+        reason = self.early_stopping.observe(step, summary) if self.early_stopping is not None else None
+        reason = distributed.gather_from_processes(self.accelerator, reason)[0]
+        if reason is not None and self.accelerator.is_main_process:
+            tqdm.write(reason)
+        return reason is not None
 
     def _stop(self, signum: int, step: int) -> None:
         """After a signal: checkpoint the last completed step (unless just saved), close, raise `TrainingInterrupted`."""
@@ -586,11 +605,14 @@ class Trainer:
         self.eval_metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
         self.monitors: Monitors | None = None
         self._last_evaluation: tuple[int, list[EvalResult]] | None = None
+        self.early_stopping = EarlyStopping(config.eval.patience, config.eval.noise_sigmas) if config.eval.early_stopping else None
         start_trackers(self.accelerator, config)
         if not self.accelerator.is_main_process:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(config))
+        if config.bedrock_hyperparameters:
+            shutil.copyfile(config.bedrock_hyperparameters, self.run_dir / BEDROCK_HYPERPARAMETERS_NAME)
         # The logs were trimmed to the checkpoint's step (or emptied) before the model loaded: `run_dir.apply_start`.
         previous = read_manifest(self.run_dir) if self.start_step > 0 else None
         manifest = build_manifest(config, self.train_examples, self.eval_examples, self.engine.name)
@@ -603,7 +625,12 @@ class Trainer:
         if self.start_step > 0:
             main_mode = self.eval_plans[0].mode
             rows = {name: run_dir.read_log(self.run_dir / name) for name in ("metrics.jsonl", "evaluations.jsonl")}
-            self.monitors.replay(rows["metrics.jsonl"], [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode])
+            evaluations = [r for r in rows["evaluations.jsonl"] if r.get("mode", "greedy") == main_mode]
+            self.monitors.replay(rows["metrics.jsonl"], evaluations)
+            if self.early_stopping is not None:
+                # The plateau count goes on from the checkpoint, as it would have without the interruption.
+                for row in evaluations:
+                    self.early_stopping.observe(row["step"], row)
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         if self.accelerator.is_main_process:

@@ -17,8 +17,10 @@ import shutil
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from rft.export.merge import (
     ADAPTER_CONFIG_FILE,
@@ -200,6 +202,14 @@ def _adapter_name(args: argparse.Namespace) -> str:
     return name
 
 
+def _trained_template_kwargs(run_dir: Path) -> dict[str, Any]:
+    """The run's `data.chat_template_kwargs` (empty when the folder has no config.yaml, e.g. a checkpoint's)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}
+    return (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("chat_template_kwargs") or {}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `rft export sagemaker`."""
     try:
@@ -223,6 +233,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to {args.out}; "
               "the endpoint loads the base model itself")
         print(f'requests select it with "adapters": "{adapter_name}"')
+        template_kwargs = _trained_template_kwargs(Path(args.run_dir))
+        if template_kwargs:
+            # The merged export's template defaults to them (rft/data.py template_with_defaults); the base's cannot.
+            print(f"note: the policy was trained with data.chat_template_kwargs {template_kwargs}, but the endpoint "
+                  "renders the base model's chat template without them: send them as \"chat_template_kwargs\" in "
+                  "each request, or export --merged, whose template defaults to them")
     else:
         print(f"wrote the merged model ({args.dtype}) to {args.out}")
     if args.tar:
