@@ -81,8 +81,11 @@ def test_no_network_reaches_a_listening_host_port():
 def test_no_writes_outside_its_private_tmp(tmp_path):
     marker = secrets.token_hex(6)
     targets = [tmp_path / "escaped.txt", Path(sys.prefix) / f"escaped-{marker}", Path.cwd() / f"escaped-{marker}"]
-    for target in [*targets, Path("/code/solution.py")]:
-        assert run_tests(f"open({str(target)!r}, 'w').write('x')\n", "assert True").passed == 0
+    for target in targets:
+        # A path under /tmp may exist inside the sandbox's private /tmp (a venv mount point there): the write
+        # can succeed in the sandbox; what matters is that nothing reaches the host (checked below).
+        run_tests(f"open({str(target)!r}, 'w').write('x')\n", "assert True")
+    assert run_tests("open('/code/solution.py', 'w').write('x')\n", "assert True").passed == 0
     assert not any(target.exists() for target in targets)
     private = Path("/tmp") / f"rft-private-{marker}"
     local = f"open('scratch.txt', 'w').write('ok')\nopen({str(private)!r}, 'w').write('ok')\n"
