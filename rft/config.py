@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rft.field_names import unknown_field_hint
+from rft.sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +317,15 @@ class RolloutConfig(_Section):
         "rollout.max_new_tokens and eval.max_new_tokens. Longer requests are rejected before sampling.",
     )
 
+    def sampling(self, *, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingSettings:
+        """The engines' settings for this rollout (`max_new_tokens` for evaluation's own length)."""
+        if greedy:
+            return SamplingSettings(max_new_tokens=max_new_tokens or self.max_new_tokens, greedy=True)
+        return SamplingSettings(
+            max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k,
+        )
+
 
 class TrainingConfig(_Section):
     steps: int = Field(40, ge=1, description="Rollout steps: each samples a batch, scores it and updates the policy.")
@@ -472,6 +482,10 @@ class RecipeConfig(_Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.output.run_dir.format(name=self.output.name))
+
+    def base_model(self) -> RecipeConfig:
+        """This recipe with LoRA switched off: the base model alone (reference policy, baselines, reward check)."""
+        return self.model_copy(update={"lora": self.lora.model_copy(update={"enabled": False})})
 
     @property
     def overlong_lengths(self) -> tuple[int, int]:

@@ -141,16 +141,14 @@ def eval_plans(config: RecipeConfig) -> list[EvalPlan]:
     )
     sampled = EvalPlan(
         mode="sampled",
-        sampling=SamplingSettings(
-            max_new_tokens=max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k
-        ),
+        sampling=rollout.sampling(max_new_tokens=max_new_tokens),
         samples_per_prompt=evaluation.samples_per_prompt, pass_k=tuple(evaluation.pass_k), **common,
     )
     if not evaluation.greedy:
         return [sampled]
     # Greedy decoding is deterministic: one completion per prompt says all there is.
     greedy = EvalPlan(
-        mode="greedy", sampling=SamplingSettings(max_new_tokens=max_new_tokens, greedy=True),
+        mode="greedy", sampling=rollout.sampling(max_new_tokens=max_new_tokens, greedy=True),
         samples_per_prompt=1, pass_k=(), **common,
     )
     return [greedy, sampled] if evaluation.sampled else [greedy]
@@ -526,7 +524,7 @@ def load_checkpoint_policy(config: RecipeConfig, checkpoint: Path, device: torch
     """The base model with a saved LoRA adapter, or a saved full model; with the checkpoint's tokenizer."""
     from rft.models import load_policy, load_tokenizer, pick_dtype
 
-    base_config = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
+    base_config = config.base_model()
     tokenizer = load_tokenizer(str(checkpoint), config.model.trust_remote_code)
     if (checkpoint / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -596,7 +594,7 @@ def run(args: argparse.Namespace) -> int:
     output: dict[str, Any] = {"recipe": str(args.recipe), "checkpoint": str(checkpoint) if checkpoint else None}
     base: list[EvalResult] | None = None
     if "base" in held_out:
-        base_config = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
+        base_config = config.base_model()
         model, tokenizer = load_policy(base_config, device)
         engine = make_engine(config, model, tokenizer)
         base = baseline_results(config, engine, tokenizer, held_out["base"], scorer, plans, slices, metric_scorer)

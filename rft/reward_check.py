@@ -207,23 +207,18 @@ def sample_and_score(
     from rft.evaluation import decode_completions
     from rft.models import load_policy
     from rft.rollout import make_engine
-    from rft.rollout.base import SamplingSettings
 
     # Bad rows and columns the rewards need but the rows lack fail before the model loads.
     train, held_out = load_splits(config.data, None, config.training.seed)
     scorer.check_columns({f"data.train ({config.data.train})": [e.row for e in train],
                           f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out]})
-    base = config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})})
+    base = config.base_model()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_policy(base, device)
     train, _ = load_splits(config.data, tokenizer, config.training.seed)
     examples = PromptSampler(train, config.training.seed, config.data.shuffle).take(min(prompts, len(train)))
     engine = make_engine(base, model, tokenizer)
-    rollout_settings = config.rollout
-    sampling = SamplingSettings(
-        max_new_tokens=rollout_settings.max_new_tokens, temperature=rollout_settings.temperature,
-        top_p=rollout_settings.top_p, top_k=rollout_settings.top_k,
-    )
+    sampling = config.rollout.sampling()
     try:
         rollout = engine.generate([e.prompt_ids for e in examples], group_size, sampling)
     finally:

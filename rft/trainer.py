@@ -63,7 +63,6 @@ from rft.monitors import ALERTS_NAME, Monitors
 from rft.report import write_report
 from rft.reward_context import RewardState
 from rft.rollout import make_engine, require_vllm
-from rft.rollout.base import SamplingSettings
 from rft.scoring import RewardScorer, ScoreMetrics
 from rft.tracking import check_trackers, start_trackers
 
@@ -162,7 +161,7 @@ class Trainer:
             load_policy_weights(checkpoint, self.model)
         self.reference = None
         if config.algorithm.beta > 0 and not config.lora.enabled:
-            self.reference, _ = load_policy(config.model_copy(update={"lora": config.lora.model_copy(update={"enabled": False})}), self.accelerator.device)
+            self.reference, _ = load_policy(config.base_model(), self.accelerator.device)
             self.reference.eval().requires_grad_(False)
             self.reference = self._logprob_model(self.reference)
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
@@ -189,10 +188,7 @@ class Trainer:
         # `from_pretrained` returns the model in eval mode, in which transformers skips gradient
         # checkpointing and dropout; engines that switch to eval to sample switch back.
         self.model.train()
-        self.sampling = SamplingSettings(
-            max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-            top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-        )
+        self.sampling = config.rollout.sampling()
         self.start_step = self.step = 0
         if checkpoint is not None:
             self._resume(checkpoint)

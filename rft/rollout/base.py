@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from rft.config import ConfigError
+from rft.sampling import SamplingSettings
 
 
 class EngineStartError(ConfigError):
@@ -21,15 +22,6 @@ class EngineStartError(ConfigError):
     A `ConfigError` so that `rft train` reports it like any other recipe that cannot run: one
     line naming the recipe field, no traceback.
     """
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    greedy: bool = False
 
 
 @dataclass
