@@ -60,10 +60,16 @@ def bench_engine(config: Any) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = "| engine | start-up s | tokens/step | rollout tokens/s | " + " | ".join(f"{c} s" for c in COLUMNS) + " |"
+    header = (
+        "| engine | start-up s | tokens/step | rollout tokens/s | " + " | ".join(f"{c} s" for c in COLUMNS)
+        + " |"
+    )
     lines = [header, "|" + "---|" * (4 + len(COLUMNS))]
     for row in rows:
-        cells = [row["engine"], f"{row['startup']:.1f}", f"{row['tokens_per_step']:.0f}", f"{row['tokens_per_s']:.1f}"]
+        cells = [
+            row["engine"], f"{row['startup']:.1f}", f"{row['tokens_per_step']:.0f}",
+            f"{row['tokens_per_s']:.1f}",
+        ]
         cells += [f"{row[c]:.2f}" for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -72,8 +78,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=QUICKSTART)
-    parser.add_argument("--steps", type=int, default=4, help="training steps per engine (the first is warm-up)")
-    parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"])
+    parser.add_argument(
+        "--steps", type=int, default=4, help="training steps per engine (the first is warm-up)"
+    )
+    parser.add_argument(
+        "--engines", nargs="+", default=["transformers", "vllm"], choices=["transformers", "vllm"]
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -84,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rft-bench-") as scratch:
         # Every engine's recipe is checked before the first one trains: a bad --set fails in seconds.
         try:
-            configs = [engine_config(e, args.recipe, args.steps, args.overrides, Path(scratch) / e) for e in args.engines]
+            configs = [
+                engine_config(e, args.recipe, args.steps, args.overrides, Path(scratch) / e)
+                for e in args.engines
+            ]
             if "vllm" in args.engines:
                 require_vllm()
         except (ConfigError, EngineStartError) as error:

@@ -94,7 +94,8 @@ class Setting:
 
 SETTINGS = {
     "short": Setting(
-        "short", str(REPO / "recipes/data/addition_train.jsonl"), str(REPO / "recipes/data/addition_heldout.jsonl"),
+        "short", str(REPO / "recipes/data/addition_train.jsonl"),
+        str(REPO / "recipes/data/addition_heldout.jsonl"),
         prompts_per_step=2, group_size=8, max_new_tokens=16, steps=12, warmup=2,
     ),
     "long": Setting(
@@ -156,7 +157,8 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
     from rft.scoring import RewardScorer
 
     config = load_config(raw={
-        "model": {"name_or_path": job.model}, "data": {"train": job.setting.train, "eval": job.setting.held_out},
+        "model": {"name_or_path": job.model},
+        "data": {"train": job.setting.train, "eval": job.setting.held_out},
         "rewards": [{"fn": REWARD_SPEC}], "rollout": {"max_new_tokens": job.setting.max_new_tokens},
         "training": {"seed": job.seed},
         "eval": {"greedy": True, "sampled": False, "batch_size": EVAL_BATCH_SIZE, "keep_samples": 0},
@@ -175,7 +177,9 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
     return score
 
 
-def summarise(job: Job, steps: list[dict[str, float]], startup_s: float, final_reward: float | None) -> dict[str, Any]:
+def summarise(
+    job: Job, steps: list[dict[str, float]], startup_s: float, final_reward: float | None
+) -> dict[str, Any]:
     """Per-step records (seconds, tokens, generation seconds, reward, mean length) to one result row."""
     timed = steps[job.setting.warmup :]
     if not timed:
@@ -204,7 +208,10 @@ def run_ours(job: Job) -> dict[str, Any]:
 
     setting = job.setting
     raw = {
-        "model": {"name_or_path": job.model, "dtype": job.dtype, "gradient_checkpointing": job.gradient_checkpointing},
+        "model": {
+            "name_or_path": job.model, "dtype": job.dtype,
+            "gradient_checkpointing": job.gradient_checkpointing,
+        },
         "lora": {"enabled": job.lora, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": setting.train, "eval": setting.held_out},
         "rewards": [{"fn": REWARD_SPEC}],
@@ -313,11 +320,14 @@ def run_trl(job: Job) -> dict[str, Any]:
     dataset = Dataset.from_list([{**example.row, "prompt": example.prompt} for example in train])
     per_call: list[dict[str, float]] = []
 
-    def final_number_correct(completions: list[Any], completion_ids: list[list[int]], answer: list[Any], **kwargs: Any) -> list[float]:
+    def final_number_correct(
+        completions: list[Any], completion_ids: list[list[int]], answer: list[Any], **kwargs: Any
+    ) -> list[float]:
         # The same reward; the wrapper also records what TRL generated (tokens per completion, EOS included).
         rewards = reward(completions, answer)
         per_call.append({
-            "tokens": float(sum(len(ids) for ids in completion_ids)), "completions": float(len(completion_ids)),
+            "tokens": float(sum(len(ids) for ids in completion_ids)),
+            "completions": float(len(completion_ids)),
             "reward": sum(rewards) / len(rewards),
         })
         return rewards
@@ -346,19 +356,23 @@ def run_trl(job: Job) -> dict[str, Any]:
     if job.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     settings = trl_settings(job)
     final_evaluation = held_out_evaluation(job)
     start = time.perf_counter()
     trainer = TimedGRPOTrainer(
-        model=job.model, reward_funcs=[final_number_correct], args=GRPOConfig(**settings), train_dataset=dataset,
+        model=job.model, reward_funcs=[final_number_correct], args=GRPOConfig(**settings),
+        train_dataset=dataset,
         peft_config=peft_config, callbacks=[StepTimer()],
     )
     startup = time.perf_counter() - start
     trainer.train()
     if not (len(step_seconds) == len(per_call) == len(generation_seconds) == setting.steps):
         raise RuntimeError(
-            f"expected {setting.steps} steps, timed {len(step_seconds)}, scored {len(per_call)}, generated {len(generation_seconds)}"
+            f"expected {setting.steps} steps, timed {len(step_seconds)}, "
+            f"scored {len(per_call)}, generated {len(generation_seconds)}"
         )
     steps = [
         {**call, "seconds": seconds, "generation_s": generation}
@@ -383,7 +397,10 @@ def child_main(job_path: Path, result_path: Path) -> int:
         result = run_ours(job) if job.engine in OURS else run_trl(job)
     except BaseException as exc:  # the table reports why an engine did not run, in one line
         traceback.print_exc()
-        result = {"status": "did not run: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300], "peak_rss_mb": peak_rss_mb()}
+        result = {
+            "status": "did not run: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300],
+            "peak_rss_mb": peak_rss_mb(),
+        }
     result_path.write_text(json.dumps(result, indent=1))
     # vLLM can leave non-daemon threads behind; the result is written, so leave at once.
     sys.stdout.flush()
@@ -417,9 +434,13 @@ def build_random_qwen(target: Path, tokenizer_source: str) -> str:
 
 def run_child(job: Job, scratch: Path) -> dict[str, Any]:
     name = f"{job.setting.name}-{job.engine}"
-    job_path, result_path, log_path = scratch / f"{name}.job.json", scratch / f"{name}.result.json", scratch / f"{name}.log"
+    job_path, result_path, log_path = (
+        scratch / f"{name}.job.json", scratch / f"{name}.result.json", scratch / f"{name}.log"
+    )
     job_path.write_text(json.dumps(asdict(job)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    }
     if job.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if job.threads:
@@ -435,10 +456,20 @@ def run_child(job: Job, scratch: Path) -> dict[str, Any]:
     if result_path.exists():
         result = json.loads(result_path.read_text())
     else:
-        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["no output"]
+        tail = (
+            [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+            or ["no output"]
+        )
         result = {"status": f"did not run: exit code {process.returncode}: {tail[0][:300]}"}
-    result.update({"engine": job.engine, "setting": job.setting.name, "log": str(log_path), "wall_s": time.perf_counter() - start})
-    print(f"[bench] {name}: {result['status']} ({result['wall_s']:.0f} s; its log: {log_path}, kept with --keep)", file=sys.stderr, flush=True)
+    result.update({
+        "engine": job.engine, "setting": job.setting.name, "log": str(log_path),
+        "wall_s": time.perf_counter() - start,
+    })
+    print(
+        f"[bench] {name}: {result['status']} ({result['wall_s']:.0f} "
+        f"s; its log: {log_path}, kept with --keep)",
+        file=sys.stderr, flush=True,
+    )
     return result
 
 
@@ -454,9 +485,11 @@ def format_results(results: list[dict[str, Any]], settings: dict[str, Setting], 
         rows = [r for r in results if r["setting"] == name]
         lines += [
             f"### {name}: {setting.prompts_per_step} prompts x {setting.group_size} completions, up to "
-            f"{setting.max_new_tokens} tokens, {setting.steps} steps (median over steps {setting.warmup + 1}-{setting.steps})",
+            f"{setting.max_new_tokens} tokens, {setting.steps} steps "
+            f"(median over steps {setting.warmup + 1}-{setting.steps})",
             "",
-            "| engine | s/step | completion tokens/s | mean completion tokens | generation share | peak RSS MB "
+            "| engine | s/step | completion tokens/s | mean "
+            "completion tokens | generation share | peak RSS MB "
             "| peak GPU MB | train reward (last steps) | held-out greedy reward | start-up s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -468,14 +501,16 @@ def format_results(results: list[dict[str, Any]], settings: dict[str, Setting], 
                 f"| {row['engine']} | {_cell(row['step_s'])} | {_cell(row['tokens_per_s'], 1)} "
                 f"| {_cell(row['mean_completion_tokens'], 1)} | {_cell(row['generation_share'])} "
                 f"| {_cell(row['peak_rss_mb'], 0)} | {_cell(row['peak_gpu_mb'], 0)} "
-                f"| {_cell(row['train_reward_last'], 3)} | {_cell(row['held_out_reward'], 3)} | {_cell(row['startup_s'], 1)} |"
+                f"| {_cell(row['train_reward_last'], 3)} | "
+                f"{_cell(row['held_out_reward'], 3)} | {_cell(row['startup_s'], 1)} |"
             )
         ok = {r["engine"]: r for r in rows if r["status"] == "ok"}
         pairs = [(o, t) for o in OURS for t in TRL if o in ok and t in ok]
         if pairs:
             lines += [
                 "",
-                "| ours / TRL | tokens/s ratio | s/step ratio | peak RSS ratio | peak GPU ratio | held-out reward ours - TRL |",
+                "| ours / TRL | tokens/s ratio | s/step ratio | peak RSS "
+                "ratio | peak GPU ratio | held-out reward ours - TRL |",
                 "|---|---|---|---|---|---|",
             ]
             for ours, trl in pairs:
@@ -486,7 +521,8 @@ def format_results(results: list[dict[str, Any]], settings: dict[str, Setting], 
                     if a["held_out_reward"] is not None and b["held_out_reward"] is not None else None
                 )
                 lines.append(
-                    f"| {ours} / {trl} | {a['tokens_per_s'] / b['tokens_per_s']:.2f} | {a['step_s'] / b['step_s']:.2f} "
+                    f"| {ours} / {trl} | {a['tokens_per_s'] / b['tokens_per_s']:.2f} "
+                    f"| {a['step_s'] / b['step_s']:.2f} "
                     f"| {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} | {_cell(gpu)} | {_cell(reward, 3)} |"
                 )
         lines.append("")
@@ -532,38 +568,59 @@ def check_inputs(settings: dict[str, Setting], model: str) -> None:
     try:
         load_tokenizer(model)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"--model {model}: cannot load its tokenizer: {' '.join(str(error).split())[:300]}") from None
+        raise SystemExit(
+            f"--model {model}: cannot load its tokenizer: {' '.join(str(error).split())[:300]}"
+        ) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--setting", choices=["short", "long", "both"], default="short")
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES))
     parser.add_argument(
         "--long-engines", nargs="+", choices=ENGINES, help="engines for the long setting (default: --engines)"
     )
     parser.add_argument("--steps", type=positive_int, help="training steps (default: 12 short, 2 long)")
-    parser.add_argument("--warmup", type=non_negative_int, help="first steps left out of the timing (default: 2 short, 0 long)")
-    parser.add_argument("--prompts-per-step", type=positive_int, help="prompts per step (default: 2 short, 1 long)")
-    parser.add_argument("--group-size", type=positive_int, help="completions per prompt G (default: 8 short, 4 long)")
-    parser.add_argument("--max-new-tokens", type=positive_int, help="maximum completion tokens (default: 16 short, 512 long)")
+    parser.add_argument(
+        "--warmup", type=non_negative_int,
+        help="first steps left out of the timing (default: 2 short, 0 long)",
+    )
+    parser.add_argument(
+        "--prompts-per-step", type=positive_int, help="prompts per step (default: 2 short, 1 long)"
+    )
+    parser.add_argument(
+        "--group-size", type=positive_int, help="completions per prompt G (default: 8 short, 4 long)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, help="maximum completion tokens (default: 16 short, 512 long)"
+    )
     adapter = parser.add_mutually_exclusive_group()
-    adapter.add_argument("--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)")
+    adapter.add_argument(
+        "--lora", dest="lora", action="store_true", default=True, help="train a LoRA adapter (default)"
+    )
     adapter.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
-    parser.add_argument("--learning-rate", type=positive_float, help="default: 2e-4 with LoRA, 1e-5 full fine-tuning")
+    parser.add_argument(
+        "--learning-rate", type=positive_float, help="default: 2e-4 with LoRA, 1e-5 full fine-tuning"
+    )
     parser.add_argument(
         "--gradient-checkpointing", action="store_true",
-        help="activation checkpointing on both sides (TRL's documented default; off here by default, faster on both)",
+        help="activation checkpointing on both sides (TRL's "
+        "documented default; off here by default, faster on both)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default="float32",
         help="weights and compute on both sides (TRL: model_init_kwargs dtype, bf16 autocast when bfloat16)",
     )
-    parser.add_argument("--model", default=None, help="model directory or hub id (default: the embedded SmolLM2)")
+    parser.add_argument(
+        "--model", default=None, help="model directory or hub id (default: the embedded SmolLM2)"
+    )
     parser.add_argument(
         "--random-qwen2.5-0.5b", dest="random_qwen", action="store_true",
-        help="a random-init model of Qwen2.5-0.5B's shape with the tokenizer of --model (default the SmolLM2 one, "
+        help="a random-init model of Qwen2.5-0.5B's shape with "
+        "the tokenizer of --model (default the SmolLM2 one, "
         "vocabulary 49152), for GPU runs",
     )
     parser.add_argument(
@@ -577,7 +634,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="vLLM memory share for ours-vllm and trl-vllm (of GPU memory; of RAM on CPU); default 0.3",
     )
     parser.add_argument("--out", type=Path, help="write bench_vs_trl.json and bench_vs_trl.md here")
-    parser.add_argument("--keep", type=Path, help="keep run folders and child logs here (default: a temporary folder)")
+    parser.add_argument(
+        "--keep", type=Path, help="keep run folders and child logs here (default: a temporary folder)"
+    )
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     return args
@@ -593,7 +652,9 @@ def selected_settings(args: argparse.Namespace) -> dict[str, Setting]:
     settings = {name: replace(SETTINGS[name], **overrides) for name in names}
     for setting in settings.values():
         if setting.steps <= setting.warmup:
-            raise SystemExit(f"{setting.name}: steps ({setting.steps}) must exceed warm-up ({setting.warmup})")
+            raise SystemExit(
+                f"{setting.name}: steps ({setting.steps}) must exceed warm-up ({setting.warmup})"
+            )
     return settings
 
 
@@ -619,13 +680,16 @@ def main(argv: list[str] | None = None) -> int:
         for setting in settings.values():
             for engine in (args.long_engines or args.engines) if setting.name == "long" else args.engines:
                 job = Job(
-                    engine=engine, setting=setting, model=model, lora=args.lora, dtype=args.dtype, learning_rate=learning_rate,
-                    gradient_checkpointing=args.gradient_checkpointing, device=args.device, seed=args.seed, threads=args.threads,
+                    engine=engine, setting=setting, model=model, lora=args.lora, dtype=args.dtype,
+                    learning_rate=learning_rate,
+                    gradient_checkpointing=args.gradient_checkpointing, device=args.device, seed=args.seed,
+                    threads=args.threads,
                     vllm_memory=args.vllm_memory, run_dir=str(scratch / f"{setting.name}-{engine}"),
                 )
                 results.append(run_child(job, scratch))
     header = (
-        f"model {model_label}, {'LoRA r16' if args.lora else 'full fine-tuning'}, lr {learning_rate:g}, device {args.device}, "
+        f"model {model_label}, {'LoRA r16' if args.lora else 'full fine-tuning'}, "
+        f"lr {learning_rate:g}, device {args.device}, "
         f"weights {args.dtype}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides, "
         f"{args.threads or 'default'} torch threads, seed {args.seed}"
@@ -634,12 +698,16 @@ def main(argv: list[str] | None = None) -> int:
     trl_runs = [r for r in results if "trl_settings" in r]
     if trl_runs:
         table += "\nTRL's GRPOConfig arguments (output_dir left out):\n\n" + "".join(
-            f"- {r['setting']} {r['engine']}: `{json.dumps(r['trl_settings'], sort_keys=True)}`\n" for r in trl_runs
+            f"- {r['setting']} {r['engine']}: `{json.dumps(r['trl_settings'], sort_keys=True)}`\n"
+            for r in trl_runs
         )
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        payload = {"command": " ".join(sys.argv), "settings": {k: asdict(v) for k, v in settings.items()}, "results": results}
+        payload = {
+            "command": " ".join(sys.argv), "settings": {k: asdict(v) for k, v in settings.items()},
+            "results": results,
+        }
         (args.out / "bench_vs_trl.json").write_text(json.dumps(payload, indent=1))
         (args.out / "bench_vs_trl.md").write_text(table + "\n")
     return 0

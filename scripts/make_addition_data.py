@@ -25,11 +25,19 @@ def main(out_dir: Path = OUT_DIR, held_out: int = 64) -> None:
     with (out_dir / "addition_heldout.jsonl").open("w") as handle:
         for i, (a, b) in enumerate(pairs[:held_out]):
             question = PHRASINGS[i % len(PHRASINGS)].format(a=a, b=b)
-            handle.write(json.dumps({"prompt": question, "answer": a + b, "phrasing": TAGS[i % len(PHRASINGS)]}) + "\n")
+            handle.write(
+                json.dumps({"prompt": question, "answer": a + b, "phrasing": TAGS[i % len(PHRASINGS)]}) + "\n"
+            )
     with (out_dir / "addition_train.jsonl").open("w") as handle:
         for a, b in pairs[held_out:]:
             for phrasing in PHRASINGS:
-                handle.write(json.dumps({"prompt": phrasing.format(a=a, b=b), "answer": a + b, "phrasing": TAGS[PHRASINGS.index(phrasing)]}) + "\n")
+                handle.write(
+                    json.dumps({
+                        "prompt": phrasing.format(a=a, b=b), "answer": a + b,
+                        "phrasing": TAGS[PHRASINGS.index(phrasing)],
+                    })
+                    + "\n"
+                )
 
 
 if __name__ == "__main__":

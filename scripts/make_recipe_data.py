@@ -21,14 +21,19 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
 
-FIRST_NAMES = ["Ana", "Ben", "Chloé", "Dev", "Emeka", "Fatima", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena"]
+FIRST_NAMES = [
+    "Ana", "Ben", "Chloé", "Dev", "Emeka", "Fatima", "Goran", "Hana", "Ivan", "Jia", "Kofi", "Lena"
+]
 LAST_NAMES = ["Okafor", "Schmidt", "Nakamura", "Silva", "Novak", "Haddad", "Larsen", "Moreau", "Patel", "Kim"]
-PRODUCTS = ["USB-C dock", "noise-cancelling headphones", "standing desk", "espresso grinder", "trail backpack",
+PRODUCTS = ["USB-C dock", "noise-cancelling headphones", "standing desk", "espresso grinder",
+            "trail backpack",
             "e-reader", "monitor arm", "mechanical keyboard", "air purifier", "camping stove"]
 CURRENCIES = {"USD": "$", "EUR": "€", "GBP": "£"}
 EMAIL_TEMPLATES = [
-    "Subject: Your order {order_id} is confirmed\n\nHi {customer},\nthanks for shopping with us! We received your "
-    "order {order_id} for {count} x {product}. Total charged: {symbol}{total}. Expected delivery: {date_text}.",
+    "Subject: Your order {order_id} is confirmed\n\nHi "
+    "{customer},\nthanks for shopping with us! We received your "
+    "order {order_id} for {count} x {product}. Total charged: "
+    "{symbol}{total}. Expected delivery: {date_text}.",
     "Order confirmation\nCustomer: {customer}\nReference: {order_id}\nItems: {product} (qty {count})\n"
     "Amount: {total} {currency}\nEstimated arrival: {date_text}",
     "Dear {customer}, your purchase ({count} {product}) has shipped under order number {order_id}. "
@@ -57,17 +62,24 @@ ORDER_SCHEMA = {
 
 POLICIES = {
     "doc-1": "Refunds: purchases can be refunded in full within 30 days of the invoice date. After 30 days, "
-             "unused months of an annual plan are refunded pro rata. Refunds go back to the original payment method "
+             "unused months of an annual plan are refunded pro rata. "
+             "Refunds go back to the original payment method "
              "within 10 business days.",
-    "doc-2": "Data retention: after an account is closed, customer data is kept for 90 days so the account can be "
+    "doc-2": "Data retention: after an account is closed, customer "
+             "data is kept for 90 days so the account can be "
              "restored, then deleted permanently. Backups are purged within a further 30 days.",
-    "doc-3": "Service level: the platform targets 99.9% monthly uptime. If uptime falls below the target, customers "
+    "doc-3": "Service level: the platform targets 99.9% monthly "
+             "uptime. If uptime falls below the target, customers "
              "on paid plans may request a service credit of 10% of that month's fee within 30 days.",
-    "doc-4": "Billing: invoices are issued on the first day of each billing period. Failed payments are retried "
-             "three times over seven days before the account is suspended. Suspended accounts keep their data.",
-    "doc-5": "Security: accounts can require two-factor authentication for all members. Support staff never ask for "
+    "doc-4": "Billing: invoices are issued on the first day of "
+             "each billing period. Failed payments are retried "
+             "three times over seven days before the account is "
+             "suspended. Suspended accounts keep their data.",
+    "doc-5": "Security: accounts can require two-factor authentication "
+             "for all members. Support staff never ask for "
              "passwords or one-time codes.",
-    "doc-6": "Plan changes: upgrades take effect immediately and are charged pro rata; downgrades take effect at the "
+    "doc-6": "Plan changes: upgrades take effect immediately and are "
+             "charged pro rata; downgrades take effect at the "
              "start of the next billing period.",
 }
 QUESTIONS = [
@@ -83,8 +95,10 @@ QUESTIONS = [
     ("Is there a guarantee that the platform never goes down?", ["doc-3", "doc-5"]),
 ]
 SUPPORT_SYSTEM = (
-    "You are a support agent for Acme Cloud. Answer in at most 120 words using only the policy passages below, "
-    "and cite every passage you rely on by its id in square brackets, e.g. [doc-1]. If the passages do not answer "
+    "You are a support agent for Acme Cloud. Answer in at "
+    "most 120 words using only the policy passages below, "
+    "and cite every passage you rely on by its id in square "
+    "brackets, e.g. [doc-1]. If the passages do not answer "
     "the question, say so. Never promise outcomes the policy does not state.\n\n{passages}"
 )
 
@@ -107,9 +121,14 @@ def order_rows(count: int, rng: random.Random) -> list[dict]:
         )
         answer_schema = {
             **ORDER_SCHEMA,
-            "properties": {key: {**ORDER_SCHEMA["properties"][key], "const": value} for key, value in values.items()},
+            "properties": {
+                key: {**ORDER_SCHEMA["properties"][key], "const": value} for key, value in values.items()
+            },
         }
-        rows.append({"prompt": EXTRACTION_INSTRUCTION + email, "reference_answer": values, "answer_schema": answer_schema})
+        rows.append({
+            "prompt": EXTRACTION_INSTRUCTION + email, "reference_answer": values,
+            "answer_schema": answer_schema,
+        })
     return rows
 
 

@@ -45,13 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     # A trained-looking adapter: B = 0 at initialisation would leave half the gradients trivially zero.
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     lm = causal_lm(model)
-    prompts_n, group, prompt_len, completion_len = args.prompts, args.group_size, args.prompt_tokens, args.completion_tokens
+    prompts_n, group, prompt_len, completion_len = (
+        args.prompts, args.group_size, args.prompt_tokens, args.completion_tokens
+    )
     prompts = torch.randint(100, 40000, (prompts_n, prompt_len))
     completions = torch.randint(100, 40000, (prompts_n * group, completion_len))
 
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         cache.batch_repeat_interleave(group)
         positions = torch.arange(prompt_len, prompt_len + completion_len).expand(prompts_n * group, -1)
         mask = torch.ones(prompts_n * group, prompt_len + completion_len, dtype=torch.long)
-        hidden = lm.base_model(input_ids=completions, past_key_values=cache, position_ids=positions, attention_mask=mask).last_hidden_state
+        hidden = lm.base_model(
+            input_ids=completions, past_key_values=cache, position_ids=positions, attention_mask=mask
+        ).last_hidden_state
         # The prompt's last position predicts the first completion token.
         first = prefix.last_hidden_state[:, -1:].repeat_interleave(group, dim=0)
         return token_logprobs(torch.cat([first, hidden[:, :-1]], dim=1))
@@ -86,10 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             logprobs.sum().backward()
             seconds = time.perf_counter() - start
             results[name] = (logprobs.detach(), [p.grad.clone() for p in trainable], seconds)
-    (full_logp, full_grads, full_s), (shared_logp, shared_grads, shared_s) = results["full"], results["shared"]
-    gradient_gap = max(((a - b).norm() / a.norm().clamp(min=1e-12)).item() for a, b in zip(full_grads, shared_grads, strict=True))
-    print(f"forward + backward, last of {args.repeats}: full {full_s:.2f} s, shared prompt {shared_s:.2f} s ({full_s / shared_s:.2f}x)")
-    print(f"max |log-prob difference| {(full_logp - shared_logp).abs().max().item():.2e}; max relative LoRA gradient difference {gradient_gap:.2e}")
+    (full_logp, full_grads, full_s), (shared_logp, shared_grads, shared_s) = (
+        results["full"], results["shared"]
+    )
+    gradient_gap = max(
+        ((a - b).norm() / a.norm().clamp(min=1e-12)).item()
+        for a, b in zip(full_grads, shared_grads, strict=True)
+    )
+    print(
+        f"forward + backward, last of {args.repeats}: full {full_s:.2f} "
+        f"s, shared prompt {shared_s:.2f} s ({full_s / shared_s:.2f}x)"
+    )
+    print(
+        f"max |log-prob difference| {(full_logp - shared_logp).abs().max().item():.2e}; "
+        f"max relative LoRA gradient difference {gradient_gap:.2e}"
+    )
     return 0
 
 
