@@ -38,9 +38,11 @@ def build_tiny_model(
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
         vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     common.update(shape)
     torch.manual_seed(seed)
@@ -67,7 +69,9 @@ def tiny_recipe(model_dir: Path, run_dir: Path, **sections: dict) -> dict:
         "rewards": [{"fn": TINY_REWARD}, {"fn": ARITHMETIC_REWARD, "weight": 0.5}],
         "algorithm": {},
         "rollout": {"group_size": 4, "max_new_tokens": 6},
-        "training": {"steps": 2, "prompts_per_step": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "threads": 1},
+        "training": {
+            "steps": 2, "prompts_per_step": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "threads": 1
+        },
         "output": {"run_dir": str(run_dir), "log_completions": 1},
         "eval": {"before_training": False, "after_training": False},
     }

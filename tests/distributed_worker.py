@@ -48,7 +48,9 @@ class PromptSeededEngine:
         self.engine = engine
         self.name = engine.name
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings
+    ) -> RolloutOutput:
         merged = RolloutOutput(completion_ids=[], logprobs=[], truncated=[])
         for ids in prompt_ids:
             torch.manual_seed(zlib.crc32(repr(list(ids)).encode()))
@@ -65,7 +67,9 @@ class PromptSeededEngine:
         self.engine.close()
 
 
-def _sgd(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float) -> torch.optim.SGD:
+def _sgd(
+    params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float
+) -> torch.optim.SGD:
     """Called where the trainer builds its AdamW, with AdamW's arguments."""
     return torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
 
@@ -83,7 +87,9 @@ def _record_gradients(trainer: Trainer, directory: Path) -> None:
     def recording_step(*args: object, **kwargs: object) -> object:
         nonlocal updates
         updates += 1
-        gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+        gradients = {
+            name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
+        }
         save_file(gradients, str(directory / f"update-{updates}-rank-{rank}.safetensors"))
         return step(*args, **kwargs)
 

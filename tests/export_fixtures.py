@@ -19,7 +19,10 @@ import yaml
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
 CHAT_PROMPTS = (
     [{"role": "user", "content": "What is 7 + 5?"}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a prime number above 10."}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a prime number above 10."},
+    ],
     [{"role": "user", "content": "Say hello in French, then count to three."}],
 )
 TINY_LORA_RANK = 8
@@ -58,7 +61,10 @@ def _tiny_config(architecture: str, vocab_size: int) -> Any:
         "MistralForCausalLM": ("MistralConfig", {"rope_theta": 1000000.0, "sliding_window": None}),
         "MixtralForCausalLM": (
             "MixtralConfig",
-            {"rope_theta": 1000000.0, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+            {
+                "rope_theta": 1000000.0, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": None,
+            },
         ),
         "Qwen2ForCausalLM": ("Qwen2Config", {"rope_theta": 1000000.0}),
         "Qwen3ForCausalLM": ("Qwen3Config", {"rope_theta": 1000000.0, "head_dim": 16}),
@@ -95,11 +101,15 @@ def build_base_model(architecture: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def write_recipe(run_dir: Path, base_model: str, lora_rank: int, lora_alpha: float, lora_enabled: bool = True) -> None:
+def write_recipe(
+    run_dir: Path, base_model: str, lora_rank: int, lora_alpha: float, lora_enabled: bool = True
+) -> None:
     """The resolved recipe `rft train` writes beside its outputs (fields the export reads filled in)."""
     recipe = {
         "model": {"name_or_path": base_model, "dtype": "float32"},
-        "lora": {"enabled": lora_enabled, "r": lora_rank, "alpha": lora_alpha, "target_modules": "all-linear"},
+        "lora": {
+            "enabled": lora_enabled, "r": lora_rank, "alpha": lora_alpha, "target_modules": "all-linear"
+        },
         "data": {"train": "train.jsonl"},
         "rewards": [{"fn": "rewards.math:accuracy"}],
     }
@@ -153,7 +163,10 @@ def build_full_run(base_dir: Path, run_dir: Path, seed: int = 2) -> Path:
 
 def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
     """Token ids of the chat prompts, rendered with the tokenizer's own chat template."""
-    rendered = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in CHAT_PROMPTS]
+    rendered = [
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for messages in CHAT_PROMPTS
+    ]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
 
 

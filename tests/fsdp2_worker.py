@@ -30,7 +30,10 @@ def main(model_dir: str) -> None:
     torch.manual_seed(0)
 
     def build() -> LogProbModel:
-        return LogProbModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), temperature=0.7, chunk_size=5)
+        return LogProbModel(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), temperature=0.7,
+            chunk_size=5,
+        )
 
     whole, sharded = build(), build()
     mesh = init_device_mesh("cpu", (processes,))
@@ -48,13 +51,18 @@ def main(model_dir: str) -> None:
     (logp.sum() / processes).backward()
     mine = slice(2 * rank, 2 * rank + 2)
     sharded_logp, _ = sharded(input_ids[mine], attention_mask[mine], starts[mine], lengths[mine])
-    torch.testing.assert_close(sharded_logp, logp[mine, : sharded_logp.shape[1]].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sharded_logp, logp[mine, : sharded_logp.shape[1]].detach(), rtol=1e-5, atol=1e-5
+    )
     sharded_logp.sum().backward()
-    for (name, expected), (_, parameter) in zip(whole.named_parameters(), sharded.named_parameters(), strict=True):
+    for (name, expected), (_, parameter) in zip(
+        whole.named_parameters(), sharded.named_parameters(), strict=True
+    ):
         gradient = parameter.grad.full_tensor() if isinstance(parameter.grad, DTensor) else parameter.grad
         # By norm, relative to the tensor's own: element by element, summation order (per-process
         # partial sums, other kernels on other CPUs) leaves no relative precision where terms cancel.
-        # Measured up to 1.8e-6 (AMD EPYC, 1 and 2 threads); a gradient missing a process's share is off by ~1.
+        # Measured up to 1.8e-6 (AMD EPYC, 1 and 2 threads);
+        # a gradient missing a process's share is off by ~1.
         difference = ((gradient - expected.grad).norm() / expected.grad.norm()).item()
         assert difference < GRADIENT_RTOL, f"{name}: gradient differs by {difference:.3g} (relative)"
 
@@ -63,7 +71,9 @@ def main(model_dir: str) -> None:
         generated = sharded.policy.generate(input_ids=prompt, max_new_tokens=3 + 4 * rank, do_sample=False)
     expected_tokens = whole.policy.generate(input_ids=prompt, max_new_tokens=3 + 4 * rank, do_sample=False)
     assert torch.equal(generated, expected_tokens), (generated, expected_tokens)
-    assert all(isinstance(p, DTensor) for p in sharded.parameters()), "weights not sharded again after generation"
+    assert all(
+        isinstance(p, DTensor) for p in sharded.parameters()
+    ), "weights not sharded again after generation"
     sharded(input_ids[mine], attention_mask[mine], starts[mine], lengths[mine])[0].sum().backward()
     dist.destroy_process_group()
     print(f"process {rank}: fsdp2 ok")

@@ -10,6 +10,10 @@ def constant_half(completions: list[Any], **_: Any) -> list[float]:
     return [0.5 for _ in completions]
 
 
-def ground_truth_seen(completions: list[Any], reference_answer: list[Any], reward_model: list[Any], **_: Any) -> list[float]:
+def ground_truth_seen(
+    completions: list[Any], reference_answer: list[Any], reward_model: list[Any], **_: Any
+) -> list[float]:
     """1.0 where `reward_model.ground_truth` reached the reward both nested and as `reference_answer`."""
-    return [float(ref == model["ground_truth"]) for ref, model in zip(reference_answer, reward_model, strict=True)]
+    return [
+        float(ref == model["ground_truth"]) for ref, model in zip(reference_answer, reward_model, strict=True)
+    ]

@@ -29,7 +29,8 @@ def _job_file(tmp_path: Path, payload: dict) -> Path:
 def test_the_request_maps_to_recipe_fields(tiny_model_dir: Path, tmp_path: Path) -> None:
     recipe = _recipe_file(tmp_path, tiny_recipe(tiny_model_dir, tmp_path / "run"))
     settings = {
-        "epochCount": 2, "batchSize": 16, "learningRate": 5e-6, "trainingSamplePerPrompt": 4, "evalInterval": 7,
+        "epochCount": 2, "batchSize": 16, "learningRate": 5e-6, "trainingSamplePerPrompt": 4,
+        "evalInterval": 7,
         "inferenceMaxTokens": 96, "maxPromptLength": 300, "reasoningEffort": "low",
     }
     request = {"jobName": "j", "customizationConfig": {"rftConfig": {"hyperParameters": settings}}}
@@ -52,10 +53,16 @@ def test_the_request_maps_to_recipe_fields(tiny_model_dir: Path, tmp_path: Path)
     ({"batchSize": 8}, "hyperParameters.batchSize: 8 is outside Bedrock's range 16 to 512"),
     ({"epochCount": 51}, "hyperParameters.epochCount: 51 is outside Bedrock's range 1 to 50"),
     ({"learningRate": 0.01}, "hyperParameters.learningRate: 0.01 is outside Bedrock's range 1e-07 to 0.001"),
-    ({"trainingSamplePerPrompt": 1}, "hyperParameters.trainingSamplePerPrompt: 1 is outside Bedrock's range 2 to 16"),
+    (
+        {"trainingSamplePerPrompt": 1},
+        "hyperParameters.trainingSamplePerPrompt: 1 is outside Bedrock's range 2 to 16"
+    ),
     ({"evalInterval": 0}, "hyperParameters.evalInterval: 0 is outside Bedrock's range 1 to 100"),
     ({"batchSize": 16.5}, "hyperParameters.batchSize: got 16.5; expected an integer"),
-    ({"reasoningEffort": "max"}, "hyperParameters.reasoningEffort: got 'max'; Bedrock allows low, medium, high"),
+    (
+        {"reasoningEffort": "max"},
+        "hyperParameters.reasoningEffort: got 'max'; Bedrock allows low, medium, high"
+    ),
     ({"epochs": 2}, "hyperParameters.epochs: not a Bedrock RFT hyperparameter"),
 ])
 def test_out_of_range_settings_fail_in_one_line(

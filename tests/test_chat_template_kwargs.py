@@ -18,9 +18,11 @@ from tests.conftest import build_tiny_model, tiny_recipe
 
 # Qwen3's switch, in Qwen3's own words: thinking is on unless a caller says `enable_thinking=False`.
 QWEN3_STYLE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + "
+    "'\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- if enable_thinking is defined and enable_thinking is "
+    "false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
     "{%- endif %}"
 )
 NO_THINKING = "<think>\n\n</think>\n\n"
@@ -61,11 +63,13 @@ def test_training_evaluation_and_export_see_the_kwargs(
     for example in (trainer.train_examples[0], trainer.eval_examples[0]):
         text = tokenizer.decode(example.prompt_ids)
         assert text.endswith(f"<|im_start|>assistant\n{NO_THINKING}")
-        expected = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True, enable_thinking=False,
+        expected = tokenizer.apply_chat_template(example.prompt, add_generation_prompt=True,
+                                                 enable_thinking=False,
                                                  tokenize=True, return_dict=False)
         assert example.prompt_ids == list(expected)
     trainer.train()
-    # The saved policy and the Bedrock export prompt the model as it was trained, unless a request says otherwise.
+    # The saved policy and the Bedrock export prompt the model
+    # as it was trained, unless a request says otherwise.
     assert main(["export", "bedrock", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     assert main(["export", "sagemaker", str(run_dir), "--out", str(tmp_path / "lmi"), "--merged"]) == 0
     for folder in (run_dir / "final", tmp_path / "export", tmp_path / "lmi"):
@@ -73,7 +77,9 @@ def test_training_evaluation_and_export_see_the_kwargs(
         assert not _render(folder, enable_thinking=True).endswith(NO_THINKING)
     # An adapter deployment serves the base model's template: the export says so, and what to send.
     capsys.readouterr()
-    assert main(["export", "sagemaker", str(run_dir), "--out", str(tmp_path / "lmi-adapter"), "--base-model-id", "o/m"]) == 0
+    assert main([
+        "export", "sagemaker", str(run_dir), "--out", str(tmp_path / "lmi-adapter"), "--base-model-id", "o/m"
+    ]) == 0
     assert "data.chat_template_kwargs {'enable_thinking': False}" in capsys.readouterr().out
     # Without the kwargs the base template thinks: the difference above is the recipe's.
     assert not _render(thinking_model_dir).endswith(NO_THINKING)

@@ -84,7 +84,8 @@ def _imported_modules(tree: ast.AST) -> set[str]:
 REWARD_BOUNDARY = "rft/reward_loading.py"
 
 
-@pytest.mark.parametrize("path", [p for p in sorted(ROOT.glob("rft/**/*.py")) if _relative(p) != REWARD_BOUNDARY],
+@pytest.mark.parametrize("path",
+                         [p for p in sorted(ROOT.glob("rft/**/*.py")) if _relative(p) != REWARD_BOUNDARY],
                          ids=_relative)
 def test_rft_does_not_import_the_reward_plugins(path: Path) -> None:
     """Plugins depend on `rewards.base`, never the trainer on the plugins (they are loaded by spec)."""
@@ -114,5 +115,7 @@ def test_module_imports_without_torch(module: str) -> None:
         "sys.meta_path.insert(0, Block())\n"
         f"importlib.import_module({module!r})\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -11,7 +11,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def minimal(**extra) -> dict:
-    return {"data": {"train": "rows.jsonl"}, "rewards": [{"fn": "rewards/arithmetic.py:final_number_correct"}], **extra}
+    return {
+        "data": {"train": "rows.jsonl"}, "rewards": [{"fn": "rewards/arithmetic.py:final_number_correct"}],
+        **extra,
+    }
 
 
 def test_quickstart_recipe_loads_and_resolves_paths() -> None:
@@ -21,7 +24,9 @@ def test_quickstart_recipe_loads_and_resolves_paths() -> None:
 
 
 def test_override_parses_yaml_types() -> None:
-    config = load_config(raw=minimal(), overrides=["algorithm.eps_high=0.28", "lora.enabled=false", "rewards.0.weight=2"])
+    config = load_config(
+        raw=minimal(), overrides=["algorithm.eps_high=0.28", "lora.enabled=false", "rewards.0.weight=2"]
+    )
     assert config.algorithm.eps_high == 0.28
     assert config.lora.enabled is False
     assert config.rewards[0].weight == 2.0
@@ -33,7 +38,9 @@ def test_misspelt_field_is_named() -> None:
 
 
 def test_bad_choice_lists_allowed_values() -> None:
-    with pytest.raises(ConfigError, match=r"algorithm\.loss_agg: got 'token_mean'.*'seq-mean-token-mean'.*'token-mean'"):
+    with pytest.raises(
+        ConfigError, match=r"algorithm\.loss_agg: got 'token_mean'.*'seq-mean-token-mean'.*'token-mean'"
+    ):
         load_config(raw=minimal(algorithm={"loss_agg": "token_mean"}))
 
 
@@ -74,10 +81,16 @@ def test_bad_override_syntax() -> None:
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("rewards.5.weight=2", r"--set 'rewards.5.weight=2': position 5 is past the end of a list of 1 \(use 0 to 0\)"),
+    (
+        "rewards.5.weight=2",
+        r"--set 'rewards.5.weight=2': position 5 is past the end of a list of 1 \(use 0 to 0\)"
+    ),
     ("rewards.x.weight=2", r"'x' is not a position in a list of 1"),
     ("rewards.3=x", r"position 3 is past the end"),
-    ("training.steps=[1", r"--set 'training.steps=\[1': the value is not valid YAML .*; quote it as a string"),
+    (
+        "training.steps=[1",
+        r"--set 'training.steps=\[1': the value is not valid YAML .*; quote it as a string"
+    ),
 ])
 def test_bad_override_is_one_line(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as raised:
@@ -85,7 +98,9 @@ def test_bad_override_is_one_line(override: str, message: str) -> None:
     assert "\n" not in str(raised.value)
 
 
-def test_relative_paths_resolve_against_the_recipe_folder_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_paths_resolve_against_the_recipe_folder_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recipe_dir, working_dir = tmp_path / "recipes", tmp_path / "work"
     for folder, rows in ((recipe_dir, 108), (working_dir, 4)):
         (folder / "data").mkdir(parents=True)
@@ -95,15 +110,19 @@ def test_relative_paths_resolve_against_the_recipe_folder_first(tmp_path: Path, 
     recipe = recipe_dir / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "data": {"train": "data/train.jsonl", "eval": "only_here.jsonl"},
-        "rewards": [{"fn": "reward.py:r", "kwargs": {"answer_column": "data"}}, {"fn": "rewards.maths:math_answer"}],
+        "rewards": [
+            {"fn": "reward.py:r", "kwargs": {"answer_column": "data"}}, {"fn": "rewards.maths:math_answer"}
+        ],
     }))
     monkeypatch.chdir(working_dir)
     config = load_config(recipe)
     # The recipe's data, not the working folder's file of the same name; recorded absolute.
     assert config.data.train == str((recipe_dir / "data" / "train.jsonl").resolve())
-    assert config.data.eval == str((working_dir / "only_here.jsonl").resolve())  # found only here: the fallback
+    # found only here: the fallback
+    assert config.data.eval == str((working_dir / "only_here.jsonl").resolve())
     assert config.rewards[0].fn == f"{(recipe_dir / 'reward.py').resolve()}:r"
-    assert config.rewards[0].kwargs == {"answer_column": "data"}  # a column name, though a folder has that name
+    # a column name, though a folder has that name
+    assert config.rewards[0].kwargs == {"answer_column": "data"}
     assert config.rewards[1].fn == "rewards.maths:math_answer"
     dumped = yaml.safe_load(dump_config(config))
     assert Path(dumped["data"]["train"]).is_absolute() and Path(dumped["data"]["eval"]).is_absolute()
@@ -114,5 +133,7 @@ def test_recipe_warnings_name_what_cannot_learn() -> None:
     warnings = recipe_warnings(config, train_rows=3)
     assert len(warnings) == 2
     assert "group_size is 1" in warnings[0] and "nothing is learned" in warnings[0]
-    assert "prompts_per_step (500) exceeds the 3 training prompts" in warnings[1] and "167 times" in warnings[1]
+    assert (
+        "prompts_per_step (500) exceeds the 3 training prompts" in warnings[1] and "167 times" in warnings[1]
+    )
     assert recipe_warnings(load_config(raw=minimal()), train_rows=100) == []

@@ -93,7 +93,8 @@ def test_gsm8k_with_column_map_and_template(embedded_model_dir: Path) -> None:
     from rft.models import load_tokenizer
 
     config = DataConfig(
-        train=str(GSM8K), column_map={"answer": "reference_answer"}, prompt_template="{question}\nEnd with '#### n'.",
+        train=str(GSM8K), column_map={"answer": "reference_answer"},
+        prompt_template="{question}\nEnd with '#### n'.",
         system_prompt="You are a careful maths tutor.", eval_size=5, max_train_rows=20,
     )
     train, held_out = load_splits(config, load_tokenizer(str(embedded_model_dir)), seed=0)
@@ -120,13 +121,18 @@ def test_eval_file_without_rows_is_an_error_naming_it(tmp_path: Path) -> None:
         load_splits(DataConfig(train=str(train), eval=str(empty)), None, seed=0)
 
 
-def test_eval_split_emptied_by_prompt_length_is_an_error_naming_it(tmp_path: Path, embedded_model_dir: Path) -> None:
+def test_eval_split_emptied_by_prompt_length_is_an_error_naming_it(
+    tmp_path: Path, embedded_model_dir: Path
+) -> None:
     from rft.models import load_tokenizer
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "short"}])
     long = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "long " * 100}, {"prompt": "longer " * 100}])
     config = DataConfig(train=str(train), eval=str(long), max_prompt_length=64)
-    expected = rf"held-out \({re.escape(str(long))}\): no usable prompts \(all 2 longer than data.max_prompt_length=64 tokens\)"
+    expected = (
+        rf"held-out \({re.escape(str(long))}\): no usable prompts "
+        r"\(all 2 longer than data.max_prompt_length=64 tokens\)"
+    )
     with pytest.raises(DataError, match=expected):
         load_splits(config, load_tokenizer(str(embedded_model_dir)), seed=0)
 

@@ -58,8 +58,13 @@ def _write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def _torchrun(processes: int, *arguments: str, timeout: float = 300) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *arguments]
-    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+        *arguments,
+    ]
+    result = subprocess.run(
+        command, env=_environment(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
@@ -67,7 +72,9 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _relative_difference(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> tuple[float, str]:
+def _relative_difference(
+    actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> tuple[float, str]:
     """The largest, over tensors, of |actual - expected| / |expected| (Frobenius norms, float64), and its tensor.
 
     Per tensor, so that a tensor with small values (a norm's weight) is held to its own scale; by norm,
@@ -100,7 +107,9 @@ def _equivalence_recipe(model_dir: Path, run_dir: Path, steps: int = 2) -> dict:
         model_dir, run_dir,
         lora={"enabled": False},
         # Batch-level std, dynamic sampling and token-mean all need the global batch.
-        algorithm={"loss_agg": "token-mean", "scale": "batch", "dynamic_sampling": True, "max_gen_batches": 3},
+        algorithm={
+            "loss_agg": "token-mean", "scale": "batch", "dynamic_sampling": True, "max_gen_batches": 3
+        },
         rollout={"group_size": 3, "max_new_tokens": 6},
         # 3 prompts over 2 processes: shares of 2 and 1 groups. 9 sequences in 2 mini-batches of 5 and 4,
         # split 3/2 and 2/2 between the processes, 2 per micro-batch: process 1 needs a padding pass.
@@ -120,74 +129,115 @@ def equivalence_runs(stopping_model_dir: Path, tmp_path_factory: pytest.TempPath
     root = tmp_path_factory.mktemp("equivalence")
     for processes, name in ((1, "single"), (2, "double")):
         recipe = _write_recipe(root / f"{name}.yaml", _equivalence_recipe(stopping_model_dir, root / name))
-        _torchrun(processes, str(WORKER), str(recipe), "--sgd", "--record-gradients", str(root / f"{name}-gradients"))
+        _torchrun(
+            processes, str(WORKER), str(recipe), "--sgd", "--record-gradients",
+            str(root / f"{name}-gradients"),
+        )
     return root
 
 
-def test_two_processes_compute_the_gradients_of_one_process(equivalence_runs: Path, stopping_model_dir: Path) -> None:
+def test_two_processes_compute_the_gradients_of_one_process(
+    equivalence_runs: Path, stopping_model_dir: Path
+) -> None:
     single, double = equivalence_runs / "single", equivalence_runs / "double"
-    one, two = _gradients(equivalence_runs / "single-gradients"), _gradients(equivalence_runs / "double-gradients")
+    one, two = (
+        _gradients(equivalence_runs / "single-gradients"), _gradients(equivalence_runs / "double-gradients")
+    )
     assert len(one) == len(two) == 4, "2 steps of 2 mini-batches: 4 optimizer updates"
     for update, (expected, actual, other_process) in enumerate(
         zip(one, two, _gradients(equivalence_runs / "double-gradients", rank=1), strict=True), start=1
     ):
         difference, name = _relative_difference(actual, expected)
-        assert difference < RELATIVE_TOLERANCE, f"update {update}, {name}: relative difference {difference:.3g}"
-        assert all(torch.equal(actual[key], other_process[key]) for key in actual), "the processes' gradients differ"
+        assert difference < RELATIVE_TOLERANCE, (
+            f"update {update}, {name}: relative difference {difference:.3g}"
+        )
+        assert all(
+            torch.equal(actual[key], other_process[key]) for key in actual
+        ), "the processes' gradients differ"
 
     # The weights follow linearly (SGD): their movement agrees to the same precision.
     initial = load_file(str(stopping_model_dir / "model.safetensors"))
     moved_one, moved_two = _movement(single, initial), _movement(double, initial)
-    assert max(m.abs().max().item() for m in moved_one.values()) > 1e-3, "the weights barely moved: nothing compared"
+    assert max(
+        m.abs().max().item() for m in moved_one.values()
+    ) > 1e-3, "the weights barely moved: nothing compared"
     # Each update also rounds every weight to float32 (half an ulp, an ulp <= eps x |w|), in either run:
     # a norm's weight of about 1 that moved by 5e-4 cannot agree to 1e-4 of its movement.
     rounding = len(one) * torch.finfo(torch.float32).eps
     for key, expected in moved_one.items():
         difference = (moved_two[key] - expected).norm().item()
-        allowed = RELATIVE_TOLERANCE * expected.norm().item() + rounding * (initial[key].double() + expected).norm().item()
-        assert difference <= allowed, f"{key}: the weights moved differently by {difference:.3g} (allowed {allowed:.3g})"
+        allowed = (
+            RELATIVE_TOLERANCE * expected.norm().item()
+            + rounding * (initial[key].double() + expected).norm().item()
+        )
+        assert difference <= allowed, (
+            f"{key}: the weights moved differently by {difference:.3g} (allowed {allowed:.3g})"
+        )
 
     # Only the main process writes: one line per step. Global quantities agree with the single process;
     # `grad_norm` is the norm before clipping, so it also carries the gradients' scale.
     metrics_one, metrics_two = _metrics(single), _metrics(double)
     assert [m["step"] for m in metrics_two] == [1, 2]
     for first, second in zip(metrics_one, metrics_two, strict=True):
-        for key in ("reward/mean", "reward/std", "reward/first_token_grade/std", "advantage/std", "completion/length/mean",
-                    "completion/tokens", "dynamic_sampling/groups", "dynamic_sampling/rounds", "loss", "grad_norm"):
+        for key in ("reward/mean", "reward/std", "reward/first_token_grade/std", "advantage/std",
+                    "completion/length/mean",
+                    "completion/tokens", "dynamic_sampling/groups", "dynamic_sampling/rounds", "loss",
+                    "grad_norm"):
             # All of scale 1 (rewards in [0, 1], normalised advantages, clipped updates): the absolute
             # term only serves a loss that happens to be near 0.
             assert second[key] == pytest.approx(first[key], rel=RELATIVE_TOLERANCE, abs=1e-6), key
-    lengths = [m["completion/length/min"] for m in metrics_one] + [m["completion/length/max"] for m in metrics_one]
+    lengths = (
+        [m["completion/length/min"] for m in metrics_one] + [m["completion/length/max"] for m in metrics_one]
+    )
     assert min(lengths) < max(lengths), "all completions equally long: token-mean would not be exercised"
 
 
-def test_two_processes_share_the_step_wide_masks_of_one_process(stopping_model_dir: Path, tmp_path: Path) -> None:
+def test_two_processes_share_the_step_wide_masks_of_one_process(
+    stopping_model_dir: Path, tmp_path: Path
+) -> None:
     # The entropy quantile is over every token of the step (gathered from both processes, the padding pass
     # included), the rollout mask and the entropy bonus's token count over the global batch: CISPO with all
     # of them trains one step on two processes as on one.
-    options = {"loss": "cispo", "top_entropy_quantile": 0.5, "entropy_coef": 0.05, "rollout_correction": "icepop",
+    options = {"loss": "cispo", "top_entropy_quantile": 0.5, "entropy_coef": 0.05,
+               "rollout_correction": "icepop",
                "rollout_ratio_min": 0.999, "rollout_ratio_max": 1.001}
     gradients, metrics = {}, {}
     for processes, name in ((1, "single"), (2, "double")):
         recipe = _equivalence_recipe(stopping_model_dir, tmp_path / name, steps=1)
         recipe["algorithm"].update(options)
         path = _write_recipe(tmp_path / f"{name}.yaml", recipe)
-        _torchrun(processes, str(WORKER), str(path), "--sgd", "--record-gradients", str(tmp_path / f"{name}-gradients"))
-        gradients[name], (metrics[name],) = _gradients(tmp_path / f"{name}-gradients"), _metrics(tmp_path / name)
+        _torchrun(
+            processes, str(WORKER), str(path), "--sgd", "--record-gradients",
+            str(tmp_path / f"{name}-gradients"),
+        )
+        gradients[name], (metrics[name],) = (
+            _gradients(tmp_path / f"{name}-gradients"), _metrics(tmp_path / name)
+        )
     assert 0 < metrics["single"]["entropy/kept_share"] < 1
     for key in ("entropy/kept_share", "rollout/masked_share", "rollout/kl", "entropy", "loss", "grad_norm"):
-        assert metrics["double"][key] == pytest.approx(metrics["single"][key], rel=RELATIVE_TOLERANCE, abs=1e-9), key
-    for update, (expected, actual) in enumerate(zip(gradients["single"], gradients["double"], strict=True), start=1):
+        assert metrics["double"][key] == pytest.approx(
+            metrics["single"][key], rel=RELATIVE_TOLERANCE, abs=1e-9
+        ), key
+    for update, (expected, actual) in enumerate(
+        zip(gradients["single"], gradients["double"], strict=True), start=1
+    ):
         difference, name = _relative_difference(actual, expected)
-        assert difference < RELATIVE_TOLERANCE, f"update {update}, {name}: relative difference {difference:.3g}"
+        assert difference < RELATIVE_TOLERANCE, (
+            f"update {update}, {name}: relative difference {difference:.3g}"
+        )
 
 
 def test_a_missing_gradient_sync_fails_the_comparison(
     equivalence_runs: Path, stopping_model_dir: Path, tmp_path: Path
 ) -> None:
     """The negative control: the comparison above must catch processes that each step on their own gradients."""
-    recipe = _write_recipe(tmp_path / "broken.yaml", _equivalence_recipe(stopping_model_dir, tmp_path / "broken", steps=1))
-    _torchrun(2, str(WORKER), str(recipe), "--sgd", "--break-gradient-sync", "--record-gradients", str(tmp_path / "gradients"))
+    recipe = _write_recipe(
+        tmp_path / "broken.yaml", _equivalence_recipe(stopping_model_dir, tmp_path / "broken", steps=1)
+    )
+    _torchrun(
+        2, str(WORKER), str(recipe), "--sgd", "--break-gradient-sync", "--record-gradients",
+        str(tmp_path / "gradients"),
+    )
     expected = _gradients(equivalence_runs / "single-gradients")[0]
     for rank in (0, 1):
         difference, _ = _relative_difference(_gradients(tmp_path / "gradients", rank)[0], expected)
@@ -208,16 +258,21 @@ def test_resume_on_two_processes_reproduces_the_uninterrupted_run(
     assert [m["step"] for m in _metrics(resumed)] == [1, 2]
 
 
-def test_processes_that_see_different_checkpoints_refuse_to_resume(stopping_model_dir: Path, tmp_path: Path) -> None:
+def test_processes_that_see_different_checkpoints_refuse_to_resume(
+    stopping_model_dir: Path, tmp_path: Path
+) -> None:
     recipe = tiny_recipe(stopping_model_dir, tmp_path / "run", training={"steps": 1, "threads": 1},
                          output={"save_every": 1, "log_completions": 0})
     recipe_path = _write_recipe(tmp_path / "recipe.yaml", recipe)
     _torchrun(1, str(WORKER), str(recipe_path))
-    # Process 0's run directory has the checkpoint, process 1's has none: as two machines without a shared disk.
+    # Process 0's run directory has the checkpoint, process
+    # 1's has none: as two machines without a shared disk.
     shutil.copytree(tmp_path / "run", tmp_path / "run-0")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(WORKER), str(recipe_path), "--resume", "--run-dir-per-process"]
-    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert result.returncode != 0
     assert "the processes see different checkpoints" in result.stdout + result.stderr
     assert "['step-000001', None]" in result.stdout + result.stderr
@@ -239,7 +294,9 @@ def test_a_lost_process_stops_the_other_with_an_error(
     collective timeout (hang) or the closed connection (die) can stop it.
     """
     timeout_s = 10
-    recipe = tiny_recipe(stopping_model_dir, tmp_path / "run", training={"steps": 2, "prompts_per_step": 2, "threads": 1})
+    recipe = tiny_recipe(
+        stopping_model_dir, tmp_path / "run", training={"steps": 2, "prompts_per_step": 2, "threads": 1}
+    )
     recipe["rewards"] = [{"fn": f"{REWARDS}:second_process_fails"}]
     recipe["scoring"] = {"isolation": "thread"}  # the process itself hangs or dies, not a reward worker
     recipe_path = _write_recipe(tmp_path / "recipe.yaml", recipe)
@@ -247,7 +304,8 @@ def test_a_lost_process_stops_the_other_with_an_error(
     processes = []
     for rank in range(2):
         environment = {
-            **_environment(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            **_environment(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), distributed.TIMEOUT_ENV: str(timeout_s),
             "RFT_TEST_FAILURE": failure,
         }
@@ -300,7 +358,9 @@ def test_fsdp2_logprob_gradients_and_generation(stopping_model_dir: Path) -> Non
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(REPO / "tests" / "fsdp2_worker.py"), str(stopping_model_dir),
     ]
-    result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        command, env=_environment(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert result.stdout.count("fsdp2 ok") == 2
 
