@@ -60,11 +60,16 @@ def test_the_automatic_interval_gives_about_ten_evaluations(tiny_model_dir: Path
     assert interval(200, every=0) == 0 and interval(200, every=3) == 3
 
 
-def test_a_constant_reward_run_stops_early_and_ends_as_a_finished_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_constant_reward_run_stops_early_and_ends_as_a_finished_one(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(
         tiny_model_dir, run_dir, training={"steps": 10},
-        eval={"before_training": True, "after_training": True, "every": 1, "patience": 2, "baseline_cache": False},
+        eval={
+            "before_training": True, "after_training": True, "every": 1, "patience": 2,
+            "baseline_cache": False,
+        },
     )
     recipe["rewards"] = [{"fn": CONSTANT}]
     results = Trainer(load_config(raw=recipe)).train()
@@ -92,7 +97,10 @@ def test_a_run_is_not_stopped_early_when_early_stopping_is_off(tiny_model_dir: P
 def test_a_resumed_run_keeps_counting_from_the_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     evaluation = {"before_training": True, "every": 1, "patience": 3, "baseline_cache": False}
-    recipe = tiny_recipe(tiny_model_dir, run_dir, training={"steps": 2}, output={"report": False, "save_every": 2}, eval=evaluation)
+    recipe = tiny_recipe(
+        tiny_model_dir, run_dir, training={"steps": 2}, output={"report": False, "save_every": 2},
+        eval=evaluation,
+    )
     recipe["rewards"] = [{"fn": CONSTANT}]
     assert "early_stopped" not in Trainer(load_config(raw=recipe)).train()
     recipe["training"]["steps"] = 10
@@ -111,9 +119,14 @@ def test_two_processes_stop_early_together(tiny_model_dir: Path, tmp_path: Path)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rft", "train", str(tmp_path / "recipe.yaml")]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment = {
+        **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"
+    }
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stderr.count("early stopping after step 2:") + result.stdout.count("early stopping after step 2:") == 1
+    assert (
+        result.stderr.count("early stopping after step 2:")
+        + result.stdout.count("early stopping after step 2:") == 1
+    )
     assert json.loads((run_dir / "results.json").read_text())["early_stopped"] == {"step": 2, "of": 6}
     assert (run_dir / "final" / "adapter_config.json").exists()

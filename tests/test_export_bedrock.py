@@ -80,7 +80,9 @@ def test_export_has_the_files_bedrock_reads_in_the_4x_layout(llama_export: Path)
         assert not any("lora" in name for name in names)
 
 
-def test_merged_export_gives_the_trained_policys_logits(llama_run: Path, llama_export: Path, prompts: list[list[int]]) -> None:
+def test_merged_export_gives_the_trained_policys_logits(
+    llama_run: Path, llama_export: Path, prompts: list[list[int]]
+) -> None:
     source = locate_policy(llama_run)
     policy = next_token_logits(load_policy(source), prompts)
     tolerance = bf16_tolerance(policy, next_token_logits(load_policy(source, torch.bfloat16), prompts))
@@ -97,7 +99,9 @@ def test_float32_export_is_the_exact_merge(llama_run: Path, tmp_path: Path, prom
     assert (logits_of(out, prompts) - policy).abs().max() < 1e-4
 
 
-def test_large_models_are_sharded_with_an_index(llama_run: Path, llama_export: Path, tmp_path: Path, prompts: list[list[int]]) -> None:
+def test_large_models_are_sharded_with_an_index(
+    llama_run: Path, llama_export: Path, tmp_path: Path, prompts: list[list[int]]
+) -> None:
     out = export(llama_run, tmp_path / "sharded", "--max-shard-size", "2MB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -132,19 +136,33 @@ def test_sentencepiece_model_is_shipped_when_the_tokenizer_has_one(llama_run: Pa
 @pytest.mark.parametrize(
     ("config_class", "architecture", "overrides", "message"),
     [
-        ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4}, "not supported by Bedrock Custom Model Import"),
-        ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_embd": 64, "n_layer": 2, "n_head": 4}, "no checkpoint layout verified"),
-        ("LlamaConfig", "LlamaForCausalLM", {"max_position_embeddings": 262144, "hidden_size": 64, "num_attention_heads": 4}, "context limit"),
+        (
+            "GPT2Config", "GPT2LMHeadModel", {"n_embd": 64, "n_layer": 2, "n_head": 4},
+            "not supported by Bedrock Custom Model Import"
+        ),
+        (
+            "GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_embd": 64, "n_layer": 2, "n_head": 4},
+            "no checkpoint layout verified"
+        ),
+        (
+            "LlamaConfig", "LlamaForCausalLM",
+            {"max_position_embeddings": 262144, "hidden_size": 64, "num_attention_heads": 4}, "context limit"
+        ),
         # About 150B parameters: 300 GB in bf16. Sized on the meta device, nothing is allocated.
         (
             "LlamaConfig",
             "LlamaForCausalLM",
-            {"hidden_size": 12288, "intermediate_size": 49152, "num_hidden_layers": 80, "num_attention_heads": 96},
+            {
+                "hidden_size": 12288, "intermediate_size": 49152, "num_hidden_layers": 80,
+                "num_attention_heads": 96,
+            },
             "under 200 GB",
         ),
     ],
 )
-def test_limits_refuse_with_the_reason(config_class: str, architecture: str, overrides: dict, message: str) -> None:
+def test_limits_refuse_with_the_reason(
+    config_class: str, architecture: str, overrides: dict, message: str
+) -> None:
     import transformers
 
     config = getattr(transformers, config_class)(**overrides)
@@ -156,7 +174,9 @@ def test_limits_refuse_with_the_reason(config_class: str, architecture: str, ove
 def test_size_estimate_counts_every_parameter_once() -> None:
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000
+    )
     config.architectures = ["LlamaForCausalLM"]
     size = bedrock.check_bedrock_limits(config, torch.bfloat16, "base")
     model = AutoModelForCausalLM.from_config(config)
@@ -169,7 +189,10 @@ def test_size_estimate_counts_every_parameter_once() -> None:
         (["--s3-uri", "bucket/prefix"], "expected s3://BUCKET/PREFIX"),
         (["--s3-uri", "s3://my-bucket/models/x", "--import", "--model-name", "m"], "--import needs"),
         (
-            ["--s3-uri", "s3://my-bucket/x", "--import", "--model-name", "m", "--role-arn", "arn:aws:iam::123456789012:role/r", "--job-name", "bad name!"],
+            [
+                "--s3-uri", "s3://my-bucket/x", "--import", "--model-name", "m", "--role-arn",
+                "arn:aws:iam::123456789012:role/r", "--job-name", "bad name!",
+            ],
             "--job-name 'bad name!': must match",
         ),
         (
@@ -190,7 +213,9 @@ def test_bad_flags_fail_before_any_work(
     assert not out.exists()
 
 
-def test_missing_run_pieces_are_named(llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_run_pieces_are_named(
+    llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir = tmp_path / "unfinished"
     run_dir.mkdir()
     assert bedrock.run(parse([str(run_dir), "--out", str(tmp_path / "out")])) == 2
@@ -212,7 +237,9 @@ def test_missing_run_pieces_are_named(llama_run: Path, tmp_path: Path, capsys: p
 def test_upload_and_import_job_request_match_the_service_models(
     llama_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing"
+    }.items():
         monkeypatch.setenv(name, value)
     job_arn = "arn:aws:bedrock:us-east-1:123456789012:model-import-job/abcd1234efgh"
     role_arn = "arn:aws:iam::123456789012:role/BedrockImport"

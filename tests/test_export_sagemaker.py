@@ -44,13 +44,20 @@ def llama_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_adapter_deployment_layout_and_limits(llama_run: Path, tmp_path: Path) -> None:
-    out = export(llama_run, tmp_path / "lmi", "--adapter-name", "math-v1", "--base-model-id", "s3://models/llama-base/", "--tar")
+    out = export(
+        llama_run, tmp_path / "lmi", "--adapter-name", "math-v1", "--base-model-id",
+        "s3://models/llama-base/", "--tar",
+    )
     adapter = out / "adapters" / "math-v1"
-    assert sorted(path.name for path in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(path.name for path in adapter.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"
+    ]
     trained = load_file(llama_run / "final" / "adapter_model.safetensors")
     exported = load_file(adapter / "adapter_model.safetensors")
     assert trained.keys() == exported.keys() and all(torch.equal(trained[k], exported[k]) for k in trained)
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "s3://models/llama-base/"
+    assert json.loads(
+        (adapter / "adapter_config.json").read_text()
+    )["base_model_name_or_path"] == "s3://models/llama-base/"
 
     properties = sagemaker.read_serving_properties(out / "serving.properties")
     assert properties == {
@@ -65,12 +72,20 @@ def test_adapter_deployment_layout_and_limits(llama_run: Path, tmp_path: Path) -
         "option.max_cpu_loras": "1",
     }
     with tarfile.open(out / "model.tar.gz") as archive:
-        members = {member.name: archive.extractfile(member).read() for member in archive.getmembers() if member.isfile()}
-    on_disk = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != "model.tar.gz"}
+        members = {
+            member.name: archive.extractfile(member).read() for member in archive.getmembers()
+            if member.isfile()
+        }
+    on_disk = {
+        path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*")
+        if path.is_file() and path.name != "model.tar.gz"
+    }
     assert members == on_disk
 
 
-def test_the_message_says_what_was_written(llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_message_says_what_was_written(
+    llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     export(llama_run, tmp_path / "lmi", "--adapter-name", "math-v1", "--base-model-id", "org/base", "--tar")
     printed = capsys.readouterr().out
     assert "merged" not in printed
@@ -85,8 +100,12 @@ def test_vllm_rank_limits() -> None:
         sagemaker.vllm_max_lora_rank(1024)
 
 
-def test_merged_deployment_serves_the_policy(llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = export(llama_run, tmp_path / "lmi-merged", "--merged", "--dtype", "float32", "--max-model-len", "2048")
+def test_merged_deployment_serves_the_policy(
+    llama_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = export(
+        llama_run, tmp_path / "lmi-merged", "--merged", "--dtype", "float32", "--max-model-len", "2048"
+    )
     assert f"wrote the merged model (float32) to {out}" in capsys.readouterr().out
     properties = sagemaker.read_serving_properties(out / "serving.properties")
     assert "option.enable_lora" not in properties and "option.model_id" not in properties
@@ -109,7 +128,8 @@ def test_merged_deployment_serves_the_policy(llama_run: Path, tmp_path: Path, ca
     ],
 )
 def test_unservable_adapters_are_refused_before_writing(
-    llama_run: Path, tmp_path: Path, adapter_edit: dict, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    llama_run: Path, tmp_path: Path, adapter_edit: dict, argv: list[str], message: str,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     import shutil
 
@@ -123,7 +143,9 @@ def test_unservable_adapters_are_refused_before_writing(
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_vllm_serves_the_adapter_as_the_merged_model_generates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vllm_serves_the_adapter_as_the_merged_model_generates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("vllm")
     base_dir = embedded_model_dir()
     # Small random lora_B: the answers change but stay fluent, so greedy decoding has clear winners.
@@ -139,7 +161,9 @@ def test_vllm_serves_the_adapter_as_the_merged_model_generates(tmp_path: Path, m
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     with torch.no_grad():
         merged_greedy = [
-            merged.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids):].tolist()
+            merged.generate(
+                torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False
+            )[0, len(ids):].tolist()
             for ids in prompts
         ]
 
@@ -165,7 +189,9 @@ def test_vllm_serves_the_adapter_as_the_merged_model_generates(tmp_path: Path, m
     requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
     adapter = LoRARequest("math", 1, str(deployment / "adapters" / "math"))
     try:
-        with_adapter = [list(o.outputs[0].token_ids) for o in llm.generate(requests, greedy, lora_request=adapter)]
+        with_adapter = [
+            list(o.outputs[0].token_ids) for o in llm.generate(requests, greedy, lora_request=adapter)
+        ]
         without_adapter = [list(o.outputs[0].token_ids) for o in llm.generate(requests, greedy)]
     finally:
         # Shut the engine down (and its in-process torch.distributed state) so later tests start clean.

@@ -39,7 +39,9 @@ ARCHITECTURES = sorted(TRANSFORMERS4_ARCHITECTURES)
 SMOLLM2 = "embedded-smollm2"
 CONTROL = "plain-5x-save-llama"
 # Fields whose 4.51.3 value is checked separately or legitimately differs from the 5.x object.
-_NOT_COMPARED = {"transformers_version", "torch_dtype", "dtype", "_name_or_path", "rope_scaling", "rope_theta"}
+_NOT_COMPARED = {
+    "transformers_version", "torch_dtype", "dtype", "_name_or_path", "rope_scaling", "rope_theta"
+}
 
 
 def _normalise(value: Any) -> Any:
@@ -60,9 +62,17 @@ def config_mismatches(read_by_4: dict[str, Any], intended: Any) -> list[str]:
             problems.append(f"{key}: 4.51.3 reads {value!r}, the model has {meant!r}")
     rope = dict(intended.rope_parameters)
     if read_by_4.get("rope_theta") != rope.pop("rope_theta"):
-        problems.append(f"rope_theta: 4.51.3 reads {read_by_4.get('rope_theta')!r}, the model has {intended.rope_parameters}")
-    if rope.get("rope_type", "default") != "default" and (read_by_4.get("rope_scaling") or {}).get("rope_type") != rope["rope_type"]:
-        problems.append(f"rope_scaling: 4.51.3 reads {read_by_4.get('rope_scaling')!r}, the model has {intended.rope_parameters}")
+        problems.append(
+            f"rope_theta: 4.51.3 reads {read_by_4.get('rope_theta')!r}, "
+            f"the model has {intended.rope_parameters}"
+        )
+    if rope.get("rope_type", "default") != "default" and (read_by_4.get("rope_scaling") or {}).get(
+        "rope_type"
+    ) != rope["rope_type"]:
+        problems.append(
+            f"rope_scaling: 4.51.3 reads {read_by_4.get('rope_scaling')!r}, "
+            f"the model has {intended.rope_parameters}"
+        )
     return problems
 
 
@@ -82,13 +92,22 @@ class Case:
         source = locate_policy(run_dir)
         self.intended_config = AutoConfig.from_pretrained(source.base_model)
         tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "final"))
-        self.rendered = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in CHAT_PROMPTS]
+        self.rendered = [
+            tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            for chat in CHAT_PROMPTS
+        ]
         self.prompts = chat_prompt_ids(tokenizer)
         self.plain_ids = tokenizer("Hello world, 7 + 5 = 12.")["input_ids"]
         self.policy = next_token_logits(load_policy(source), self.prompts)
-        self.tolerance = bf16_tolerance(self.policy, next_token_logits(load_policy(source, torch.bfloat16), self.prompts))
-        self.base = next_token_logits(AutoModelForCausalLM.from_pretrained(source.base_model).eval(), self.prompts)
-        self.export_read_by_5 = next_token_logits(AutoModelForCausalLM.from_pretrained(str(export_dir)).eval(), self.prompts)
+        self.tolerance = bf16_tolerance(
+            self.policy, next_token_logits(load_policy(source, torch.bfloat16), self.prompts)
+        )
+        self.base = next_token_logits(
+            AutoModelForCausalLM.from_pretrained(source.base_model).eval(), self.prompts
+        )
+        self.export_read_by_5 = next_token_logits(
+            AutoModelForCausalLM.from_pretrained(str(export_dir)).eval(), self.prompts
+        )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +119,9 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
         run_dir = build_lora_run(base, root / f"{architecture}-run")
         cases[architecture] = Case(run_dir, export(run_dir, root / f"{architecture}-export"))
     # The case: the embedded SmolLM2 (rope_theta 100000) with a trained adapter.
-    run_dir = build_lora_run(embedded_model_dir(), root / "smollm2-run", base_model_name=EMBEDDED_MODEL, lora_b_std=0.05)
+    run_dir = build_lora_run(
+        embedded_model_dir(), root / "smollm2-run", base_model_name=EMBEDDED_MODEL, lora_b_std=0.05
+    )
     cases[SMOLLM2] = Case(run_dir, export(run_dir, root / "smollm2-export"))
     # Control: the same merged Llama saved the plain transformers 5.x way.
     source = locate_policy(cases["LlamaForCausalLM"].run_dir)
@@ -122,13 +143,17 @@ def probed(cases: dict[str, Case], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.parametrize("name", [*ARCHITECTURES, SMOLLM2])
-def test_transformers4_reads_the_export_as_meant(name: str, cases: dict[str, Case], probed: dict[str, tuple[dict, Any]]) -> None:
+def test_transformers4_reads_the_export_as_meant(
+    name: str, cases: dict[str, Case], probed: dict[str, tuple[dict, Any]]
+) -> None:
     case = cases[name]
     report, logits = probed[name]
     assert "error" not in report, report.get("error")
     assert report["transformers_version"] == "4.51.3"
     # Weights: every tensor found, none left over, none reshaped, in the exported dtype.
-    assert report["missing_keys"] == [] and report["unexpected_keys"] == [] and report["mismatched_keys"] == []
+    assert (
+        report["missing_keys"] == [] and report["unexpected_keys"] == [] and report["mismatched_keys"] == []
+    )
     assert report["model_class"] == case.intended_config.architectures[0]
     assert report["model_dtype"] == "bfloat16"
     assert config_mismatches(report["config"], case.intended_config) == []
@@ -150,9 +175,14 @@ def test_embedded_smollm2_keeps_rope_theta_100000(probed: dict[str, tuple[dict, 
     assert probed[SMOLLM2][0]["config"]["rope_theta"] == 100000.0
 
 
-def test_control_a_plain_5x_save_is_misread(cases: dict[str, Case], probed: dict[str, tuple[dict, Any]]) -> None:
+def test_control_a_plain_5x_save_is_misread(
+    cases: dict[str, Case], probed: dict[str, tuple[dict, Any]]
+) -> None:
     case = cases[CONTROL]
     report, logits = probed[CONTROL]
     assert "TokenizersBackend" in report["tokenizer_error"]
-    assert any(problem.startswith("rope_theta") for problem in config_mismatches(report["config"], case.intended_config))
+    assert any(
+        problem.startswith("rope_theta")
+        for problem in config_mismatches(report["config"], case.intended_config)
+    )
     assert (torch.from_numpy(logits) - case.policy).abs().max() > case.tolerance

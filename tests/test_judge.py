@@ -87,7 +87,11 @@ class JudgeServer:
         if path != "/v1/chat/completions":
             return 404, {"error": {"message": f"no route {path}"}}, {}
         if body["model"] != "judge-model":
-            return 404, {"error": {"message": f"model {body['model']} not found", "type": "invalid_request_error"}}, {}
+            return (
+                404,
+                {"error": {"message": f"model {body['model']} not found", "type": "invalid_request_error"}},
+                {}
+            )
         prompt = body["messages"][-1]["content"]
         key = json.dumps(body, sort_keys=True)
         with self.lock:
@@ -114,8 +118,11 @@ class JudgeServer:
             else:
                 text = "Unclear.\nScore: 5"
         return 200, {
-            "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"
+            }],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }, {}
 
@@ -188,7 +195,9 @@ def make_judge(server: JudgeServer, **kwargs) -> LLMJudge:
 def test_scores_are_parsed_and_normalised(server, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-local-test")
     judge = make_judge(server, api_key_env="JUDGE_KEY")
-    values = judge(["The total is 12, correct.", "It is 13, wrong.", "Maybe."], prompts=["What is 7 + 5?"] * 3)
+    values = judge(
+        ["The total is 12, correct.", "It is 13, wrong.", "Maybe."], prompts=["What is 7 + 5?"] * 3
+    )
     assert values == pytest.approx([0.9, 0.2, 0.5])
     assert values.counters["requests"] == 3 and values.counters["failures"] == 0
     assert server.authorizations == ["Bearer sk-local-test"] * 3
@@ -230,7 +239,9 @@ def test_retries_with_backoff_then_success(server):
 def test_client_errors_are_not_retried(server):
     judge = make_judge(server, model="no-such-model", retries=3)
     values = judge(["correct"], prompts=["q"])
-    assert values == [0.0] and values.counters == {**values.counters, "requests": 1, "failures": 1, "retries": 0}
+    assert (
+        values == [0.0] and values.counters == {**values.counters, "requests": 1, "failures": 1, "retries": 0}
+    )
 
 
 def test_request_timeout(server):
@@ -279,7 +290,8 @@ def test_judge_through_the_scorer(server):
                 "api_key_env": None},
     )
     scorer = RewardScorer([config], ScoringConfig(concurrency=2))
-    output = scorer.score(["q1", "q1", "q2", "q2"], ["correct", "wrong", "correct", "garbage"], [[]] * 4, [{}] * 4,
+    output = scorer.score(["q1", "q1", "q2", "q2"], ["correct", "wrong", "correct", "garbage"], [[]] * 4,
+                          [{}] * 4,
                           group_size=2)
     assert output.per_function["judge_score"] == pytest.approx([0.9, 0.2, 0.9, None])
     assert output.metrics["reward/judge_score/requests"] == 4.0  # summed over the two group calls
@@ -313,7 +325,9 @@ def _timed_call(judge: LLMJudge, completions: list[str], limit_s: float) -> tupl
 @pytest.mark.parametrize("completion", ["trickle", "headers trickle"])
 def test_a_trickling_reply_is_cut_at_the_whole_request_deadline(server, completion):
     """A byte every 0.25 s never trips a per-read timeout; the 2 s deadline covers connect, headers and body."""
-    values, elapsed = _timed_call(make_judge(server, timeout_s=2.0, retries=0), [completion, "correct"], limit_s=15)
+    values, elapsed = _timed_call(
+        make_judge(server, timeout_s=2.0, retries=0), [completion, "correct"], limit_s=15
+    )
     assert values is not None, "the judge call was still waiting 15 s into a 2 s timeout"
     assert 1.9 < elapsed < 2.0 + 1.5, elapsed
     assert values == pytest.approx([0.0, 0.9]) and values.counters["failures"] == 1
@@ -328,7 +342,10 @@ def test_a_trickling_reply_is_cut_at_the_whole_request_deadline(server, completi
 def test_a_200_that_is_not_a_chat_completion_is_that_calls_failure(server, completion, message):
     values = make_judge(server, on_failure=0.0)([completion, "correct"], prompts=["q", "q"])
     assert values == pytest.approx([0.0, 0.9])
-    assert values.counters["failures"] == 1 and values.counters["requests"] == 2 and values.counters["retries"] == 0
+    assert (
+        values.counters["failures"] == 1 and values.counters["requests"] == 2
+        and values.counters["retries"] == 0
+    )
     assert list(make_judge(server, on_failure=None)([completion], prompts=["q"])) == [None]
     with pytest.raises(JudgeFailure, match=message):
         make_judge(server, on_failure="error")([completion], prompts=["q"])
@@ -338,7 +355,10 @@ def test_a_web_page_from_the_judge_does_not_stop_the_run(server):
     """The judge's own on_failure handles it: under scoring.on_error: stop the run goes on, the group counts."""
     config = RewardConfig(
         fn="rewards.judge:LLMJudge",
-        kwargs={"base_url": server.base_url, "model": "judge-model", "rubric": "r", "on_failure": None, "api_key_env": None},
+        kwargs={
+            "base_url": server.base_url, "model": "judge-model", "rubric": "r", "on_failure": None,
+            "api_key_env": None,
+        },
     )
     scorer = RewardScorer([config], ScoringConfig(on_error="stop"))
     output = scorer.score(["q", "q"], ["html", "correct"], [[]] * 2, [{}] * 2, group_size=2)
@@ -356,7 +376,9 @@ def test_close_cancels_requests_and_stops_the_judges_thread(server):
     scorer = RewardScorer([config])
     judge = scorer.functions[0][2]
     outcome: dict[str, Any] = {}
-    caller = threading.Thread(target=lambda: outcome.update(values=judge(["trickle"], prompts=["q"])), daemon=True)
+    caller = threading.Thread(
+        target=lambda: outcome.update(values=judge(["trickle"], prompts=["q"])), daemon=True
+    )
     caller.start()
     time.sleep(0.5)
     started = time.perf_counter()
@@ -400,7 +422,8 @@ def test_the_process_exits_promptly_after_an_abandoned_judge_call(server):
     assert child.returncode == 0, stderr[-2000:]
     timeouts, scored_at = (float(word) for word in stdout.split())
     assert timeouts == 1.0
-    assert exited - scored_at < 10, f"exited {exited - scored_at:.2f} s after scoring"  # ~1 s: interpreter teardown
+    # ~1 s: interpreter teardown
+    assert exited - scored_at < 10, f"exited {exited - scored_at:.2f} s after scoring"
 
 
 LOGGED_CALL = """
@@ -420,7 +443,8 @@ logging.getLogger("httpx2").warning("a warning of the HTTP client")
 
 def test_the_cli_logs_no_line_per_judge_request(server):
     def run(setup: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", LOGGED_CALL, server.base_url, setup], capture_output=True,
+        return subprocess.run([sys.executable, "-c", LOGGED_CALL, server.base_url, setup],
+                              capture_output=True,
                               text=True, timeout=60)
 
     plain, cli = run("plain"), run("cli")

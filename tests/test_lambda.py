@@ -34,7 +34,9 @@ def score(scorer: RewardScorer, completions: list[str], rows=ROWS):
 
 
 def test_example_handler_scores_and_logs_metrics_list():
-    scorer = RewardScorer([RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": str(EXAMPLE)})])
+    scorer = RewardScorer([
+        RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": str(EXAMPLE)})
+    ])
     completions = ["7 + 5 = 12\n#### 12", "2 * 21 = 40\n#### 40"]
     output = score(scorer, completions)
     name = "gsm8k_reward_lambda"
@@ -98,10 +100,16 @@ def test_handler_that_raises_is_named(tmp_path):
         def lambda_handler(event, context):
             raise KeyError("reference_answer")
     """)
-    scorer = RewardScorer([RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": spec})])
-    with pytest.raises(RewardError, match=r"Bedrock Lambda handler .*handler\.py:lambda_handler raised KeyError"):
+    scorer = RewardScorer([
+        RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": spec})
+    ])
+    with pytest.raises(
+        RewardError, match=r"Bedrock Lambda handler .*handler\.py:lambda_handler raised KeyError"
+    ):
         score(scorer, ["a", "b"])
-    tolerant = RewardScorer([RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": spec})],
+    tolerant = RewardScorer([
+        RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": spec})
+    ],
                             ScoringConfig(on_error="zero"))
     output = score(tolerant, ["a", "b"])
     assert output.per_function["handler"] == [0.0, 0.0] and output.metrics["reward/handler/errors"] == 1.0
@@ -112,16 +120,22 @@ def test_wrong_ids_stop_the_run_whatever_the_policy(tmp_path):
         def lambda_handler(event, context):
             return [{"id": "0", "aggregate_reward_score": 0.0} for item in event]
     """)
-    scorer = RewardScorer([RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": spec})],
+    scorer = RewardScorer([
+        RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": spec})
+    ],
                           ScoringConfig(on_error="zero"))
-    with pytest.raises(RewardError, match=r"handler\.py:lambda_handler returned id '0', which was not in the event"):
+    with pytest.raises(
+        RewardError, match=r"handler\.py:lambda_handler returned id '0', which was not in the event"
+    ):
         score(scorer, ["a", "b"])
     missing = handler_file(tmp_path, """
         def lambda_handler(event, context):
             return [{"id": event[0]["id"], "aggregate_reward_score": 1.0}]
     """)
     with pytest.raises(RewardError, match=r"returned no result for id\(s\) \['rollout-1-1'\]"):
-        RewardScorer([RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": missing})]).score(
+        RewardScorer([
+            RewardConfig(fn="rewards.bedrock_lambda:BedrockLambdaReward", kwargs={"handler": missing})
+        ]).score(
             ["p", "p"], ["a", "b"], [[], []], [{}, {}])
 
 
@@ -131,7 +145,9 @@ def test_non_numbers_name_the_id(tmp_path):
             return [{"id": item["id"], "aggregate_reward_score": "high" if i else 1.0,
                      "metrics_list": [{"name": "m", "value": 1, "type": "Metric"}]} for i, item in enumerate(event)]
     """)
-    with pytest.raises(LambdaHandlerError, match=r"returned aggregate_reward_score 'high' for id 'rollout-1-1'"):
+    with pytest.raises(
+        LambdaHandlerError, match=r"returned aggregate_reward_score 'high' for id 'rollout-1-1'"
+    ):
         BedrockLambdaReward(handler=spec)(["a", "b"], prompts=["p", "p"])
     nan = handler_file(tmp_path, """
         def lambda_handler(event, context):

@@ -52,7 +52,9 @@ def test_reward_fingerprints_hash_the_source_and_keep_the_version_label(tmp_path
     assert Path(by_module["source_file"]).resolve() == (REPO / "rewards" / "arithmetic.py").resolve()
     assert missing["source_sha256"] is None
     source.write_text(source.read_text() + "# tweak\n")
-    assert reward_fingerprints([RewardConfig(fn=f"{source}:score")])[0]["source_sha256"] != by_file["source_sha256"]
+    assert reward_fingerprints([
+        RewardConfig(fn=f"{source}:score")
+    ])[0]["source_sha256"] != by_file["source_sha256"]
 
 
 def test_weights_fingerprint_changes_with_the_weights_and_remembers_hashes(
@@ -74,7 +76,9 @@ def test_weights_fingerprint_changes_with_the_weights_and_remembers_hashes(
 def test_git_state(tmp_path: Path) -> None:
     assert git_state(tmp_path) is None
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
 
     git("init", "-q")
     (tmp_path / "recipe.yaml").write_text("a: 1\n")
@@ -93,7 +97,8 @@ def test_a_run_writes_a_manifest_and_a_resumed_run_keeps_its_scores(
 
     monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
     recipe = tiny_recipe(
-        tiny_model_dir, tmp_path / "run", training={"steps": 2, "seed": 7}, output={"save_every": 1, "report": False},
+        tiny_model_dir, tmp_path / "run", training={"steps": 2, "seed": 7},
+        output={"save_every": 1, "report": False},
         eval={"before_training": True, "after_training": True},
     )
     recipe["rewards"][1]["version"] = "exact-int-v1"  # the arithmetic reward
@@ -115,7 +120,9 @@ def test_a_run_writes_a_manifest_and_a_resumed_run_keeps_its_scores(
     tiny_reward, reward = manifest["rewards"]
     assert tiny_reward["version"] is None
     assert reward["version"] == "exact-int-v1"
-    assert reward["source_sha256"] == hashlib.sha256((REPO / "rewards" / "arithmetic.py").read_bytes()).hexdigest()
+    assert reward["source_sha256"] == hashlib.sha256(
+        (REPO / "rewards" / "arithmetic.py").read_bytes()
+    ).hexdigest()
     assert set(manifest["evaluation"]) == {"base", "trained", "before_after"}
     assert manifest["evaluation"]["base"][0]["count"] == 8
     overall = manifest["evaluation"]["before_after"][0]
@@ -126,7 +133,9 @@ def test_a_run_writes_a_manifest_and_a_resumed_run_keeps_its_scores(
     manifest = read_manifest(tmp_path / "run")
     assert manifest["resumed_at_step"] == 2
     assert manifest["evaluation"]["base"][0]["count"] == 8  # the first run's baseline is kept
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()
+    ]
     assert steps == [0, 2, 3]
 
 
@@ -137,5 +146,7 @@ def test_held_out_fingerprint_sees_the_chat_template(embedded_model_dir: Path) -
     tokenizer = load_tokenizer(str(embedded_model_dir))
     rows = read_rows(str(ADDITION_HELDOUT), "test")[:4]
     plain = prepare_examples(rows, DataConfig(train="x"), tokenizer, "held-out")
-    with_system = prepare_examples(rows, DataConfig(train="x", system_prompt="Answer briefly."), tokenizer, "held-out")
+    with_system = prepare_examples(
+        rows, DataConfig(train="x", system_prompt="Answer briefly."), tokenizer, "held-out"
+    )
     assert data_fingerprint(plain) != data_fingerprint(with_system)

@@ -26,7 +26,10 @@ def test_final_names_the_recipes_base_and_carries_a_card(tiny_model_dir: Path, t
     assert adapter["base_model_name_or_path"] == str(tiny_model_dir)
     card = (final / CARD_NAME).read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front == {"base_model": str(tiny_model_dir), "library_name": "peft", "tags": ["rft", "reinforcement-learning", "grpo"]}
+    assert front == {
+        "base_model": str(tiny_model_dir), "library_name": "peft",
+        "tags": ["rft", "reinforcement-learning", "grpo"],
+    }
     assert f"| base model | {results['before']['mean']:.3f} | {results['before']['stderr']:.3f} | 8 |" in card
     assert f"| trained | {results['after']['mean']:.3f} |" in card
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -39,8 +42,12 @@ def test_final_names_the_recipes_base_and_carries_a_card(tiny_model_dir: Path, t
 
 def test_the_embedded_base_is_named_and_explained(tmp_path: Path) -> None:
     config = load_config(raw={"data": {"train": "x.jsonl"}, "rewards": [{"fn": "rewards.maths:math_answer"}]})
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/root/.cache/rft/smollm2"}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/root/.cache/rft/smollm2"})
+    )
     record_base_model(tmp_path, config)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == config.model.name_or_path
+    assert json.loads(
+        (tmp_path / "adapter_config.json").read_text()
+    )["base_model_name_or_path"] == config.model.name_or_path
     card = write_model_card(tmp_path, config, None, {}).read_text()
     assert EMBEDDED_ORIGIN in card and "Not evaluated in this run." in card

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 from rft.models import completion_logprobs
 
 
-def reference_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float) -> list[list[float]]:
+def reference_logprobs(
+    model, prompts: list[list[int]], completions: list[list[int]], temperature: float
+) -> list[list[float]]:
     """Full-vocabulary float64 log-probs, one unpadded sequence at a time."""
     result = []
     for prompt, completion in zip(prompts, completions, strict=True):
@@ -37,7 +39,9 @@ def test_chunked_logprobs_match_full_logits(tiny_model_dir: Path, chunk_size: in
     expected = reference_logprobs(model, prompts, completions, temperature=0.7)
     assert logp.shape == (3, 5)
     for row, values in enumerate(expected):
-        assert torch.allclose(logp[row, : len(values)].double(), torch.tensor(values, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(
+            logp[row, : len(values)].double(), torch.tensor(values, dtype=torch.float64), atol=1e-5
+        )
         assert torch.all(logp[row, len(values) :] == 0)  # padding positions stay 0
         assert torch.all(entropy[row, : len(values)] > 0)
 
@@ -50,7 +54,9 @@ def test_chunked_gradient_equals_unchunked(tiny_model_dir: Path) -> None:
     gradients = []
     for chunk_size in (2, 1024):
         model.zero_grad()
-        logp, _ = completion_logprobs(model, input_ids, attention_mask, starts, lengths, temperature=1.0, chunk_size=chunk_size)
+        logp, _ = completion_logprobs(
+            model, input_ids, attention_mask, starts, lengths, temperature=1.0, chunk_size=chunk_size
+        )
         logp.sum().backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
     # Only float32 summation order differs (embedding gradients are sums over chunks). Compared per

@@ -23,8 +23,10 @@ def make(tmp_path: Path | None = None, **config) -> Monitors:
 def step_metrics(step: int, reward: float, **extra: float) -> dict[str, float]:
     wobble = NOISE[step % len(NOISE)]
     return {
-        "reward/mean": reward + wobble, "reward/correct/mean": reward + wobble, "reward/style_judge/mean": 0.5 + wobble,
-        "entropy": 2.0 + wobble, "completion/truncated_share": 0.05, "completion/length/mean": 40.0 + wobble, **extra,
+        "reward/mean": reward + wobble, "reward/correct/mean": reward + wobble,
+        "reward/style_judge/mean": 0.5 + wobble,
+        "entropy": 2.0 + wobble, "completion/truncated_share": 0.05, "completion/length/mean": 40.0 + wobble,
+        **extra,
     }
 
 
@@ -66,7 +68,10 @@ def test_overfitting_needs_train_up_and_held_out_down() -> None:
     feed(monitors, range(5, 9), reward=0.6)
     alerts = monitors.observe_eval(8, summary(0.40))
     assert names(alerts) == ["overfitting"]
-    assert alerts[0].details["train_change"] == pytest.approx(0.3) and alerts[0].details["held_out_change"] == pytest.approx(-0.1)
+    assert (
+        alerts[0].details["train_change"] == pytest.approx(0.3)
+        and alerts[0].details["held_out_change"] == pytest.approx(-0.1)
+    )
     # A held-out drop within its noise (s.e. 0.2 each) is not overfitting.
     noisy = make()
     noisy.observe_eval(0, summary(0.5, stderr=0.2))
@@ -78,7 +83,8 @@ def test_reward_hacking_signals() -> None:
     monitors = make()
     alerts = feed(monitors, range(1, 5))
     alerts += feed(
-        monitors, range(5, 9), **{"completion/length/mean": 95.0, "completion/truncated_share": 0.6, "entropy": 0.1}
+        monitors, range(5, 9),
+        **{"completion/length/mean": 95.0, "completion/truncated_share": 0.6, "entropy": 0.1}
     )
     assert sorted(names(alerts)) == ["entropy_collapse", "length_drift", "truncation_jump"]
     by_name = {a.monitor: a for a in alerts}
@@ -90,7 +96,9 @@ def test_reward_hacking_signals() -> None:
 
 def test_a_run_that_cannot_learn_is_reported_within_the_first_steps() -> None:
     # Every completion cut at the limit, every group's rewards equal (all 0): nothing to learn from.
-    stuck = {"completion/truncated_share": 1.0, "groups/zero_variance_share": 1.0, "reward/correct/none_share": 0.0}
+    stuck = {
+        "completion/truncated_share": 1.0, "groups/zero_variance_share": 1.0, "reward/correct/none_share": 0.0
+    }
     monitors = make()
     assert monitors.observe_step(1, step_metrics(1, 0.0, **stuck)) == []  # one step may be bad luck
     alerts = monitors.observe_step(2, step_metrics(2, 0.0, **stuck))
@@ -109,7 +117,9 @@ def test_a_run_that_cannot_learn_is_reported_within_the_first_steps() -> None:
 
 def test_a_reward_that_only_returns_none_is_reported_once() -> None:
     monitors = make()
-    alerts = feed(monitors, range(1, 3), **{"reward/style_judge/none_share": 1.0, "reward/correct/none_share": 0.25})
+    alerts = feed(
+        monitors, range(1, 3), **{"reward/style_judge/none_share": 1.0, "reward/correct/none_share": 0.25}
+    )
     assert names(alerts) == ["reward_not_applicable"] and alerts[0].step == 1
     assert alerts[0].details == {"reward": "style_judge"}
 
@@ -117,15 +127,20 @@ def test_a_reward_that_only_returns_none_is_reported_once() -> None:
 def test_one_component_rising_while_another_falls_is_flagged_and_judges_are_named() -> None:
     monitors = make()
     alerts = feed(monitors, range(1, 5), reward=0.8)
-    alerts += feed(monitors, range(5, 9), reward=0.3, **{"reward/style_judge/mean": lambda s: 0.9 + NOISE[s % 4]})
+    alerts += feed(
+        monitors, range(5, 9), reward=0.3, **{"reward/style_judge/mean": lambda s: 0.9 + NOISE[s % 4]}
+    )
     assert names(alerts) == ["judge_rule_disagreement"]
     assert alerts[0].details == {
         "rising": "style_judge", "falling": "correct", "rise": pytest.approx(0.4), "fall": pytest.approx(-0.5)
     }
-    rules = Monitors(MonitorConfig(window=2, judge_rewards=[]), window_steps=4, sigmas=2.0, max_new_tokens=100,
+    rules = Monitors(MonitorConfig(window=2, judge_rewards=[]), window_steps=4, sigmas=2.0,
+                     max_new_tokens=100,
                      reward_names=["correct", "style_judge"])
     alerts = feed(rules, range(1, 5), reward=0.8)
-    alerts += feed(rules, range(5, 9), reward=0.3, **{"reward/style_judge/mean": lambda s: 0.9 + NOISE[s % 4]})
+    alerts += feed(
+        rules, range(5, 9), reward=0.3, **{"reward/style_judge/mean": lambda s: 0.9 + NOISE[s % 4]}
+    )
     assert names(alerts) == ["component_divergence"]
 
 
@@ -175,7 +190,8 @@ def test_disabled_monitors_stay_silent() -> None:
     assert feed(make(enabled=False), range(1, 13), reward=0.5) == []
 
 
-def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A random tiny model never answers an addition (a plateau by definition) and never stops within its
     6 tokens: every completion is truncated, said from step 2."""
@@ -184,7 +200,8 @@ def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir:
     from tests.conftest import tiny_recipe
 
     monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
-    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 4}, monitors={"every": 2, "window": 1},
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 4},
+                         monitors={"every": 2, "window": 1},
                          output={"report": False})
     Trainer(load_config(raw=recipe)).train()
     alerts = [json.loads(line) for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()]
@@ -192,7 +209,8 @@ def test_a_real_run_records_the_alerts_that_fire(tmp_path: Path, tiny_model_dir:
     assert "monitor [plateau] step 4" in capsys.readouterr().out
 
 
-def test_a_run_that_cannot_learn_says_so_at_start(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_run_that_cannot_learn_says_so_at_start(tmp_path: Path, tiny_model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """group_size 1 (every advantage 0) and more prompts a step than the data holds: one warning each."""
     from rft.config import load_config
@@ -208,8 +226,12 @@ def test_a_run_that_cannot_learn_says_so_at_start(tmp_path: Path, tiny_model_dir
     recipe["data"] = {"train": str(train)}
     with caplog.at_level("WARNING"):
         Trainer(load_config(raw=recipe)).train()
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("rft")]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("rft")
+    ]
     assert sum("group_size is 1" in w for w in warnings) == 1
     assert sum("prompts_per_step (6) exceeds the 2 training prompts" in w for w in warnings) == 1
-    alerts = [json.loads(line)["monitor"] for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()]
+    alerts = [
+        json.loads(line)["monitor"] for line in (tmp_path / "run" / ALERTS_NAME).read_text().splitlines()
+    ]
     assert "no_learning_signal" in alerts  # a group of one has no variance, at every step

@@ -54,7 +54,8 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_cispo_by_hand() -> None:
     logp, old, adv, mask = batch()
     per_token, stats = policy_loss(
-        logp, old, adv, mask, eps_low=0.2, eps_high=0.28, loss="cispo", settings=SurrogateSettings(cispo_eps_high=4.0)
+        logp, old, adv, mask, eps_low=0.2, eps_high=0.28, loss="cispo",
+        settings=SurrogateSettings(cispo_eps_high=4.0)
     )
     # l = -sg[min(r, 5)] A log pi; no floor by default (MiniMax-M1).
     close(per_token, [[1.0 * 1 * 1.0, 5.0 * 1 * 2.0, 0.5 * 1 * 0.7], [-(0.2 * 2 * 0.5), 0, 0], [0, 0, 0]])
@@ -96,20 +97,26 @@ def test_sapo_by_hand() -> None:
 @pytest.mark.parametrize("loss", ["ppo_clip", "cispo", "sapo"])
 def test_an_all_equal_group_and_a_masked_row_give_nothing(loss: str) -> None:
     logp, old, _, mask = batch()
-    per_token, stats = policy_loss(logp, old, torch.zeros(3, dtype=F64), mask, eps_low=0.2, eps_high=0.2, loss=loss)
+    per_token, stats = policy_loss(
+        logp, old, torch.zeros(3, dtype=F64), mask, eps_low=0.2, eps_high=0.2, loss=loss
+    )
     total = aggregate_loss(per_token, mask, loss_agg="seq-mean-token-mean", max_completion_length=3)
     (grad,) = torch.autograd.grad(total, logp)
     assert total.item() == 0.0 and (grad == 0).all()
     assert stats["tokens"].item() == 4.0
     # The fully masked row, alone: no NaN from its inf log-probs, no gradient, no counted token.
-    per_token, stats = policy_loss(logp[2:], old[2:], tensor([1.0]), mask[2:], eps_low=0.2, eps_high=0.2, loss=loss)
+    per_token, stats = policy_loss(
+        logp[2:], old[2:], tensor([1.0]), mask[2:], eps_low=0.2, eps_high=0.2, loss=loss
+    )
     assert (per_token == 0).all() and stats["tokens"].item() == 0.0
 
 
 def test_unknown_loss_and_delta_outside_ppo_clip_are_refused(tmp_path) -> None:
     logp, old, adv, mask = batch()
     with pytest.raises(ValueError, match="loss 'reinforce'"):
-        policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss="reinforce")  # type: ignore[arg-type]
+        policy_loss(
+            logp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss="reinforce"
+        )  # type: ignore[arg-type]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name_or_path: x}\ndata: {train: x.jsonl}\nrewards: [{fn: a:b}]\n"
                       "algorithm: {loss: sapo, delta: 4}\n")
@@ -169,7 +176,9 @@ def test_rollout_corrections_by_hand(mode: str, low: float | None, high: float |
                 w_row.append(0.0 if out else rho)
                 k_row.append(not out)
             else:
-                w_row.append(min(max(rho, lo if lo is not None else -math.inf), hi if hi is not None else math.inf))
+                w_row.append(
+                    min(max(rho, lo if lo is not None else -math.inf), hi if hi is not None else math.inf)
+                )
                 k_row.append(True)
         want_w.append(w_row + [0.0] * (4 - len(row)))
         want_kept.append(k_row + [False] * (4 - len(row)))
@@ -202,7 +211,9 @@ def test_rollout_correction_cases_by_hand() -> None:
     with pytest.raises(ValueError, match="upper bound"):
         rollout_correction(trainer, rollout, mask, mode="sequence_truncate", low=0.5, high=None)
     with pytest.raises(ValueError, match="'token_clip'"):
-        rollout_correction(trainer, rollout, mask, mode="token_clip", low=None, high=2.0)  # type: ignore[arg-type]
+        rollout_correction(
+            trainer, rollout, mask, mode="token_clip", low=None, high=2.0
+        )  # type: ignore[arg-type]
 
 
 def test_rollout_correction_config() -> None:

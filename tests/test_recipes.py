@@ -20,7 +20,10 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
 GSM8K = REPO / "tests" / "data" / "gsm8k"
 # Hub data sets the recipes name, and their local copies (CI has no hub).
-LOCAL_COPIES = {("hf:openai/gsm8k:main", "train"): GSM8K / "train.jsonl", ("hf:openai/gsm8k:main", "test"): GSM8K / "test.jsonl"}
+LOCAL_COPIES = {
+    ("hf:openai/gsm8k:main", "train"): GSM8K / "train.jsonl",
+    ("hf:openai/gsm8k:main", "test"): GSM8K / "test.jsonl",
+}
 
 
 def _reward_specs(rewards: list[dict[str, Any]]) -> list[str]:
@@ -46,7 +49,9 @@ def _missing_reward_modules(recipe: Path) -> list[str]:
 
 def _header(recipe: Path) -> str:
     lines = recipe.read_text().splitlines()
-    return "\n".join(line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))])
+    return "\n".join(
+        line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    )
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
@@ -54,10 +59,14 @@ def test_recipe_validates_and_states_hardware_and_time(recipe: Path) -> None:
     config = load_config(recipe)
     header = _header(recipe)
     assert re.search(r"\b(GPU|CPU)s?\b", header), f"{recipe.name}: the header comment names no hardware"
-    assert re.search(r"\b\d+(\.\d+)?\s*(h|min)\b|minutes|hours", header), f"{recipe.name}: the header names no time"
+    assert re.search(
+        r"\b\d+(\.\d+)?\s*(h|min)\b|minutes|hours", header
+    ), f"{recipe.name}: the header names no time"
     for source in (config.data.train, config.data.eval):
         if source and source.startswith("hf:"):
-            assert (source, "train") in LOCAL_COPIES, f"{recipe.name}: {source} has no local copy for this test"
+            assert (
+                source, "train"
+            ) in LOCAL_COPIES, f"{recipe.name}: {source} has no local copy for this test"
 
 
 @pytest.mark.parametrize("accelerate_config", ACCELERATE_CONFIGS, ids=lambda path: path.stem)
@@ -90,7 +99,9 @@ def _shrunk_overrides(recipe: Path, model_dir: Path, run_dir: Path) -> list[str]
         "eval.before_training=false", "eval.after_training=false", "eval.every=0",
         f"output.run_dir={run_dir}", "output.save_every=1",
     ]
-    for field, split_field, default_split in (("train", "train_split", "train"), ("eval", "eval_split", "test")):
+    for field, split_field, default_split in (
+        ("train", "train_split", "train"), ("eval", "eval_split", "test")
+    ):
         source = data.get(field)
         if source and source.startswith("hf:"):
             overrides.append(f"data.{field}={LOCAL_COPIES[(source, data.get(split_field, default_split))]}")

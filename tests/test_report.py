@@ -73,7 +73,8 @@ def test_training_writes_the_report_and_summary(runs: dict[str, Path]) -> None:
     held_out = summary["held_out"]
     evaluations = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
     greedy = [e for e in evaluations if e["mode"] == "greedy"]
-    assert [e["step"] for e in greedy] == [0, 2, 4]  # base, every 2 steps (the last one is also "after training")
+    # base, every 2 steps (the last one is also "after training")
+    assert [e["step"] for e in greedy] == [0, 2, 4]
     assert (held_out["before"]["mean"], held_out["after"]["mean"]) == (greedy[0]["mean"], greedy[-1]["mean"])
     assert held_out["change"] == pytest.approx(greedy[-1]["mean"] - greedy[0]["mean"])
     assert held_out["significant"] == (abs(held_out["z"]) > 2)
@@ -137,20 +138,26 @@ def test_report_is_valid_self_contained_html_with_real_pngs(runs: dict[str, Path
         image = Image.open(io.BytesIO(base64.b64decode(source[len(prefix):])))
         assert image.format == "PNG" and image.width > 300 and image.height > 200
     text = " ".join(parser.text)
-    for expected in ("Monitors", "Before and after, per slice", "phrasing = compute", "pass@2", "Sampled completions",
-                     "Training samples, first step (1)", "Training samples, last step (4)", "text_length", "2024-06"):
+    for expected in ("Monitors", "Before and after, per slice", "phrasing = compute", "pass@2",
+                     "Sampled completions",
+                     "Training samples, first step (1)", "Training samples, last step (4)", "text_length",
+                     "2024-06"):
         assert expected in text, expected
     for alert in summary["alerts"]:
         assert alert["message"] in text
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)"
+)
 def test_report_renders_in_headless_chromium(runs: dict[str, Path], tmp_path: Path) -> None:
     screenshot = tmp_path / "report.png"
     subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={screenshot}", "--window-size=1200,2400", (runs["main"] / "report.html").resolve().as_uri()],
+         "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={screenshot}", "--window-size=1200,2400",
+         (runs["main"] / "report.html").resolve().as_uri()],
         check=True, capture_output=True, timeout=120,
     )
     pixels = np.asarray(Image.open(screenshot).convert("RGB"), dtype=np.int16)
@@ -179,7 +186,8 @@ def test_rft_report_compares_runs_only_where_it_means_something(
     assert rival["difference"] == pytest.approx(rival["this_final"]["mean"] - rival["their_final"]["mean"])
     assert rival["significant"] == (abs(rival["z"]) > 2)
     assert other == {
-        "run_dir": str(runs["other_data"]), "name": "run", "comparable": False, "reasons": ["different held-out data"]
+        "run_dir": str(runs["other_data"]), "name": "run", "comparable": False,
+        "reasons": ["different held-out data"]
     }
     assert "not comparable: different held-out data" in (runs["main"] / "report.html").read_text()
 
@@ -187,8 +195,12 @@ def test_rft_report_compares_runs_only_where_it_means_something(
 def test_report_of_a_run_without_evaluations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"output": {"name": "killed"}, "training": {"steps": 10}}))
-    rows = [{"step": s, "reward/mean": 0.1 * s, "completion/length/mean": 5.0, "time/step": 1.0} for s in (1, 2)]
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump({"output": {"name": "killed"}, "training": {"steps": 10}})
+    )
+    rows = [
+        {"step": s, "reward/mean": 0.1 * s, "completion/length/mean": 5.0, "time/step": 1.0} for s in (1, 2)
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     page = write_report(run_dir).read_text()
     assert "No greedy held-out evaluation both before and after training" in page
@@ -201,7 +213,9 @@ def test_report_of_a_run_without_evaluations(tmp_path: Path, capsys: pytest.Capt
 def test_tensorboard_receives_training_and_evaluation_metrics(runs: dict[str, Path]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events_dir,) = {p.parent for p in (runs["main"] / "trackers").rglob("events.out.tfevents.*") if p.parent.name == "run"}
+    (events_dir,) = {
+        p.parent for p in (runs["main"] / "trackers").rglob("events.out.tfevents.*") if p.parent.name == "run"
+    }
     events = EventAccumulator(str(events_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("reward/mean")] == [1, 2, 3, 4]
@@ -209,11 +223,17 @@ def test_tensorboard_receives_training_and_evaluation_metrics(runs: dict[str, Pa
     assert [e.step for e in events.Scalars("eval/sampled/pass@2")] == [0, 2, 4]
 
 
-def test_a_tracker_that_is_not_installed_fails_before_the_model_loads(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_tracker_that_is_not_installed_fails_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     from rft.tracking import check_trackers
 
-    missing = next(name for name in ("wandb", "mlflow", "aim", "swanlab") if importlib.util.find_spec(name) is None)
-    with pytest.raises(ConfigError, match=rf"output.trackers: \['{missing}'\] not installed \(pip install {missing}\)"):
+    missing = next(
+        name for name in ("wandb", "mlflow", "aim", "swanlab") if importlib.util.find_spec(name) is None
+    )
+    with pytest.raises(
+        ConfigError, match=rf"output.trackers: \['{missing}'\] not installed \(pip install {missing}\)"
+    ):
         check_trackers([missing])
     from rft.trainer import Trainer
 

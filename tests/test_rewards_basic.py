@@ -33,7 +33,9 @@ def test_math_answer_equivalent_forms():
 def test_math_answer_gsm8k_forms_and_bedrock_reference_objects():
     gold = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
     completions = ["48 + 24 = 72\n#### 72", "She sold 24 in May.\n#### 24", "#### 1,000"]
-    assert math_answer(completions, answer_column="answer", answer=[gold, gold, "#### 1000"]) == [1.0, 0.0, 1.0]
+    assert math_answer(completions, answer_column="answer", answer=[gold, gold, "#### 1000"]) == [
+        1.0, 0.0, 1.0
+    ]
     # Bedrock rows: reference_answer is an object; rows without one are not applicable.
     scores = math_answer(
         ["#### 12", "#### 12"], reference_answer=[{"final_answer": "12", "explanation": "7+5"}, None]
@@ -67,7 +69,9 @@ def test_final_answer_markers():
 def test_math_answer_runs_in_worker_threads():
     # math-verify's own timeouts need the main thread; the reward must still work from the scorer's threads.
     results = []
-    thread = threading.Thread(target=lambda: results.append(math_answer(["\\boxed{3}"], reference_answer=["3"])))
+    thread = threading.Thread(
+        target=lambda: results.append(math_answer(["\\boxed{3}"], reference_answer=["3"]))
+    )
     thread.start()
     thread.join()
     assert results == [[1.0]]
@@ -92,10 +96,15 @@ def test_gsm8k_format_and_missing_column_message():
 
 
 def test_exact_and_normalised_match_with_extraction():
-    completions = ["ANSWER: The Eiffel Tower.", "answer: eiffel tower", "Paris", [{"role": "assistant", "content": "Eiffel Tower"}]]
+    completions = [
+        "ANSWER: The Eiffel Tower.", "answer: eiffel tower", "Paris",
+        [{"role": "assistant", "content": "Eiffel Tower"}],
+    ]
     refs = ["Eiffel Tower"] * 4
     assert exact_match(completions, reference_answer=refs) == [0.0, 0.0, 0.0, 1.0]
-    assert exact_match(completions, reference_answer=refs, normalize=True, extract_pattern=r"(?i)answer:\s*(.+)") == [
+    assert exact_match(
+        completions, reference_answer=refs, normalize=True, extract_pattern=r"(?i)answer:\s*(.+)"
+    ) == [
         1.0, 1.0, 0.0, 0.0,
     ]
     assert exact_match(["blue"], reference_answer=[["red", "blue"]]) == [1.0]  # any accepted answer
@@ -111,8 +120,11 @@ def test_numeric_tolerance():
 def test_regex_format_modes_and_flags():
     pattern = r"<think>.*</think>\s*<answer>.*</answer>"
     good = "<think>a\nb</think>\n<answer>4</answer>"
-    assert regex_format([good, "<answer>4</answer>"], pattern=pattern, mode="fullmatch", flags="s") == [1.0, 0.0]
-    assert regex_format([good], pattern=pattern, mode="fullmatch") == [0.0]  # '.' does not cross lines without s
+    assert regex_format([good, "<answer>4</answer>"], pattern=pattern, mode="fullmatch", flags="s") == [
+        1.0, 0.0
+    ]
+    # '.' does not cross lines without s
+    assert regex_format([good], pattern=pattern, mode="fullmatch") == [0.0]
     with pytest.raises(ValueError, match="flags"):
         regex_format([good], pattern=pattern, flags="q")
 
@@ -141,7 +153,9 @@ SCHEMA = {
     "type": "object",
     "required": ["name", "amount"],
     "properties": {"name": {"type": "string"}, "amount": {"type": "number"},
-                   "lines": {"type": "array", "items": {"type": "object", "properties": {"sku": {"type": "string"}}}}},
+                   "lines": {
+                       "type": "array", "items": {"type": "object", "properties": {"sku": {"type": "string"}}}
+                   }},
 }
 
 

@@ -91,14 +91,19 @@ def test_file_mode_unit_tests_a_reward(tmp_path, capsys):
     cases = [
         {"prompt": "What is 7 + 5?", "completion": "7 + 5 = 12\n#### 12", "answer": "#### 12",
          "expect": {"math_answer": 1, "total": 1.5}},
-        {"prompt": "What is 7 + 5?", "completion": "It is 13.", "answer": "#### 12", "expect": {"total": [0, 0.1]}},
+        {
+            "prompt": "What is 7 + 5?", "completion": "It is 13.", "answer": "#### 12",
+            "expect": {"total": [0, 0.1]},
+        },
         {"messages": [{"role": "user", "content": "2 * 21?"}], "completion": "\\boxed{42}", "answer": "42",
          "expect": 1.0},
     ]
     completions = tmp_path / "answers.jsonl"
     completions.write_text("\n".join(json.dumps(c) for c in cases) + "\n")
     report_path = tmp_path / "report.json"
-    code = run(parse([str(write_recipe(tmp_path)), "--completions", str(completions), "--json", str(report_path)]))
+    code = run(
+        parse([str(write_recipe(tmp_path)), "--completions", str(completions), "--json", str(report_path)])
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "line 1: math_answer=1.000  gsm8k_format=1.000  total=1.500  PASS" in printed
@@ -111,7 +116,9 @@ def test_file_mode_unit_tests_a_reward(tmp_path, capsys):
     completions.write_text("\n".join(json.dumps(c) for c in cases) + "\n")
     assert run(parse([str(write_recipe(tmp_path)), "--completions", str(completions)])) == 1
     printed = capsys.readouterr().out
-    assert "line 2: math_answer=0.000  gsm8k_format=0.000  total=0.000  FAIL: math_answer expected 1" in printed
+    assert (
+        "line 2: math_answer=0.000  gsm8k_format=0.000  total=0.000  FAIL: math_answer expected 1" in printed
+    )
     assert "1 expectation(s) FAILED." in printed
 
 
@@ -130,7 +137,11 @@ def test_file_mode_reports_bad_lines_by_number(tmp_path):
     assert f"{completions}:3: field completion: missing" in message
     assert f"{completions}:4: field expect.nonexistent: no such reward" in message
     with pytest.raises(ConfigError, match="--reward-range"):
-        run(parse([str(write_recipe(tmp_path)), "--completions", str(completions), "--reward-range", "1", "0"]))
+        run(
+            parse([
+                str(write_recipe(tmp_path)), "--completions", str(completions), "--reward-range", "1", "0"
+            ])
+        )
 
 
 def column_recipe(tmp_path: Path, model: str, **sections) -> Path:
@@ -155,18 +166,23 @@ def test_a_missing_column_is_found_before_any_model_loads(tmp_path):
     from rft.trainer import Trainer
 
     recipe = column_recipe(tmp_path, str(tmp_path / "no-such-model"))
-    with pytest.raises(RewardError, match=r"reward math_answer: answer_column 'reference_answer' is in no row of "
+    with pytest.raises(RewardError,
+                                          match=r"reward math_answer: answer_column "
+                                          r"'reference_answer' is in no row of "
                                           r"data.train .*its rows have: answer, phrasing, prompt"):
         run(parse([str(recipe)]))
     with pytest.raises(RewardError, match="answer_column 'reference_answer' is in no row"):
         Trainer(load_config(recipe))
     fixed = load_config(recipe, ["rewards.1.kwargs={answer_column: answer}"])
-    RewardScorer(fixed.rewards).check_columns({"rows": [{"answer": 1}]})  # a kwarg that names a real column passes
+    # a kwarg that names a real column passes
+    RewardScorer(fixed.rewards).check_columns({"rows": [{"answer": 1}]})
 
 
 def test_sampled_check_shows_samples_truncation_and_the_likely_cause(tmp_path, tiny_model_dir, capsys):
     """A random tiny model never stops within 4 tokens: every completion is truncated, nothing scores."""
-    recipe = column_recipe(tmp_path, str(tiny_model_dir), rollout={"engine": "transformers", "max_new_tokens": 4})
+    recipe = column_recipe(
+        tmp_path, str(tiny_model_dir), rollout={"engine": "transformers", "max_new_tokens": 4}
+    )
     report_path = tmp_path / "report.json"
     assert run(parse([str(recipe), "--set", "rewards.1.kwargs={answer_column: answer}", "--prompts", "2",
                       "--group-size", "3", "--json", str(report_path)])) == 0
@@ -182,7 +198,9 @@ def test_sampled_check_shows_samples_truncation_and_the_likely_cause(tmp_path, t
 
 def test_likely_cause_of_an_unreachable_reward():
     def warning(per_function: dict, truncated_share: float | None) -> str:
-        report = summarize([[0.0, 0.0], [0.0, 0.0]], per_function, (0.0, 1.0), truncated_share=truncated_share)
+        report = summarize(
+            [[0.0, 0.0], [0.0, 0.0]], per_function, (0.0, 1.0), truncated_share=truncated_share
+        )
         return next(w for w in report.warnings if w.startswith("No completion scored"))
 
     zeros = {"correct": [[0.0, 0.0], [0.0, 0.0]]}

@@ -33,7 +33,9 @@ MARGIN_S = 3.0
 
 def test_assert_tests_share_passed():
     assert run_tests(ADD, ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]).passed == 2
-    wrong = run_tests("def add(a, b):\n    return a - b\n", ["assert add(1, 2) == 3", "assert add(0, 0) == 0"])
+    wrong = run_tests(
+        "def add(a, b):\n    return a - b\n", ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]
+    )
     assert (wrong.passed, wrong.total) == (1, 2)
     assert run_tests(ADD, "assert add(2, 2) == 4\nassert add(1, 1) == 2").passed == 1  # one program
 
@@ -43,7 +45,9 @@ def test_stdin_stdout_tests():
     result = run_tests(code, [{"input": "1 2\n", "output": "3"}, {"input": "5 5", "output": "11\n"}])
     assert (result.passed, result.total) == (1, 2)
     big = "x" * (2 << 20)  # larger than a pipe's buffer: written as the solution reads it
-    assert run_tests("import sys\nprint(len(sys.stdin.read()))\n", [{"input": big, "output": str(len(big))}]).passed == 1
+    assert run_tests(
+        "import sys\nprint(len(sys.stdin.read()))\n", [{"input": big, "output": str(len(big))}]
+    ).passed == 1
 
 
 def test_early_exit_does_not_pass():
@@ -53,14 +57,19 @@ def test_early_exit_does_not_pass():
 
 def test_time_limit_kills_the_process_group():
     started = time.perf_counter()
-    result = run_tests("import subprocess\nsubprocess.Popen(['sleep', '60'])\nwhile True:\n    pass\n", "assert True", timeout_s=1.5)
+    result = run_tests(
+        "import subprocess\nsubprocess.Popen(['sleep', '60'])\nwhile True:\n    pass\n", "assert True",
+        timeout_s=1.5,
+    )
     assert result.timed_out and result.passed == 0
     assert time.perf_counter() - started < 5
 
 
 def test_memory_limit():
     assert run_tests("block = bytearray(3 * 1024 ** 3)\n", "assert True", memory_mb=256).passed == 0
-    assert run_tests("block = bytearray(16 * 1024 ** 2)\n", "assert len(block) > 0", memory_mb=256).passed == 1
+    assert run_tests(
+        "block = bytearray(16 * 1024 ** 2)\n", "assert len(block) > 0", memory_mb=256
+    ).passed == 1
 
 
 def test_no_network_reaches_a_listening_host_port():
@@ -80,7 +89,9 @@ def test_no_network_reaches_a_listening_host_port():
 
 def test_no_writes_outside_its_private_tmp(tmp_path):
     marker = secrets.token_hex(6)
-    targets = [tmp_path / "escaped.txt", Path(sys.prefix) / f"escaped-{marker}", Path.cwd() / f"escaped-{marker}"]
+    targets = [
+        tmp_path / "escaped.txt", Path(sys.prefix) / f"escaped-{marker}", Path.cwd() / f"escaped-{marker}"
+    ]
     for target in targets:
         # A path under /tmp may exist inside the sandbox's private /tmp (a venv mount point there): the write
         # can succeed in the sandbox; what matters is that nothing reaches the host (checked below).
@@ -91,7 +102,8 @@ def test_no_writes_outside_its_private_tmp(tmp_path):
     local = f"open('scratch.txt', 'w').write('ok')\nopen({str(private)!r}, 'w').write('ok')\n"
     assert run_tests(local, "assert open('scratch.txt').read() == 'ok'").passed == 1
     assert not private.exists()  # its /tmp is its own
-    oversized = "open('big', 'wb').write(b'x' * (80 << 20))\n"  # beyond the 64 MiB tmpfs and 16 MiB file limit
+    # beyond the 64 MiB tmpfs and 16 MiB file limit
+    oversized = "open('big', 'wb').write(b'x' * (80 << 20))\n"
     assert run_tests(oversized, "assert True").passed == 0
 
 
@@ -111,7 +123,8 @@ def test_setsid_grandchild_holding_the_pipes_is_killed_on_time(then):
     marker = "rft-holder-" + secrets.token_hex(6)
     code = (
         "import subprocess, sys\n"
-        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}], start_new_session=True)\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; "
+        f"time.sleep(30)', {marker!r}], start_new_session=True)\n"
         + then
     )
     started = time.perf_counter()
@@ -128,9 +141,11 @@ def test_completion_cannot_signal_the_trainer():
     trainer = (
         "import os\n"
         "from rewards.code import run_tests\n"
-        "code = 'import os, signal\\nfor pid in (os.getppid(), %d):\\n    try:\\n        os.kill(pid, signal.SIGKILL)\\n"
+        "code = 'import os, signal\\nfor pid in (os.getppid(), "
+        "%d):\\n    try:\\n        os.kill(pid, signal.SIGKILL)\\n"
         "    except OSError:\\n        pass\\n' % os.getpid()\n"
-        "print('alive', run_tests(code + 'def add(a, b):\\n    return a + b\\n', 'assert add(1, 2) == 3').passed)\n"
+        "print('alive', run_tests(code + 'def add(a, b):\\n    "
+        "return a + b\\n', 'assert add(1, 2) == 3').passed)\n"
     )
     done = subprocess.run([sys.executable, "-c", trainer], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.split()) == (0, ["alive", "1"]), done.stderr
@@ -163,7 +178,9 @@ def _rss_bytes() -> int:
 
 
 def test_output_flood_is_capped_while_it_is_read():
-    flood = "import sys\nchunk = b'x' * (1 << 20)\nfor _ in range(2048):\n    sys.stdout.buffer.write(chunk)\n"
+    flood = (
+        "import sys\nchunk = b'x' * (1 << 20)\nfor _ in range(2048):\n    sys.stdout.buffer.write(chunk)\n"
+    )
     baseline, peak, stop = _rss_bytes(), [0], threading.Event()
 
     def sample() -> None:
@@ -180,7 +197,9 @@ def test_output_flood_is_capped_while_it_is_read():
         stop.set()
         sampler.join()
     elapsed = time.perf_counter() - started
-    assert peak[0] - baseline < 16 * _MAX_OUTPUT_BYTES, f"the trainer grew by {(peak[0] - baseline) >> 20} MiB"
+    assert peak[0] - baseline < 16 * _MAX_OUTPUT_BYTES, (
+        f"the trainer grew by {(peak[0] - baseline) >> 20} MiB"
+    )
     assert elapsed < 3 + MARGIN_S
     assert result.passed == 0 and not result.timed_out  # killed for its output, not at the time limit
 
@@ -201,12 +220,18 @@ def test_missing_bwrap_stops_the_run_in_one_line(monkeypatch, tmp_path):
         check_sandbox()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="dropping capabilities needs root")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="dropping capabilities needs root"
+)
 def test_reward_check_stops_in_one_line_where_namespaces_are_forbidden(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"train": "unused.jsonl"}, "rewards": [{"fn": "rewards.code:code_tests"}]}))
+    recipe.write_text(
+        yaml.safe_dump({"data": {"train": "unused.jsonl"}, "rewards": [{"fn": "rewards.code:code_tests"}]})
+    )
     answers = tmp_path / "answers.jsonl"
-    answers.write_text(json.dumps({"prompt": "add", "completion": ADD, "tests": ADD_TESTS, "expect": 1}) + "\n")
+    answers.write_text(
+        json.dumps({"prompt": "add", "completion": ADD, "tests": ADD_TESTS, "expect": 1}) + "\n"
+    )
     command = [sys.executable, "-m", "rft", "reward", "check", str(recipe), "--completions", str(answers)]
     assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0  # works here
     # Without CAP_SYS_ADMIN, as in most containers, bwrap cannot map its user namespace.

@@ -53,7 +53,9 @@ def test_names_and_addresses_with_the_installed_ner_pipeline(ner_detector, tmp_p
     # spaCy's statistical NER decides on towns; the street, unit and postal codes are the patterns' part.
     for text, secrets in {
         "Ship to 350 5th Avenue, Suite 3300, New York, NY 10118": ["350", "5th", "3300", "10118"],
-        "My name is Priya Patel, I moved to 221B Baker Street, London NW1 6XE.": ["Priya", "Patel", "221B", "Baker", "NW1"],
+        "My name is Priya Patel, I moved to 221B Baker Street, London NW1 6XE.": [
+            "Priya", "Patel", "221B", "Baker", "NW1"
+        ],
     }.items():
         redacted = ner_detector.redact(text)[0]
         assert not [secret for secret in secrets if secret in redacted], redacted
@@ -94,7 +96,9 @@ def test_pii_echo_catches_reformatted_values():
 def test_pii_echo_of_a_name():
     reward = PIIEcho(entities=["PERSON", "EMAIL_ADDRESS"])
     prompt = [{"role": "user", "content": "Hi, I'm John Smith. Why was I charged twice?"}]
-    values = reward(["Sorry about that, John Smith, a refund is on its way.", "Sorry about that, a refund is on its way."],
+    values = reward([
+        "Sorry about that, John Smith, a refund is on its way.", "Sorry about that, a refund is on its way."
+    ],
                     prompts=[prompt, prompt])
     assert values == [-1.0, 0.0]
 

@@ -37,7 +37,9 @@ def test_weighted_sum_and_components():
 
 
 def test_rubric_in_the_scorer_logs_each_component():
-    scorer = RewardScorer([RewardConfig(fn="rewards.rubric:Rubric", name="support", kwargs={"components": COMPONENTS})])
+    scorer = RewardScorer([
+        RewardConfig(fn="rewards.rubric:Rubric", name="support", kwargs={"components": COMPONENTS})
+    ])
     good = json.dumps({"answer": "ok", "source": "[doc-1]"})
     output = scorer.score(["q"], [good], [[]], [{"passages": PASSAGES}])
     assert output.total == [3.0]

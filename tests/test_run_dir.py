@@ -66,7 +66,9 @@ def test_a_new_run_into_a_used_folder_is_refused_and_the_old_run_kept(
     assert "\n" not in message and str(folder) in message
     assert "--resume" in message and "output.name" in message and "--overwrite" in message
     after = {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
-    assert {k: v for k, v in after.items() if k.name != ".lock"} == {k: v for k, v in before.items() if k.name != ".lock"}
+    assert {k: v for k, v in after.items() if k.name != ".lock"} == {
+        k: v for k, v in before.items() if k.name != ".lock"
+    }
 
     # --overwrite: a new run, with its own id, and nothing of the old one left.
     old_id = read_manifest(folder)["run_id"]
@@ -81,12 +83,19 @@ def test_resume_loads_only_its_own_runs_checkpoints(
 ) -> None:
     other, mine = tmp_path / "other", tmp_path / "mine"
     _train(tiny_recipe(tiny_model_dir, other, training={"steps": 6}, output={"save_every": 3}))
-    _train(tiny_recipe(tiny_model_dir, mine, training={"seed": 5}, output={"save_every": 2, "keep_checkpoints": 1}))
+    _train(
+        tiny_recipe(
+            tiny_model_dir, mine, training={"seed": 5}, output={"save_every": 2, "keep_checkpoints": 1}
+        )
+    )
     # Another run's checkpoints land in this folder, newer by step than this run's step-000002.
     for name in ("step-000003", "step-000006"):
         shutil.copytree(other / "checkpoints" / name, mine / "checkpoints" / name)
 
-    longer = tiny_recipe(tiny_model_dir, mine, training={"seed": 5, "steps": 4}, output={"save_every": 2, "keep_checkpoints": 1})
+    longer = tiny_recipe(
+        tiny_model_dir, mine, training={"seed": 5, "steps": 4},
+        output={"save_every": 2, "keep_checkpoints": 1},
+    )
     with monkeypatch.context() as patch:
         _no_model(patch)
         with pytest.raises(ConfigError, match=r"a checkpoint of run .*, not of the run in"):
@@ -96,8 +105,12 @@ def test_resume_loads_only_its_own_runs_checkpoints(
     assert "step-000002 at step 2" in caplog.text
     assert [row["step"] for row in _rows(mine)] == [1, 2, 3, 4]
     # Rotation keeps this run's newest checkpoint by step and leaves the other run's alone.
-    assert sorted(p.name for p in (mine / "checkpoints").iterdir()) == ["step-000003", "step-000004", "step-000006"]
-    assert _same_adapter(mine / "checkpoints" / "step-000006" / "policy", other / "checkpoints" / "step-000006" / "policy")
+    assert sorted(p.name for p in (mine / "checkpoints").iterdir()) == [
+        "step-000003", "step-000004", "step-000006"
+    ]
+    assert _same_adapter(
+        mine / "checkpoints" / "step-000006" / "policy", other / "checkpoints" / "step-000006" / "policy"
+    )
     assert _same_adapter(mine / "final", mine / "checkpoints" / "step-000004" / "policy")
     assert not _same_adapter(mine / "final", other / "final")
 
@@ -132,7 +145,9 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
     shutil.copytree(first, changed)
 
     def recipe(run_dir: Path, **training: object) -> dict:
-        return tiny_recipe(tiny_model_dir, run_dir, training={"steps": 4, **training}, output={"save_every": 2})
+        return tiny_recipe(
+            tiny_model_dir, run_dir, training={"steps": 4, **training}, output={"save_every": 2}
+        )
 
     meaning = recipe(changed, learning_rate=0.05)
     meaning["rewards"][1]["weight"] = 1.0
@@ -143,7 +158,9 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
             Trainer(load_config(raw=meaning), resume=True)
     message = str(refused.value)
     assert "\n" not in message and "--allow-recipe-change" in message
-    for change in ("training.learning_rate 0.01 -> 0.05", "rewards.1.weight 0.5 -> 1.0", "rollout.group_size 4 -> 8"):
+    for change in (
+        "training.learning_rate 0.01 -> 0.05", "rewards.1.weight 0.5 -> 1.0", "rollout.group_size 4 -> 8"
+    ):
         assert change in message
     assert "training.steps" not in message  # extending a run changes nothing it computed
 
@@ -154,7 +171,9 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
         {"step": 2, "field": "training.steps", "old": 2, "new": 4},
     ]
 
-    forced = Trainer(load_config(raw=recipe(changed, learning_rate=0.05)), resume=True, allow_recipe_change=True)
+    forced = Trainer(
+        load_config(raw=recipe(changed, learning_rate=0.05)), resume=True, allow_recipe_change=True
+    )
     assert [group["lr"] for group in forced.optimizer.param_groups] == [0.05]
     assert forced.scheduler.base_lrs == [0.05]
     forced.train()
@@ -170,7 +189,10 @@ def test_resume_refuses_a_recipe_change_unless_forced_and_then_applies_and_recor
     assert not _same_adapter(changed / "final", same / "final")
     # The run's history travels with its checkpoints: a later resume keeps it.
     info = json.loads((changed / "checkpoints" / "step-000004" / "checkpoint.json").read_text())
-    assert info["recipe_changes"] == manifest["recipe_changes"] and info["recipe"]["training"]["learning_rate"] == 0.05
+    assert (
+        info["recipe_changes"] == manifest["recipe_changes"]
+        and info["recipe"]["training"]["learning_rate"] == 0.05
+    )
 
 
 # ---------------------------------------------------------------------------------------------- item 12
@@ -225,7 +247,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tiny_model_dir: Path, tmp_
     recipe_file.write_text(yaml.safe_dump(recipe))
     command = [sys.executable, "-m", "rft", "train", str(recipe_file)]
     started, release = tmp_path / "started", tmp_path / "release"
-    first = subprocess.Popen(command, env=_environment(RFT_TEST_STARTED=str(started), RFT_TEST_RELEASE=str(release)),
+    first = subprocess.Popen(command,
+                             env=_environment(RFT_TEST_STARTED=str(started), RFT_TEST_RELEASE=str(release)),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -234,10 +257,15 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tiny_model_dir: Path, tmp_
             assert time.monotonic() < deadline, "the first run never reached its reward"
             time.sleep(0.05)
         for extra in ([], ["--resume"]):
-            second = subprocess.run(command + extra, env=_environment(), capture_output=True, text=True, timeout=300)
+            second = subprocess.run(
+                command + extra, env=_environment(), capture_output=True, text=True, timeout=300
+            )
             assert second.returncode == 2, second.stderr[-3000:]
             errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
-            assert len(errors) == 1 and "in use by another run" in errors[0] and str(tmp_path / "run") in errors[0]
+            assert (
+                len(errors) == 1 and "in use by another run" in errors[0]
+                and str(tmp_path / "run") in errors[0]
+            )
     finally:
         release.touch()
         _, stderr = first.communicate(timeout=300)
@@ -273,8 +301,12 @@ def _signal_recipe(tmp_path: Path, model_dir: Path, name: str) -> Path:
     return path
 
 
-def _rft_train(recipe: Path, counter: Path, *extra: str, signal_at: int = 0, signum: int = 0) -> subprocess.CompletedProcess:
-    environment = _environment(RFT_TEST_COUNTER=str(counter), RFT_TEST_SIGNAL_AT=str(signal_at), RFT_TEST_SIGNAL=str(signum))
+def _rft_train(
+    recipe: Path, counter: Path, *extra: str, signal_at: int = 0, signum: int = 0
+) -> subprocess.CompletedProcess:
+    environment = _environment(
+        RFT_TEST_COUNTER=str(counter), RFT_TEST_SIGNAL_AT=str(signal_at), RFT_TEST_SIGNAL=str(signum)
+    )
     return subprocess.run([sys.executable, "-m", "rft", "train", str(recipe), *extra], env=environment,
                           capture_output=True, text=True, timeout=600)
 
@@ -297,7 +329,9 @@ def test_a_signal_saves_a_checkpoint_and_resume_ends_as_an_uninterrupted_run(
     assert "Traceback" not in stopped.stderr
     last = stopped.stderr.strip().splitlines()[-1]
     name = signal.Signals(signum).name
-    assert last.startswith(f"rft train: {name}: stopped after step 3 of 4; checkpoint ") and "--resume" in last
+    assert (
+        last.startswith(f"rft train: {name}: stopped after step 3 of 4; checkpoint ") and "--resume" in last
+    )
     run_dir = tmp_path / "stopped"
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000003"]
     assert not (run_dir / "final").exists()
@@ -326,12 +360,15 @@ def reward(completions, **_):
 """
 
 
-def test_a_sigterm_on_one_of_two_processes_stops_both_after_the_same_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_sigterm_on_one_of_two_processes_stops_both_after_the_same_step(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     reward_file = tmp_path / "rank_reward.py"
     reward_file.write_text(RANK_SIGNALLING_REWARD)
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 3})
     recipe["rewards"] = [{"fn": f"{reward_file}:reward"}]
-    # Each process scores one group a step: call 2 is step 2's; in its threads, so the signal reaches the process.
+    # Each process scores one group a step: call 2 is step
+    # 2's; in its threads, so the signal reaches the process.
     recipe["scoring"] = {"concurrency": 1, "isolation": "thread"}
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
@@ -339,9 +376,12 @@ def test_a_sigterm_on_one_of_two_processes_stops_both_after_the_same_step(tiny_m
                "-m", "rft", "train", str(recipe_file)]
 
     def torchrun(counter: str, signal_at: int, *extra: str) -> subprocess.CompletedProcess:
-        environment = _environment(RFT_TEST_COUNTER=str(tmp_path / counter), RFT_TEST_SIGNAL_AT=str(signal_at),
+        environment = _environment(RFT_TEST_COUNTER=str(tmp_path / counter),
+                                   RFT_TEST_SIGNAL_AT=str(signal_at),
                                    TOKENIZERS_PARALLELISM="false")
-        return subprocess.run(command + list(extra), env=environment, capture_output=True, text=True, timeout=300, cwd=REPO)
+        return subprocess.run(
+            command + list(extra), env=environment, capture_output=True, text=True, timeout=300, cwd=REPO
+        )
 
     stopped = torchrun("c1", 2)
     output = stopped.stdout + stopped.stderr

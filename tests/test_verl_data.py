@@ -55,14 +55,18 @@ def test_a_verl_parquet_file_trains(tiny_model_dir: Path, tmp_path: Path) -> Non
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # The reward saw ground_truth both as reference_answer and nested, on every completion.
     assert [m["reward/ground_truth_seen/mean"] for m in metrics] == [1.0, 1.0]
-    assert set(results["after"]["slices"]["data_source"]) == {"addition/what_is", "addition/compute", "addition/sum_of"}
+    assert set(results["after"]["slices"]["data_source"]) == {
+        "addition/what_is", "addition/compute", "addition/sum_of"
+    }
 
 
 def test_a_row_with_its_own_reference_answer_keeps_it(tmp_path: Path) -> None:
     rows = verl_rows(ADDITION_TRAIN)[:2]
     rows[0]["reference_answer"] = "own"
     rows[1]["reference_answer"] = None
-    config = load_config(raw={"data": {"train": str(write_parquet(rows, tmp_path / "x.parquet"))}, "rewards": [{"fn": "m:f"}]})
+    config = load_config(
+        raw={"data": {"train": str(write_parquet(rows, tmp_path / "x.parquet"))}, "rewards": [{"fn": "m:f"}]}
+    )
     train, _ = load_splits(config.data, None, seed=0)
     assert [e.row["reference_answer"] for e in train] == ["own", None]
 
@@ -77,7 +81,9 @@ def _run(tmp_path: Path, train: Path) -> int:
     return main(["train", str(recipe)])
 
 
-def test_a_file_that_is_not_parquet_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_file_that_is_not_parquet_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     train = tmp_path / "train.parquet"
     train.write_bytes(b"\xff\xfe not parquet at all \x00\x01")
     assert _run(tmp_path, train) == 2
@@ -85,15 +91,21 @@ def test_a_file_that_is_not_parquet_fails_in_one_line(tmp_path: Path, capsys: py
     assert len(err) == 1 and err[0].startswith(f"error: {train}: not a readable Parquet file (")
 
 
-def test_a_row_without_a_prompt_names_file_row_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_row_without_a_prompt_names_file_row_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = verl_rows(ADDITION_TRAIN)[:6]
     rows[3]["prompt"] = None
     train = write_parquet(rows, tmp_path / "train.parquet")
     assert _run(tmp_path, train) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {train}[3]: field 'prompt' is empty (null); each row needs a prompt (text or messages)"]
+    assert err == [
+        f"error: {train}[3]: field 'prompt' is empty (null); each row needs a prompt (text or messages)"
+    ]
     bad_messages = verl_rows(ADDITION_TRAIN)[:4]
     bad_messages[2]["prompt"] = [{"role": "robot", "content": "hi"}]
     with pytest.raises(DataError, match=r"bad\.parquet\[2\]: field 'prompt\[0\]\.role' is 'robot'"):
-        load_splits(load_config(raw={"data": {"train": str(write_parquet(bad_messages, tmp_path / "bad.parquet"))},
+        load_splits(load_config(raw={"data": {
+            "train": str(write_parquet(bad_messages, tmp_path / "bad.parquet"))
+        },
                                      "rewards": [{"fn": "m:f"}]}).data, None, seed=0)

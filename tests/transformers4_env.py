@@ -50,10 +50,15 @@ def transformers4_python() -> Path:
         output = install.stdout + install.stderr
         shutil.rmtree(partial, ignore_errors=True)
         if any(marker in output for marker in _UNREACHABLE_MARKERS):
-            pytest.skip(f"pip cannot reach the package index to install transformers 4.51.3:\n{output[-2000:]}")
+            pytest.skip(
+                f"pip cannot reach the package index to install transformers 4.51.3:\n{output[-2000:]}"
+            )
         raise RuntimeError(f"installing {' '.join(TRANSFORMERS4_REQUIREMENTS)} failed:\n{output[-4000:]}")
     check = subprocess.run(
-        [str(partial / "bin" / "python"), "-c", "import torch, transformers; print(transformers.__version__)"],
+        [
+            str(partial / "bin" / "python"), "-c",
+            "import torch, transformers; print(transformers.__version__)",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -77,10 +82,16 @@ def probe_with_transformers4(
     python = transformers4_python()
     work_dir.mkdir(parents=True, exist_ok=True)
     request = work_dir / "probe_request.json"
-    request.write_text(json.dumps({"exports": {k: str(v) for k, v in exports.items()}, "chats": list(CHAT_PROMPTS), "token_ids": token_ids}))
+    request.write_text(
+        json.dumps({
+            "exports": {k: str(v) for k, v in exports.items()}, "chats": list(CHAT_PROMPTS),
+            "token_ids": token_ids,
+        })
+    )
     out_dir = work_dir / "probe_out"
     result = subprocess.run(
-        [str(python), str(PROBE_SCRIPT), str(request), str(out_dir)], capture_output=True, text=True, timeout=600
+        [str(python), str(PROBE_SCRIPT), str(request), str(out_dir)], capture_output=True, text=True,
+        timeout=600
     )
     if result.returncode != 0:
         raise AssertionError(f"transformers 4.51.3 could not read the export:\n{result.stderr[-6000:]}")

@@ -27,7 +27,9 @@ def probe_tokenizer(folder: str, chats: list[list[dict[str, str]]]) -> dict:
     except (ValueError, OSError) as exc:
         # Reported, not raised: the tests also probe a plain 5.x save to show what goes wrong.
         return {"tokenizer_error": f"{type(exc).__name__}: {exc}"}
-    rendered = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
+    rendered = [
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats
+    ]
     token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
     return {
         "tokenizer_class": type(tokenizer).__name__,
@@ -40,9 +42,13 @@ def probe_tokenizer(folder: str, chats: list[list[dict[str, str]]]) -> dict:
     }
 
 
-def probe(folder: str, chats: list[list[dict[str, str]]], token_ids: list[list[int]]) -> tuple[dict, numpy.ndarray]:
+def probe(
+    folder: str, chats: list[list[dict[str, str]]], token_ids: list[list[int]]
+) -> tuple[dict, numpy.ndarray]:
     config = AutoConfig.from_pretrained(folder)
-    model, loading_info = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="auto", output_loading_info=True)
+    model, loading_info = AutoModelForCausalLM.from_pretrained(
+        folder, torch_dtype="auto", output_loading_info=True
+    )
     model.eval()
     with torch.no_grad():
         logits = [model(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy() for ids in token_ids]
