@@ -38,9 +38,11 @@ Settings:
            actually generated are reported.
 
     RFT_CACHE=/work/cache PYTHONPATH=. python scripts/bench_vs_trl.py --setting both --out benchmarks
-    PYTHONPATH=. python scripts/bench_vs_trl.py --steps 2 --warmup 1 --engines ours-transformers trl-transformers
+    PYTHONPATH=. python scripts/bench_vs_trl.py --steps 2 --warmup 1 \\
+        --engines ours-transformers trl-transformers
     # GPU, a random-init model of Qwen2.5-0.5B's shape (SmolLM2 tokenizer and vocabulary):
-    PYTHONPATH=. python scripts/bench_vs_trl.py --device cuda --random-qwen2.5-0.5b --engines ours-transformers trl-transformers
+    PYTHONPATH=. python scripts/bench_vs_trl.py --device cuda --random-qwen2.5-0.5b \\
+        --engines ours-transformers trl-transformers
 """
 
 from __future__ import annotations

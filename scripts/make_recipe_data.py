@@ -6,7 +6,8 @@
 - recipes/data/orders_{train,heldout}.jsonl: order-confirmation emails to extract into JSON. Each row
   carries `answer_schema`, the recipe's schema with `const`s holding the right values, so a schema
   reward checks the extracted values as well as the shape.
-- recipes/data/support_{train,heldout}.jsonl (held out by question): customer questions with the policy passages retrieved
+- recipes/data/support_{train,heldout}.jsonl (held out by question): customer questions with the policy
+  passages retrieved
   for them (`passages`, ids `doc-N`), in Bedrock's `messages` form; answers should cite them as [doc-N].
 
 These are starting points that show the row format; bring your own rows for real training.

@@ -13,7 +13,8 @@ def first_token_grade(completions: list[Any], completion_ids: list[list[int]], *
 
 
 def second_process_fails(completions: list[Any], completion_ids: list[list[int]], **_: Any) -> list[float]:
-    """On process 1, hang (SIGSTOP, as a wedged process or a vanished node would) or die, per $RFT_TEST_FAILURE."""
+    """On process 1, hang (SIGSTOP, as a wedged process or a
+    vanished node would) or die, per $RFT_TEST_FAILURE."""
     if os.environ.get("RANK") == "1":
         if os.environ["RFT_TEST_FAILURE"] == "hang":
             os.kill(os.getpid(), signal.SIGSTOP)

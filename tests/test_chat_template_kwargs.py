@@ -1,4 +1,5 @@
-"""`data.chat_template_kwargs` (and Bedrock's reasoningEffort) reach training, evaluation and the exports alike."""
+"""`data.chat_template_kwargs` (and Bedrock's reasoningEffort)
+reach training, evaluation and the exports alike."""
 
 from __future__ import annotations
 

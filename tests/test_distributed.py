@@ -38,7 +38,8 @@ RELATIVE_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def stopping_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
-    """The tiny random model, with 8000 end-of-sequence ids so that completion lengths vary (token-mean matters)."""
+    """The tiny random model, with 8000 end-of-sequence ids
+    so that completion lengths vary (token-mean matters)."""
     from transformers import GenerationConfig
 
     directory = build_tiny_model(tmp_path_factory.mktemp("tiny-stopping"), embedded_model_dir)
@@ -75,7 +76,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 def _relative_difference(
     actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 ) -> tuple[float, str]:
-    """The largest, over tensors, of |actual - expected| / |expected| (Frobenius norms, float64), and its tensor.
+    """The largest, over tensors, of |actual - expected| /
+    |expected| (Frobenius norms, float64), and its tensor.
 
     Per tensor, so that a tensor with small values (a norm's weight) is held to its own scale; by norm,
     not element by element, as an element whose terms cancel has no relative precision to hold.
@@ -92,7 +94,8 @@ def _relative_difference(
 
 
 def _gradients(directory: Path, rank: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Each update's gradients as process `rank` handed them to its optimizer (see the worker's --record-gradients)."""
+    """Each update's gradients as process `rank` handed them
+    to its optimizer (see the worker's --record-gradients)."""
     updates = len(list(directory.glob(f"update-*-rank-{rank}.safetensors")))
     return [load_file(str(directory / f"update-{n}-rank-{rank}.safetensors")) for n in range(1, updates + 1)]
 
@@ -230,7 +233,8 @@ def test_two_processes_share_the_step_wide_masks_of_one_process(
 def test_a_missing_gradient_sync_fails_the_comparison(
     equivalence_runs: Path, stopping_model_dir: Path, tmp_path: Path
 ) -> None:
-    """The negative control: the comparison above must catch processes that each step on their own gradients."""
+    """The negative control: the comparison above must catch
+    processes that each step on their own gradients."""
     recipe = _write_recipe(
         tmp_path / "broken.yaml", _equivalence_recipe(stopping_model_dir, tmp_path / "broken", steps=1)
     )
@@ -247,7 +251,8 @@ def test_a_missing_gradient_sync_fails_the_comparison(
 def test_resume_on_two_processes_reproduces_the_uninterrupted_run(
     equivalence_runs: Path, stopping_model_dir: Path, tmp_path: Path
 ) -> None:
-    """Resume from the step-1 checkpoint (weights, SGD momentum, sampler): same processes, same kernels, same bits."""
+    """Resume from the step-1 checkpoint (weights, SGD momentum,
+    sampler): same processes, same kernels, same bits."""
     double, resumed = equivalence_runs / "double", tmp_path / "resumed"
     shutil.copytree(double, resumed, ignore=shutil.ignore_patterns("final", "step-000002"))
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-000001"]

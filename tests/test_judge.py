@@ -306,7 +306,7 @@ def test_parsers():
     assert parse_winner("Winner: b") == "B" and parse_winner("tie") == "tie" and parse_winner("both") is None
 
 
-# ---------------------------------------------------------------------------------------------- hostile endpoints
+# ------------------------------------------------------------------------------------------ hostile endpoints
 def _timed_call(judge: LLMJudge, completions: list[str], limit_s: float) -> tuple[RewardValues | None, float]:
     """The judge's values and how long the call took; None if it had not returned within `limit_s`."""
     outcome: dict[str, Any] = {}
@@ -324,7 +324,8 @@ def _timed_call(judge: LLMJudge, completions: list[str], limit_s: float) -> tupl
 
 @pytest.mark.parametrize("completion", ["trickle", "headers trickle"])
 def test_a_trickling_reply_is_cut_at_the_whole_request_deadline(server, completion):
-    """A byte every 0.25 s never trips a per-read timeout; the 2 s deadline covers connect, headers and body."""
+    """A byte every 0.25 s never trips a per-read timeout;
+    the 2 s deadline covers connect, headers and body."""
     values, elapsed = _timed_call(
         make_judge(server, timeout_s=2.0, retries=0), [completion, "correct"], limit_s=15
     )
@@ -352,7 +353,8 @@ def test_a_200_that_is_not_a_chat_completion_is_that_calls_failure(server, compl
 
 
 def test_a_web_page_from_the_judge_does_not_stop_the_run(server):
-    """The judge's own on_failure handles it: under scoring.on_error: stop the run goes on, the group counts."""
+    """The judge's own on_failure handles it: under
+    scoring.on_error: stop the run goes on, the group counts."""
     config = RewardConfig(
         fn="rewards.judge:LLMJudge",
         kwargs={
@@ -397,7 +399,8 @@ import sys, time
 from rft.config import RewardConfig, ScoringConfig
 from rft.scoring import RewardScorer
 
-kwargs = {"base_url": sys.argv[1], "model": "judge-model", "rubric": "r", "on_failure": 0.0, "api_key_env": None,
+kwargs = {"base_url": sys.argv[1], "model": "judge-model", "rubric": "r", "on_failure": 0.0,\
+ "api_key_env": None,
           "timeout_s": 30.0, "retries": 0}
 # The scorer gives up on the call after 1 s, as training ends with a judge request still in flight (and
 # 29 s from its deadline: a process that waited for it would show).

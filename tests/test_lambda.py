@@ -143,7 +143,8 @@ def test_non_numbers_name_the_id(tmp_path):
     spec = handler_file(tmp_path, """
         def lambda_handler(event, context):
             return [{"id": item["id"], "aggregate_reward_score": "high" if i else 1.0,
-                     "metrics_list": [{"name": "m", "value": 1, "type": "Metric"}]} for i, item in enumerate(event)]
+                     "metrics_list": [{"name": "m", "value": 1, "type": "Metric"}]}\
+ for i, item in enumerate(event)]
     """)
     with pytest.raises(
         LambdaHandlerError, match=r"returned aggregate_reward_score 'high' for id 'rollout-1-1'"

@@ -1,4 +1,5 @@
-"""The run manifest: fingerprints that change exactly when what they describe changes, and a real run's manifest."""
+"""The run manifest: fingerprints that change exactly when
+what they describe changes, and a real run's manifest."""
 
 from __future__ import annotations
 

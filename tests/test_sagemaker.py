@@ -213,11 +213,12 @@ def test_requirements_follow_the_engine() -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------- the entry point
+# -------------------------------------------------------------------------------------------- the entry point
 def _fake_opt_ml(
     tiny_recipe_file: Path, tmp_path: Path, *hyperparameter_arguments: str
 ) -> tuple[Path, dict[str, str], list[str]]:
-    """What a training container holds: the unpacked source in /opt/ml/code, channels in /opt/ml/input/data."""
+    """What a training container holds: the unpacked source
+    in /opt/ml/code, channels in /opt/ml/input/data."""
     opt_ml = tmp_path / "opt" / "ml"
     options = launcher.LaunchOptions(recipe=tiny_recipe_file, overrides=[], instance_type="ml.m5.xlarge")
     package = launcher.stage_source(options, opt_ml / "code")

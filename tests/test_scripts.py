@@ -128,7 +128,8 @@ def test_bench_rollout_checks_every_recipe_before_training(tmp_path: Path) -> No
 
 
 def test_bench_vs_trl_runs_both_trainers_for_one_step(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Ours and TRL's GRPOTrainer each train one step and are scored on the held-out prompts by the same code."""
+    """Ours and TRL's GRPOTrainer each train one step and
+    are scored on the held-out prompts by the same code."""
     out = tmp_path / "out"
     engines = ["ours-transformers", "trl-transformers"]
     output = _ok(_run(

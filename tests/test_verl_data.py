@@ -1,4 +1,5 @@
-"""verl / SageMaker RLVR rows in Parquet files: read as they are, trained on, and refused clearly when malformed."""
+"""verl / SageMaker RLVR rows in Parquet files: read as they
+are, trained on, and refused clearly when malformed."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ GROUND_TRUTH_SEEN = f"{REPO / 'tests' / 'plateau_rewards.py'}:ground_truth_seen"
 
 
 def verl_rows(source: Path) -> list[dict]:
-    """The addition rows as verl's data preprocessing scripts write them (e.g. examples/data_preprocess/gsm8k.py)."""
+    """The addition rows as verl's data preprocessing scripts
+    write them (e.g. examples/data_preprocess/gsm8k.py)."""
     rows = [json.loads(line) for line in source.read_text().splitlines()]
     return [
         {

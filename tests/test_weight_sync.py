@@ -1,4 +1,5 @@
-"""What weight sync pushes to a rollout engine: merged LoRA weights and whole fused layers (no vLLM needed)."""
+"""What weight sync pushes to a rollout engine: merged
+LoRA weights and whole fused layers (no vLLM needed)."""
 
 from __future__ import annotations
 
