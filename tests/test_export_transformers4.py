@@ -66,9 +66,10 @@ def config_mismatches(read_by_4: dict[str, Any], intended: Any) -> list[str]:
             f"rope_theta: 4.51.3 reads {read_by_4.get('rope_theta')!r}, "
             f"the model has {intended.rope_parameters}"
         )
-    if rope.get("rope_type", "default") != "default" and (read_by_4.get("rope_scaling") or {}).get(
-        "rope_type"
-    ) != rope["rope_type"]:
+    if (
+        rope.get("rope_type", "default") != "default"
+        and (read_by_4.get("rope_scaling") or {}).get("rope_type") != rope["rope_type"]
+    ):
         problems.append(
             f"rope_scaling: 4.51.3 reads {read_by_4.get('rope_scaling')!r}, "
             f"the model has {intended.rope_parameters}"
