@@ -114,9 +114,7 @@ def test_an_all_equal_group_and_a_masked_row_give_nothing(loss: str) -> None:
 def test_unknown_loss_and_delta_outside_ppo_clip_are_refused(tmp_path) -> None:
     logp, old, adv, mask = batch()
     with pytest.raises(ValueError, match="loss 'reinforce'"):
-        policy_loss(
-            logp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss="reinforce"
-        )  # type: ignore[arg-type]
+        policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, loss="reinforce")  # type: ignore[arg-type]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name_or_path: x}\ndata: {train: x.jsonl}\nrewards: [{fn: a:b}]\n"
                       "algorithm: {loss: sapo, delta: 4}\n")
@@ -211,9 +209,7 @@ def test_rollout_correction_cases_by_hand() -> None:
     with pytest.raises(ValueError, match="upper bound"):
         rollout_correction(trainer, rollout, mask, mode="sequence_truncate", low=0.5, high=None)
     with pytest.raises(ValueError, match="'token_clip'"):
-        rollout_correction(
-            trainer, rollout, mask, mode="token_clip", low=None, high=2.0
-        )  # type: ignore[arg-type]
+        rollout_correction(trainer, rollout, mask, mode="token_clip", low=None, high=2.0)  # type: ignore[arg-type]
 
 
 def test_rollout_correction_config() -> None:
