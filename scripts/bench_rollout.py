@@ -1,4 +1,4 @@
-"""Rollout throughput and the step time split, for the transformers and vLLM engines (a benchmark, not a test).
+"""Rollout throughput and the step time split, transformers and vLLM engines (a benchmark, not a test).
 
 Trains the quickstart recipe (embedded SmolLM2, its LoRA and sampling settings) for a few steps
 with each engine and prints one row per engine: rollout tokens per second (completion tokens /
