@@ -74,6 +74,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def default_device() -> torch.device:
+    """The device a single-process command runs its model on: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -118,6 +123,27 @@ def load_policy(config: RecipeConfig, device: torch.device) -> tuple[torch.nn.Mo
         model = get_peft_model(model, lora)
         if config.model.gradient_checkpointing:
             model.enable_input_require_grads()
+    return model.to(device), tokenizer
+
+
+def load_checkpoint_policy(
+    config: RecipeConfig, checkpoint: Path, device: torch.device
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A saved policy with the checkpoint's tokenizer: the base model with a LoRA adapter, or a full model.
+
+    `checkpoint` is a folder holding `adapter_config.json` (an adapter over the recipe's base model)
+    or `config.json` (a fully fine-tuned model).
+    """
+    tokenizer = load_tokenizer(str(checkpoint), config.model.trust_remote_code)
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel  # heavy import, needed only for adapters
+
+        base, _ = load_policy(config.base_model(), device)
+        return PeftModel.from_pretrained(base, str(checkpoint)).to(device), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=pick_dtype(config.model.dtype, device), trust_remote_code=config.model.trust_remote_code
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
 
 

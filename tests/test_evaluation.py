@@ -13,22 +13,13 @@ import yaml
 
 from rft.config import ConfigError, DataConfig, RewardConfig, load_config
 from rft.data import prepare_examples
-from rft.evaluation import (
-    EvalError,
-    EvalPlan,
-    baseline_results,
-    compare,
-    configure_parser,
-    eval_plans,
-    evaluate,
-    load_checkpoint_policy,
-    mean_and_stderr,
-    pass_at_k,
-    resolve_slices,
-    run,
-)
+from rft.eval_command import configure_parser, run
+from rft.eval_plans import EvalError, EvalPlan, eval_plans, resolve_slices
+from rft.evaluation import Evaluator
+from rft.models import load_checkpoint_policy
 from rft.rollout.base import RolloutOutput, SamplingSettings
 from rft.scoring import RewardScorer
+from rft.stats import compare, mean_and_stderr, pass_at_k
 from tests.conftest import ADDITION_HELDOUT, ARITHMETIC_REWARD, tiny_recipe
 
 # A reward with graded values on a random tiny model (the arithmetic reward is always 0 there).
@@ -108,7 +99,8 @@ def test_evaluate_reports_reward_exact_match_pass_at_k_metrics_and_slices(tmp_pa
     scorer = RewardScorer([RewardConfig(fn=ARITHMETIC_REWARD)])
     judge = RewardScorer([RewardConfig(fn=f"{tmp_path / 'judge.py'}:judge")])
 
-    result = evaluate("base", engine, tokenizer, examples, scorer, _plan(), ["domain"], judge)
+    plan = _plan()
+    result = Evaluator(engine, tokenizer, examples, scorer, [plan], ["domain"], judge).evaluate("base", plan)
 
     # Per prompt: reward .75 .25 0 1; exact match .5 .25 0 1 ("The answer is 2." scores but is not exact).
     assert engine.calls == 2  # batch_size 3 over 4 prompts
@@ -138,16 +130,16 @@ def test_compare_uses_the_two_sample_standard_error() -> None:
 
     rows = compare(summary(0.5, 0.1, 10, 0.9), summary(0.8, 0.1, 10, 0.4), sigmas=2.0)
     overall, sliced = rows
-    assert overall["change"] == pytest.approx(0.3)
-    assert overall["stderr"] == pytest.approx(math.sqrt(0.02))
-    assert overall["z"] == pytest.approx(0.3 / math.sqrt(0.02))  # 2.12
-    assert overall["significant"] is True
-    assert compare(summary(0.5, 0.1, 10, 0.9), summary(0.8, 0.1, 10, 0.4), sigmas=3.0)[0]["significant"] is False
-    assert (sliced["tag"], sliced["value"], sliced["significant"]) == ("domain", "a", True)
-    assert sliced["change"] == pytest.approx(-0.5)
+    assert overall.change == pytest.approx(0.3)
+    assert overall.stderr == pytest.approx(math.sqrt(0.02))
+    assert overall.z == pytest.approx(0.3 / math.sqrt(0.02))  # 2.12
+    assert overall.significant is True
+    assert compare(summary(0.5, 0.1, 10, 0.9), summary(0.8, 0.1, 10, 0.4), sigmas=3.0)[0].significant is False
+    assert (sliced.tag, sliced.value, sliced.significant) == ("domain", "a", True)
+    assert sliced.change == pytest.approx(-0.5)
     # One prompt on a side: no noise estimate, so nothing is called significant.
     lonely = compare(summary(0.0, 0.0, 1, 0.0), summary(1.0, 0.0, 1, 1.0), sigmas=2.0)[0]
-    assert lonely["z"] is None and lonely["significant"] is False
+    assert lonely.z is None and lonely.significant is False
 
 
 def test_auto_slices_pick_tags_not_answers(tokenizer) -> None:
@@ -203,11 +195,14 @@ def test_sampled_evaluation_is_seeded_and_leaves_training_randomness_alone(tmp_p
     _, held_out = load_splits(config.data, tokenizer, 0)
     scorer, (plan,) = RewardScorer(config.rewards), eval_plans(config)
     state = torch.get_rng_state()
-    first = evaluate("a", TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, plan)
+    def evaluate(label: str, plan: EvalPlan):
+        return Evaluator(TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, [plan]).evaluate(label, plan)
+
+    first = evaluate("a", plan)
     assert torch.equal(torch.get_rng_state(), state)
-    second = evaluate("b", TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, plan)
+    second = evaluate("b", plan)
     assert first.rewards == second.rewards and first.stats["reward"].stderr > 0
-    other_seed = evaluate("c", TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, _replace_seed(plan, 1))
+    other_seed = evaluate("c", _replace_seed(plan, 1))
     assert other_seed.rewards != first.rewards
 
 
@@ -229,7 +224,8 @@ def test_baseline_cache_hits_only_when_nothing_changed(tmp_path: Path, tiny_mode
         model, tokenizer = load_policy(config, torch.device("cpu"))
         _, held_out = load_splits(config.data, tokenizer, 0)
         engine = TransformersEngine(model, tokenizer)
-        return baseline_results(config, engine, tokenizer, held_out, RewardScorer(config.rewards), eval_plans(config), ["phrasing"])
+        scorer = RewardScorer(config.rewards)
+        return Evaluator(engine, tokenizer, held_out, scorer, eval_plans(config), ["phrasing"]).baseline(config)
 
     first = baseline()
     assert not first[0].cached and len(list((cache / "baselines").glob("*.json"))) == 1
@@ -316,8 +312,8 @@ def test_rft_eval_rejects_a_folder_without_weights_before_loading_a_model(tmp_pa
 
 def test_one_noise_rule_one_text() -> None:
     """`rft train`'s last line, `rft eval --compare-with-base` and the report word the rule's outcome alike."""
-    from rft.evaluation import format_comparison, overall_change, verdict
-    from rft.report import _verdict
+    from rft.report_page import verdict_cells
+    from rft.stats import format_comparison, overall_change
 
     def summary(mean: float, stderr: float) -> dict:
         return {"stats": {"reward": {"mean": mean, "stderr": stderr, "count": 8}}}
@@ -327,8 +323,8 @@ def test_one_noise_rule_one_text() -> None:
     assert "better (+inf s.e. > 2)" in overall_change(summary(0.0, 0.0), summary(1.0, 0.0), 2.0)
     assert "worse (-2.5 s.e. > 2)" in overall_change(summary(0.5, 0.04), summary(0.4, 0.0), 2.0)
     row = compare(summary(0.5, 0.1), summary(0.6, 0.1), 2.0)[0]
-    assert verdict(row, 2.0) == "within noise (+0.7 s.e. ≤ 2)" == _verdict(row, 2.0)[1]
-    assert format_comparison([row], 2.0).endswith("within noise (+0.7 s.e. ≤ 2)")
+    assert row.verdict == "within noise (+0.7 s.e. ≤ 2)" == verdict_cells(row)[1]
+    assert format_comparison([row]).endswith("within noise (+0.7 s.e. ≤ 2)")
 
 
 # ---------------------------------------------------------------------------- held-out data that is not there
