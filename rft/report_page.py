@@ -132,12 +132,21 @@ def _prompt_text(prompt: Any) -> str:
 
 
 @dataclass(frozen=True)
+class SamplePair:
+    """One held-out prompt's first completion at the first evaluation and at the last."""
+
+    prompt: str
+    before: Sample
+    after: Sample
+
+
+@dataclass(frozen=True)
 class HeldOutSamples:
     """The same held-out prompts answered at the main pass's first and last evaluation."""
 
     first_step: int
     last_step: int
-    pairs: list[tuple[Sample, Sample]]
+    pairs: list[SamplePair]
 
 
 def held_out_samples(run: Run) -> HeldOutSamples | None:
@@ -145,7 +154,7 @@ def held_out_samples(run: Run) -> HeldOutSamples | None:
     if len(evaluations) < 2 or not evaluations[0].get("samples") or not evaluations[-1].get("samples"):
         return None
     first, last = evaluations[0], evaluations[-1]
-    pairs = [(Sample.of(before), Sample.of(after))
+    pairs = [SamplePair(_prompt_text(before["prompt"]), Sample.of(before), Sample.of(after))
              for before, after in zip(first["samples"], last["samples"], strict=False)]
     return HeldOutSamples(first["step"], last["step"], pairs)
 
