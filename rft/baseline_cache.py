@@ -27,7 +27,8 @@ BASELINE_VERSION = 1  # bump when the cached result format or the meaning of a s
 
 
 def baseline_key(
-    config: RecipeConfig, examples: Sequence[Example], plans: Sequence[EvalPlan], slices: Sequence[str], engine: str
+    config: RecipeConfig, examples: Sequence[Example], plans: Sequence[EvalPlan], slices: Sequence[str],
+    engine: str,
 ) -> tuple[str, dict[str, Any]]:
     """(cache key, what it was made of): model weights, held-out data, reward and metric sources, settings."""
     parts = {

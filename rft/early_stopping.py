@@ -24,7 +24,7 @@ class EarlyStopping:
         self.stale = 0
 
     def observe(self, step: int, summary: dict[str, Any]) -> str | None:
-        """Take an evaluation summary (`EvalResult.summary()`); the one-line reason to stop, or None to go on."""
+        """Take an evaluation summary (`EvalResult.summary()`); the one-line reason to stop, or None."""
         if self.best is None:
             self.best = (step, summary)
             return None

@@ -34,18 +34,21 @@ class EvalOutcome:
 
     def to_dict(self) -> dict[str, Any]:
         """The `--output` JSON: every result in full, each comparison row as plain JSON."""
-        output: dict[str, Any] = {"recipe": self.recipe, "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+        checkpoint = str(self.checkpoint) if self.checkpoint else None
+        output: dict[str, Any] = {"recipe": self.recipe, "checkpoint": checkpoint}
         if self.base is not None:
             output["base"] = [r.to_dict() for r in self.base]
         if self.checkpoint_results is not None:
             output["checkpoint_results"] = [r.to_dict() for r in self.checkpoint_results]
         if self.comparisons:
-            output["comparisons"] = {mode: [row.to_dict() for row in rows] for mode, rows in self.comparisons.items()}
+            output["comparisons"] = {
+                mode: [row.to_dict() for row in rows] for mode, rows in self.comparisons.items()
+            }
         return output
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A folder with weights: RUN_DIR -> RUN_DIR/final, checkpoints/step-N -> its policy/, or the folder itself."""
+    """The folder with weights: RUN_DIR -> RUN_DIR/final, checkpoints/step-N -> its policy/, or itself."""
     for candidate in (path / "final", path / "policy", path):
         if (candidate / "adapter_config.json").is_file() or (candidate / "config.json").is_file():
             return candidate
@@ -56,7 +59,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def held_out_split(config: RecipeConfig, tokenizer_path: str, recipe: str) -> list[Example]:
-    """The held-out examples as a model's tokenizer sees them (prompts too long dropped), before any model loads."""
+    """The held-out examples as a model's tokenizer sees them (prompts too long dropped), no model loaded."""
     # rft.models imports transformers (seconds): `rft` builds every command's parser without it.
     from rft.models import load_tokenizer
 
@@ -86,7 +89,7 @@ def _held_out_splits(
 def evaluate_recipe(
     config: RecipeConfig, recipe: str, checkpoint_dir: Path | None = None, compare_with_base: bool = False
 ) -> EvalOutcome:
-    """The base model's scores (cached) when there is no checkpoint or `compare_with_base`; the checkpoint's."""
+    """The base model's scores (cached) without a checkpoint or with `compare_with_base`; the checkpoint's."""
     # Heavy imports (transformers, the engines), paid only when `rft eval` runs: see held_out_split.
     from rft.models import default_device, load_checkpoint_policy, load_policy
     from rft.rollout import make_engine
@@ -95,7 +98,8 @@ def evaluate_recipe(
     metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
     try:
         checkpoint = resolve_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-        held_out, slices = _held_out_splits(config, recipe, checkpoint, checkpoint is None or compare_with_base)
+        with_base = checkpoint is None or compare_with_base
+        held_out, slices = _held_out_splits(config, recipe, checkpoint, with_base)
     except EvalError as exc:
         raise ConfigError(str(exc)) from None
     plans, device = eval_plans(config), default_device()
@@ -120,7 +124,9 @@ def evaluate_recipe(
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file (its held-out split, rewards and eval settings are used)")
+    parser.add_argument(
+        "recipe", help="recipe YAML file (its held-out split, rewards and eval settings are used)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set eval.sampled=true (repeatable)",

@@ -45,9 +45,10 @@ class EvalPlan:
     def settings(self) -> dict[str, Any]:
         """Everything that changes the scores (part of the baseline cache key and of every summary)."""
         settings = {
-            "mode": self.mode, "sampling": self.sampling.__dict__, "samples_per_prompt": self.samples_per_prompt,
-            "pass_k": list(self.pass_k), "pass_threshold": self.pass_threshold,
-            "exact_match": self.exact_match, "keep_samples": self.keep_samples,
+            "mode": self.mode, "sampling": self.sampling.__dict__,
+            "samples_per_prompt": self.samples_per_prompt, "pass_k": list(self.pass_k),
+            "pass_threshold": self.pass_threshold, "exact_match": self.exact_match,
+            "keep_samples": self.keep_samples,
         }
         # Greedy decoding draws no random numbers: runs with other seeds score (and cache) the same.
         return settings if self.sampling.greedy else {**settings, "seed": self.seed}
@@ -97,7 +98,7 @@ def _looks_like_a_tag(examples: Sequence[Example], name: str) -> bool:
 
 
 def resolve_slices(examples: Sequence[Example], slices: list[str] | str) -> list[str]:
-    """The metadata fields to slice by. Explicit fields must exist on some row; `auto` picks tag-like fields."""
+    """The metadata fields to slice by: explicit ones must exist on some row; `auto` picks tag-like ones."""
     fields = sorted({key for example in examples for key in example.row})
     if slices != "auto":
         missing = [name for name in slices if name not in fields]
@@ -108,7 +109,7 @@ def resolve_slices(examples: Sequence[Example], slices: list[str] | str) -> list
 
 
 def check_held_out(examples: Sequence[Example], config: EvalConfig) -> list[str]:
-    """Reject evaluation settings the held-out rows cannot serve (before any model loads); the slices to use."""
+    """Reject settings the held-out rows cannot serve (before any model loads); the slices to use."""
     if config.exact_match is not None:
         lacking = [example.source for example in examples if config.exact_match not in example.row]
         if lacking:

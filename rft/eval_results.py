@@ -44,16 +44,18 @@ class EvalResult:
 
     @property
     def per_function(self) -> dict[str, float]:
-        return {key.split("/", 1)[1]: stat.mean for key, stat in self.stats.items() if key.startswith("reward/")}
+        return {
+            key.split("/", 1)[1]: stat.mean for key, stat in self.stats.items() if key.startswith("reward/")
+        }
 
     def summary(self) -> dict[str, Any]:
         """Scores as plain JSON (what evaluations.jsonl, the manifest and the report hold)."""
         return {
             "label": self.label, "mode": self.mode, "mean": self.mean, "stderr": self.stderr,
             "count": self.count, "per_function": self.per_function,
-            "stats": {key: stat.to_dict() for key, stat in self.stats.items()},
+            "stats": _stat_dicts(self.stats),
             "slices": {
-                tag: {value: {key: stat.to_dict() for key, stat in stats.items()} for value, stats in values.items()}
+                tag: {value: _stat_dicts(stats) for value, stats in values.items()}
                 for tag, values in self.slices.items()
             },
             "settings": self.settings, "cached": self.cached,
@@ -66,9 +68,9 @@ class EvalResult:
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
         return cls(
             label=data["label"], mode=data["mode"],
-            stats={key: Stat(**stat) for key, stat in data["stats"].items()},
+            stats=_stats_of(data["stats"]),
             slices={
-                tag: {value: {key: Stat(**stat) for key, stat in stats.items()} for value, stats in values.items()}
+                tag: {value: _stats_of(stats) for value, stats in values.items()}
                 for tag, values in data["slices"].items()
             },
             rewards=data["rewards"], samples=data["samples"], settings=data["settings"],
@@ -84,13 +86,23 @@ class EvalResult:
         return metrics
 
 
+def _stat_dicts(stats: dict[str, Stat]) -> dict[str, dict[str, Any]]:
+    return {key: stat.to_dict() for key, stat in stats.items()}
+
+
+def _stats_of(dicts: dict[str, dict[str, Any]]) -> dict[str, Stat]:
+    return {key: Stat(**stat) for key, stat in dicts.items()}
+
+
 def _stats_over(per_prompt: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[str, Stat]:
     """A Stat per key, over the prompts that have a value for it (a key none has is left out)."""
-    return {key: Stat.of([v[key] for v in per_prompt if key in v]) for key in keys if any(key in v for v in per_prompt)}
+    present = [key for key in keys if any(key in v for v in per_prompt)]
+    return {key: Stat.of([v[key] for v in per_prompt if key in v]) for key in present}
 
 
 def slice_stats(
-    examples: Sequence[Example], per_prompt: Sequence[dict[str, float]], slices: Sequence[str], keys: Sequence[str]
+    examples: Sequence[Example], per_prompt: Sequence[dict[str, float]], slices: Sequence[str],
+    keys: Sequence[str],
 ) -> SliceStats:
     """Per slice tag and value: the Stats of the prompts filed under it (a prompt without the tag in none)."""
     stats: SliceStats = {}
@@ -128,5 +140,7 @@ def format_result(result: EvalResult) -> str:
         for value, stats in values.items():
             reward = stats["reward"]
             where = f"{tag}={value}"
-            lines.append(f"  {where:<{width}}  {reward.mean:.3f} ± {reward.stderr:.3f} reward (n={reward.count})")
+            lines.append(
+                f"  {where:<{width}}  {reward.mean:.3f} ± {reward.stderr:.3f} reward (n={reward.count})"
+            )
     return "\n".join(lines)

@@ -51,7 +51,7 @@ def exact_match(expected: Any, completions: Sequence[Any]) -> float:
 def decode_completions(
     tokenizer: Any, examples: list[Example], completion_ids: list[list[int]], n: int
 ) -> list[Any]:
-    """Completion texts, `n` per example; for chat prompts, TRL's form: [{"role": "assistant", "content": text}]."""
+    """Completion texts, `n` per example; chat prompts get TRL's [{"role": "assistant", "content": text}]."""
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return [[{"role": "assistant", "content": text}] if examples[i // n].is_chat else text
             for i, text in enumerate(texts)]
@@ -78,7 +78,7 @@ class ScoredChunk:
 
 
 def prompt_values(chunk: ScoredChunk, i: int, plan: EvalPlan) -> dict[str, float]:
-    """Prompt i's metrics, its `n` samples averaged: reward, reward/<fn>, exact_match, pass@k, metric/<name>."""
+    """Prompt i's metrics over its `n` samples: reward, reward/<fn>, exact_match, pass@k, metric/<name>."""
     members, n = chunk.members(i), chunk.n
     totals = [chunk.scores.total[j] for j in members]
     values: dict[str, float] = {"reward": sum(totals) / n}
@@ -114,7 +114,7 @@ class Evaluator:
         cls, config: RecipeConfig, engine: RolloutEngine, tokenizer: Any, examples: list[Example],
         scorer: RewardScorer,
     ) -> Evaluator:
-        """The recipe's passes, slices (checked against `examples`: `EvalError`) and evaluation-only metrics."""
+        """The recipe's passes, slices (checked against `examples`: `EvalError`) and eval-only metrics."""
         slices = check_held_out(examples, config.eval) if examples else []
         metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
         return cls(engine, tokenizer, examples, scorer, eval_plans(config), slices, metric_scorer)
@@ -181,7 +181,8 @@ def run_plans(
 
 
 def baseline_results(
-    config: RecipeConfig, engine: RolloutEngine, tokenizer: Any, examples: list[Example], scorer: RewardScorer,
+    config: RecipeConfig, engine: RolloutEngine, tokenizer: Any, examples: list[Example],
+    scorer: RewardScorer,
     plans: Sequence[EvalPlan], slices: Sequence[str], metric_scorer: RewardScorer | None = None,
 ) -> list[EvalResult]:
     return Evaluator(engine, tokenizer, examples, scorer, plans, slices, metric_scorer).baseline(config)

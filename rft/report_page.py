@@ -83,7 +83,8 @@ def before_after_table(run: Run, mode: str) -> BeforeAfterTable:
     if pair is None:
         return BeforeAfterTable(mode, f"{run.sigmas:g}")
     rows = compare(*pair, run.sigmas)
-    shown = [r for r in rows if r.tag is None] + [r for r in rows if r.tag is not None and r.metric == "reward"]
+    sliced = [r for r in rows if r.tag is not None and r.metric == "reward"]
+    shown = [r for r in rows if r.tag is None] + sliced
     return BeforeAfterTable(mode, f"{run.sigmas:g}", *pair, [ComparisonRow.of(row) for row in shown])
 
 
@@ -114,7 +115,7 @@ class OtherRunRow:
 
 @dataclass(frozen=True)
 class Sample:
-    """A prompt (as "role: content" lines, system prompts left out) and a completion's text, with its reward."""
+    """A prompt (as "role: content" lines, no system prompt) and a completion's text, with its reward."""
 
     prompt: str
     completion: str
@@ -214,10 +215,12 @@ def headline(summary: dict[str, Any], sigmas: float) -> str:
     held_out = summary.get("held_out")
     if not held_out:
         return "No before / after held-out comparison in this run."
-    row = reward_change({"stats": {"reward": held_out["before"]}}, {"stats": {"reward": held_out["after"]}}, sigmas)
+    before, after = ({"stats": {"reward": held_out[side]}} for side in ("before", "after"))
+    row = reward_change(before, after, sigmas)
     return (
         f"Held-out reward {num(row.before.mean)} ± {num(row.before.stderr)} → "
-        f"{num(row.after.mean)} ± {num(row.after.stderr)} (change {num(row.change, signed=True)}: {row.verdict})"
+        f"{num(row.after.mean)} ± {num(row.after.stderr)} "
+        f"(change {num(row.change, signed=True)}: {row.verdict})"
     )
 
 

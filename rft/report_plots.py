@@ -69,9 +69,11 @@ def plot_reward(run: RunLogs) -> bytes | None:
     figure, (ax,) = _new_figure()
     if steps:
         width = max(1, len(steps) // 10)
-        ax.plot(steps, rewards, color="C0", alpha=0.35 if width > 1 else 1.0, lw=1, label="train reward (step mean)")
+        ax.plot(steps, rewards, color="C0", alpha=0.35 if width > 1 else 1.0, lw=1,
+                label="train reward (step mean)")
         if width > 1:
-            ax.plot(steps, _rolling(rewards, width), color="C0", lw=2, label=f"train reward ({width}-step mean)")
+            ax.plot(steps, _rolling(rewards, width), color="C0", lw=2,
+                    label=f"train reward ({width}-step mean)")
     for index, mode in enumerate(sorted({e.get("mode", "greedy") for e in evaluations})):
         points = run.evaluations_of(mode)
         ax.errorbar(
@@ -85,17 +87,20 @@ def plot_reward(run: RunLogs) -> bytes | None:
 
 
 def plot_components(run: RunLogs) -> bytes | None:
-    keys = [k for k in run.metric_keys() if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean"]
+    keys = [k for k in run.metric_keys()
+            if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean"]
     if not keys:
         return None
     figure, (ax,) = _new_figure()
     for index, key in enumerate(keys):
         name = key.removeprefix("reward/").removesuffix("/mean")
         ax.plot(*run.series(key), color=f"C{index}", label=f"train {name}")
-        held_out = [(e["step"], e["stats"][f"reward/{name}"]["mean"]) for e in run.evaluations_of(run.main_mode)
-                    if f"reward/{name}" in e.get("stats", {})]
+        held_out_key = f"reward/{name}"
+        held_out = [(e["step"], e["stats"][held_out_key]["mean"]) for e in run.evaluations_of(run.main_mode)
+                    if held_out_key in e.get("stats", {})]
         if held_out:
-            ax.plot(*zip(*held_out, strict=True), color=f"C{index}", ls="--", marker="o", label=f"held-out {name}")
+            ax.plot(*zip(*held_out, strict=True), color=f"C{index}", ls="--", marker="o",
+                    label=f"held-out {name}")
     ax.set_ylabel("mean reward")
     ax.set_title("Reward components")
     ax.legend(fontsize=8)
@@ -170,7 +175,9 @@ def plot_kl_entropy(run: RunLogs) -> bytes | None:
 
 
 # Parts of a step, in the order they happen. Log-prob time is spent inside the update.
-TIME_PARTS = (("time/generation", "generation"), ("time/reward", "reward"), ("time/logprobs", "old/ref log-probs"))
+TIME_PARTS = (
+    ("time/generation", "generation"), ("time/reward", "reward"), ("time/logprobs", "old/ref log-probs"),
+)
 
 
 def plot_time(run: RunLogs) -> bytes | None:

@@ -98,7 +98,7 @@ def call_reward(
 
 
 def content_text(content: Any) -> str:
-    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or `{"text": ...}`)."""
+    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}`)."""
     if content is None:
         return ""
     if isinstance(content, str):

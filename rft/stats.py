@@ -163,7 +163,8 @@ def overall_change(before: dict[str, Any], after: dict[str, Any], sigmas: float)
 
 def format_comparison(rows: Sequence[Comparison], slice_metrics: Sequence[str] = (OVERALL_METRIC,)) -> str:
     """A plain-text before / after table: every metric overall, then `slice_metrics` per slice value."""
-    shown = [r for r in rows if r.tag is None] + [r for r in rows if r.tag is not None and r.metric in slice_metrics]
+    sliced = [r for r in rows if r.tag is not None and r.metric in slice_metrics]
+    shown = [r for r in rows if r.tag is None] + sliced
     wheres = [f"{r.tag}={r.value}" if r.tag else "(all)" for r in shown]
     metric_width = max([len("metric"), *(len(r.metric) for r in shown)])
     where_width = max([len("slice"), *(len(w) for w in wheres)])
