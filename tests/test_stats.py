@@ -80,7 +80,9 @@ def test_exact_match_and_the_one_completion_text() -> None:
 def test_report_rows_format_numbers_and_carry_the_verdict() -> None:
     assert (num(None), num(math.nan), num(math.inf), num(-math.inf)) == ("–", "–", "+∞", "−∞")
     assert num(0.25, signed=True) == "+0.250"
-    row = ComparisonRow.of(compare_stats(Stat(0.5, 0.1, 8), Stat(0.9, 0.1, 8), 2.0, tag="domain", value="math"))
+    row = ComparisonRow.of(
+        compare_stats(Stat(0.5, 0.1, 8), Stat(0.9, 0.1, 8), 2.0, tag="domain", value="math")
+    )
     cells = (row.css, row.where, row.count, row.before, row.change)
     assert cells == ("better", "domain = math", 8, "0.500 ± 0.100", "+0.400")
     assert row.verdict == "better (+2.8 s.e. > 2)"
