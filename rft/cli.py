@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
     if "before" in results and "after" in results:
-        from rft.evaluation import overall_change
+        from rft.stats import overall_change
 
         print(f"held-out mean reward, base -> trained: "
               f"{overall_change(results['before'], results['after'], config.eval.noise_sigmas)}")
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     groups: dict[str, argparse._SubParsersAction] = {}
-    _add_module_command(commands, groups, "eval", None, "rft.evaluation",
+    _add_module_command(commands, groups, "eval", None, "rft.eval_command",
                         "held-out evaluation of the base model or a checkpoint, with per-slice results")
     _add_module_command(commands, groups, "report", None, "rft.report", "an HTML report with plots of a run")
     _add_module_command(commands, groups, "reward", "check", "rft.reward_check",

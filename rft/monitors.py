@@ -29,10 +29,11 @@ a window would waste it:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rft.config import MonitorConfig, RecipeConfig
-from rft.evaluation import Stat, compare
+from rft.jsonl import read_log
+from rft.stats import Comparison, Stat, compare, compare_stats, overall
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +74,10 @@ class Window:
     stats: dict[str, Stat]
 
 
-@dataclass
-class Trend:
-    change: float
-    stderr: float
-    up: bool
-    down: bool
-
-
-def trend(before: Stat, after: Stat, sigmas: float) -> Trend | None:
-    """Change from `before` to `after` and whether it is beyond noise; None without a noise estimate."""
-    if before.count < 2 or after.count < 2:
-        return None
-    change, stderr = after.mean - before.mean, math.hypot(before.stderr, after.stderr)
-    return Trend(change, stderr, up=change > sigmas * stderr, down=-change > sigmas * stderr)
+def trend(before: Stat, after: Stat, sigmas: float) -> Comparison | None:
+    """Change from `before` to `after` by the noise rule of rft.stats; None without a noise estimate."""
+    found = compare_stats(before, after, sigmas)
+    return found if found.z is not None else None
 
 
 def _held_out_stat(summary: dict[str, Any]) -> Stat:
@@ -110,7 +102,9 @@ class Monitors:
         self.sigmas = sigmas
         self.max_new_tokens = max_new_tokens
         self.components = [f"reward/{name}/mean" for name in reward_names]
-        judges = config.judge_rewards if config.judge_rewards is not None else [n for n in reward_names if "judge" in n.lower()]
+        judges = config.judge_rewards
+        if judges is None:
+            judges = [name for name in reward_names if "judge" in name.lower()]
         self.judges = {f"reward/{name}/mean" for name in judges}
         self.watched = [TRAIN_REWARD, ENTROPY, TRUNCATED, LENGTH, *self.components]
         self.alerts_path = alerts_path
@@ -125,7 +119,9 @@ class Monitors:
         self._quiet = False
 
     @classmethod
-    def from_recipe(cls, config: RecipeConfig, reward_names: Sequence[str], alerts_path: Path | None) -> Monitors:
+    def from_recipe(
+        cls, config: RecipeConfig, reward_names: Sequence[str], alerts_path: Path | None
+    ) -> Monitors:
         window_steps = config.monitors.every or (max(2, config.eval.every) if config.eval.every else 10)
         return cls(
             config.monitors, window_steps=window_steps, sigmas=config.eval.noise_sigmas,
@@ -171,7 +167,7 @@ class Monitors:
             self._quiet = False
 
     # ------------------------------------------------------------------ checks
-    def _fire(self, key: str, condition: bool, make: Any) -> list[Alert]:
+    def _fire(self, key: str, condition: bool, make: Callable[[], Alert]) -> list[Alert]:
         if not condition:
             self._active.discard(key)
             return []
@@ -180,7 +176,7 @@ class Monitors:
         self._active.add(key)
         return [make()]
 
-    def _train_trend(self, key: str, span: int) -> tuple[Window, Window, Trend] | None:
+    def _train_trend(self, key: str, span: int) -> tuple[Window, Window, Comparison] | None:
         """Trend of `key` from the window `span` back (or the first) to the latest."""
         if len(self.windows) < 2:
             return None
@@ -190,7 +186,10 @@ class Monitors:
         found = trend(earlier.stats[key], latest.stats[key], self.sigmas)
         return (earlier, latest, found) if found else None
 
-    def _every_recent_step(self, key: str, condition: Any) -> bool:
+    def _component_trends(self, span: int) -> dict[str, Comparison]:
+        return {key: found[2] for key in self.components if (found := self._train_trend(key, span))}
+
+    def _every_recent_step(self, key: str, condition: Callable[[float], bool]) -> bool:
         full = len(self.recent) == self.config.early_steps
         return full and all(key in metrics and condition(metrics[key]) for _, metrics in self.recent)
 
@@ -202,131 +201,167 @@ class Monitors:
         alerts += self._fire("truncation_saturated", saturated, lambda: Alert(
             "truncation_saturated", step,
             f"{metrics[TRUNCATED]:.0%} of completions were cut at the {self.max_new_tokens}-token limit "
-            f"(at least {config.truncated_share_limit:.0%} in each of steps {first}-{step}): they end before their "
-            "answer, so rewards and advantages say little; raise rollout.max_new_tokens",
-            {"truncated_share": metrics[TRUNCATED], "max_new_tokens": self.max_new_tokens, "from_step": first},
+            f"(at least {config.truncated_share_limit:.0%} in each of steps {first}-{step}): they end before "
+            "their answer, so rewards and advantages say little; raise rollout.max_new_tokens",
+            {"truncated_share": metrics[TRUNCATED], "max_new_tokens": self.max_new_tokens,
+             "from_step": first},
         ))
         flat = self._every_recent_step(ZERO_VARIANCE, lambda share: share >= 1.0)
         alerts += self._fire("no_learning_signal", flat, lambda: Alert(
             "no_learning_signal", step,
             f"every group's rewards were equal in steps {first}-{step} (training reward "
-            f"{metrics.get(TRAIN_REWARD, math.nan):.3f}): all advantages are 0 and nothing is learned; the task is "
-            "too hard or too easy for the model as sampled (check `rft reward check`, the rewards, "
-            "rollout.max_new_tokens and rollout.temperature)",
+            f"{metrics.get(TRAIN_REWARD, math.nan):.3f}): all advantages are 0 and nothing is learned; "
+            "the task is too hard or too easy for the model as sampled (check `rft reward check`, the "
+            "rewards, rollout.max_new_tokens and rollout.temperature)",
             {"from_step": first, "reward": metrics.get(TRAIN_REWARD)},
         ))
         for name, key in self.none_shares.items():
             absent = metrics.get(key, 0.0) >= 1.0
             alerts += self._fire(f"reward_not_applicable:{name}", absent, lambda n=name: Alert(
                 "reward_not_applicable", step,
-                f"reward {n} returned None (not applicable) for every completion of step {step}: it contributes "
-                "nothing to the reward; check its columns and the rows' fields",
+                f"reward {n} returned None (not applicable) for every completion of step {step}: it "
+                "contributes nothing to the reward; check its columns and the rows' fields",
                 {"reward": n},
             ))
         return alerts
 
     def _check_windows(self, step: int) -> list[Alert]:
-        config, alerts = self.config, []
-        span = config.window
-        if len(self.windows) > span:
-            reward = self._train_trend(TRAIN_REWARD, span)
-            if reward is not None:
-                earlier, latest, found = reward
-                alerts += self._fire("plateau", not found.up, lambda: Alert(
-                    "plateau", step,
-                    f"training reward {earlier.stats[TRAIN_REWARD].mean:.3f} (steps {earlier.first_step}-{earlier.last_step}) "
-                    f"-> {latest.stats[TRAIN_REWARD].mean:.3f} (steps {latest.first_step}-{latest.last_step}): "
-                    f"change {found.change:+.3f} is within {self.sigmas:g} x its s.e. {found.stderr:.3f} over {span} windows",
-                    {"change": found.change, "stderr": found.stderr, "from_step": earlier.last_step, "to_step": step},
-                ))
-        trends = {key: t for key in self.components if (t := self._train_trend(key, span)) is not None}
-        for rising, (_, _, up) in trends.items():
-            for falling, (_, _, down) in trends.items():
-                if rising == falling:
-                    continue
-                judge_pair = (rising in self.judges) != (falling in self.judges)
-                monitor = "judge_rule_disagreement" if judge_pair else "component_divergence"
-                alerts += self._fire(f"{monitor}:{rising}>{falling}", up.up and down.down, lambda r=rising, f=falling, u=up, d=down, m=monitor: Alert(
+        alerts = self._check_plateau(step) + self._check_components(step)
+        if len(self.windows) >= 2:
+            alerts += self._check_truncation_jump(step) + self._check_drift(step)
+        return alerts
+
+    def _check_plateau(self, step: int) -> list[Alert]:
+        span = self.config.window
+        reward = self._train_trend(TRAIN_REWARD, span) if len(self.windows) > span else None
+        if reward is None:
+            return []
+        earlier, latest, found = reward
+        return self._fire("plateau", not found.better, lambda: Alert(
+            "plateau", step,
+            f"training reward {earlier.stats[TRAIN_REWARD].mean:.3f} (steps {earlier.first_step}-"
+            f"{earlier.last_step}) -> {latest.stats[TRAIN_REWARD].mean:.3f} (steps {latest.first_step}-"
+            f"{latest.last_step}): change {found.change:+.3f} is within {self.sigmas:g} x its s.e. "
+            f"{found.stderr:.3f} over {span} windows",
+            {"change": found.change, "stderr": found.stderr, "from_step": earlier.last_step, "to_step": step},
+        ))
+
+    def _check_components(self, step: int) -> list[Alert]:
+        """A reward component up beyond noise while another is down (a judge against a rule, or two rules)."""
+        alerts: list[Alert] = []
+        trends = self._component_trends(self.config.window)
+        for (rising, up), (falling, down) in itertools.permutations(trends.items(), 2):
+            judge_pair = (rising in self.judges) != (falling in self.judges)
+            monitor = "judge_rule_disagreement" if judge_pair else "component_divergence"
+            alerts += self._fire(
+                f"{monitor}:{rising}>{falling}", up.better and down.worse,
+                lambda r=rising, f=falling, u=up, d=down, m=monitor: Alert(
                     m, step,
                     f"reward {_name(r)} rose {u.change:+.3f} while {_name(f)} fell {d.change:+.3f} "
                     f"(both beyond {self.sigmas:g} s.e.): is one being gamed at the other's expense?",
                     {"rising": _name(r), "falling": _name(f), "rise": u.change, "fall": d.change},
-                ))
-        if len(self.windows) >= 2:
-            previous, latest = self.windows[-2], self.windows[-1]
-            if TRUNCATED in previous.stats and TRUNCATED in latest.stats:
-                jump = latest.stats[TRUNCATED].mean - previous.stats[TRUNCATED].mean
-                alerts += self._fire("truncation_jump", jump > config.truncation_jump, lambda: Alert(
-                    "truncation_jump", step,
-                    f"truncated share jumped {previous.stats[TRUNCATED].mean:.2f} -> {latest.stats[TRUNCATED].mean:.2f} "
-                    f"(more than {config.truncation_jump:g}): completions run into the length limit",
-                    {"before": previous.stats[TRUNCATED].mean, "after": latest.stats[TRUNCATED].mean},
-                ))
-            first = self.windows[0]
-            if ENTROPY in first.stats and ENTROPY in latest.stats and first.stats[ENTROPY].mean > 0:
-                ratio = latest.stats[ENTROPY].mean / first.stats[ENTROPY].mean
-                alerts += self._fire("entropy_collapse", ratio < config.entropy_collapse_fraction, lambda: Alert(
-                    "entropy_collapse", step,
-                    f"entropy fell to {ratio:.0%} of its start ({first.stats[ENTROPY].mean:.3f} -> "
-                    f"{latest.stats[ENTROPY].mean:.3f}): the policy stopped exploring",
-                    {"first": first.stats[ENTROPY].mean, "latest": latest.stats[ENTROPY].mean},
-                ))
-            if LENGTH in first.stats and LENGTH in latest.stats:
-                limit = config.length_limit_fraction * self.max_new_tokens
-                drifted = latest.stats[LENGTH].mean >= limit > first.stats[LENGTH].mean
-                alerts += self._fire("length_drift", drifted, lambda: Alert(
-                    "length_drift", step,
-                    f"mean completion length drifted {first.stats[LENGTH].mean:.1f} -> {latest.stats[LENGTH].mean:.1f} "
-                    f"tokens, at {config.length_limit_fraction:.0%} of the {self.max_new_tokens}-token limit",
-                    {"first": first.stats[LENGTH].mean, "latest": latest.stats[LENGTH].mean, "limit": self.max_new_tokens},
-                ))
+                ),
+            )
+        return alerts
+
+    def _check_truncation_jump(self, step: int) -> list[Alert]:
+        previous, latest = self.windows[-2], self.windows[-1]
+        if TRUNCATED not in previous.stats or TRUNCATED not in latest.stats:
+            return []
+        before, after = previous.stats[TRUNCATED].mean, latest.stats[TRUNCATED].mean
+        return self._fire("truncation_jump", after - before > self.config.truncation_jump, lambda: Alert(
+            "truncation_jump", step,
+            f"truncated share jumped {before:.2f} -> {after:.2f} "
+            f"(more than {self.config.truncation_jump:g}): completions run into the length limit",
+            {"before": before, "after": after},
+        ))
+
+    def _check_drift(self, step: int) -> list[Alert]:
+        """Entropy collapse and length drift: the latest window against the first."""
+        config, alerts = self.config, []
+        first, latest = self.windows[0].stats, self.windows[-1].stats
+        if ENTROPY in first and ENTROPY in latest and first[ENTROPY].mean > 0:
+            start, now = first[ENTROPY].mean, latest[ENTROPY].mean
+            collapsed = now / start < config.entropy_collapse_fraction
+            alerts += self._fire("entropy_collapse", collapsed, lambda: Alert(
+                "entropy_collapse", step,
+                f"entropy fell to {now / start:.0%} of its start ({start:.3f} -> {now:.3f}): "
+                "the policy stopped exploring",
+                {"first": start, "latest": now},
+            ))
+        if LENGTH in first and LENGTH in latest:
+            start, now = first[LENGTH].mean, latest[LENGTH].mean
+            limit = config.length_limit_fraction * self.max_new_tokens
+            alerts += self._fire("length_drift", now >= limit > start, lambda: Alert(
+                "length_drift", step,
+                f"mean completion length drifted {start:.1f} -> {now:.1f} tokens, at "
+                f"{config.length_limit_fraction:.0%} of the {self.max_new_tokens}-token limit",
+                {"first": start, "latest": now, "limit": self.max_new_tokens},
+            ))
         return alerts
 
     def _check_evaluation(self, step: int, summary: dict[str, Any]) -> list[Alert]:
-        alerts: list[Alert] = []
+        if len(self.evaluations) < 2:
+            return []
         span = self.config.window
-        if len(self.evaluations) >= 2:
-            earlier_step, earlier = self.evaluations[max(0, len(self.evaluations) - 1 - span)]
-            held_out = trend(_held_out_stat(earlier), _held_out_stat(summary), self.sigmas)
-            train = self._train_trend(TRAIN_REWARD, span)
-            train_up = train is not None and train[2].up
-            component_trends = {key: found for key in self.components if (found := self._train_trend(key, span))}
-            if held_out is not None and train is not None:
-                rising = [_name(key) for key, (_, _, t) in component_trends.items() if t.up]
-                alerts += self._fire("overfitting", train_up and held_out.down, lambda: Alert(
-                    "overfitting", step,
-                    f"training reward rose {train[2].change:+.3f} while held-out reward fell {held_out.change:+.3f} "
-                    f"(step {earlier_step} -> {step}; both beyond {self.sigmas:g} s.e.)"
-                    + (f"; rising components: {', '.join(rising)}" if len(self.components) > 1 else ""),
-                    {"train_change": train[2].change, "held_out_change": held_out.change, "from_step": earlier_step,
-                     "rising_components": rising},
-                ))
-            # With the total training reward up, overfitting above already says it; a component rising
-            # on its own (the total flat) while held-out falls is the signal left to catch here.
-            if held_out is not None and len(self.components) > 1 and not train_up:
-                for key, (_, _, component) in component_trends.items():
-                    alerts += self._fire(f"component_vs_held_out:{key}", component.up and held_out.down, lambda k=key, c=component: Alert(
-                        "component_divergence", step,
-                        f"reward {_name(k)} rose {c.change:+.3f} in training while the held-out reward fell "
-                        f"{held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
-                        {"rising": _name(k), "rise": c.change, "held_out_change": held_out.change},
-                    ))
+        earlier_step, earlier = self.evaluations[max(0, len(self.evaluations) - 1 - span)]
+        held_out = trend(_held_out_stat(earlier), _held_out_stat(summary), self.sigmas)
+        alerts = self._check_overfitting(step, earlier_step, held_out) if held_out is not None else []
+        return alerts + self._check_slices(step, summary)
+
+    def _check_overfitting(self, step: int, earlier_step: int, held_out: Comparison) -> list[Alert]:
+        """Training reward (or, with it flat, one component) up while the held-out reward is down."""
+        alerts: list[Alert] = []
+        train = self._train_trend(TRAIN_REWARD, self.config.window)
+        train_up = train is not None and train[2].better
+        component_trends = self._component_trends(self.config.window)
+        if train is not None:
+            change = train[2].change
+            rising = [_name(key) for key, found in component_trends.items() if found.better]
+            alerts += self._fire("overfitting", train_up and held_out.worse, lambda: Alert(
+                "overfitting", step,
+                f"training reward rose {change:+.3f} while held-out reward fell {held_out.change:+.3f} "
+                f"(step {earlier_step} -> {step}; both beyond {self.sigmas:g} s.e.)"
+                + (f"; rising components: {', '.join(rising)}" if len(self.components) > 1 else ""),
+                {"train_change": change, "held_out_change": held_out.change, "from_step": earlier_step,
+                 "rising_components": rising},
+            ))
+        # With the total training reward up, overfitting above already says it; a component rising
+        # on its own (the total flat) while held-out falls is the signal left to catch here.
+        if len(self.components) < 2 or train_up:
+            return alerts
+        for key, component in component_trends.items():
+            alerts += self._fire(
+                f"component_vs_held_out:{key}", component.better and held_out.worse,
+                lambda k=key, c=component: Alert(
+                    "component_divergence", step,
+                    f"reward {_name(k)} rose {c.change:+.3f} in training while the held-out reward fell "
+                    f"{held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
+                    {"rising": _name(k), "rise": c.change, "held_out_change": held_out.change},
+                ),
+            )
+        return alerts
+
+    def _check_slices(self, step: int, summary: dict[str, Any]) -> list[Alert]:
+        """A slice's reward down beyond noise against the baseline while the average is up."""
+        alerts: list[Alert] = []
         baseline_step, baseline = self.evaluations[0]
-        if len(self.evaluations) >= 2:
-            rows = compare(baseline, summary, self.sigmas)
-            overall = next((row for row in rows if row["metric"] == "reward" and row["tag"] is None), None)
-            improving = overall is not None and overall["change"] > 0
-            for row in rows:
-                if row["metric"] != "reward" or row["tag"] is None:
-                    continue
-                regressed = improving and row["significant"] and row["change"] < 0
-                alerts += self._fire(f"slice_regression:{row['tag']}={row['value']}", regressed, lambda r=row, o=overall: Alert(
+        rows = compare(baseline, summary, self.sigmas)
+        average = overall(rows)
+        improving = average is not None and average.change > 0
+        for row in rows:
+            if row.metric != "reward" or row.tag is None:
+                continue
+            alerts += self._fire(
+                f"slice_regression:{row.tag}={row.value}", improving and row.worse,
+                lambda r=row, o=average: Alert(
                     "slice_regression", step,
-                    f"slice {r['tag']}={r['value']} fell {r['before']['mean']:.3f} -> {r['after']['mean']:.3f} "
-                    f"({r['z']:+.1f} s.e.) since step {baseline_step} while the average rose {o['change']:+.3f}",
-                    {"tag": r["tag"], "value": r["value"], "change": r["change"], "stderr": r["stderr"],
-                     "average_change": o["change"]},
-                ))
+                    f"slice {r.tag}={r.value} fell {r.before.mean:.3f} -> {r.after.mean:.3f} "
+                    f"({r.z:+.1f} s.e.) since step {baseline_step} while the average rose {o.change:+.3f}",
+                    {"tag": r.tag, "value": r.value, "change": r.change, "stderr": r.stderr,
+                     "average_change": o.change},
+                ),
+            )
         return alerts
 
     # ------------------------------------------------------------------ output
@@ -348,7 +383,6 @@ def _name(metric_key: str) -> str:
 
 
 def read_alerts(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / ALERTS_NAME
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The alerts a run recorded (none if it recorded none)."""
+    alerts, _ = read_log(run_dir / ALERTS_NAME)
+    return alerts

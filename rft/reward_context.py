@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,3 +95,38 @@ def call_reward(
     """Call a reward with its batch and the context it takes: (its value, possibly awaitable; its log)."""
     log = RewardLog(len(kwargs["completions"]))
     return function(**kwargs, **context_kwargs(accepted, state, log)), log
+
+
+def content_text(content: Any) -> str:
+    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}`)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part if isinstance(part, str) else part["text"]
+            for part in content
+            if isinstance(part, str) or (isinstance(part, Mapping) and isinstance(part.get("text"), str))
+        )
+    return str(content)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: the string itself, or the assistant messages' text for chat completions."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence):
+        return "\n".join(
+            content_text(message.get("content"))
+            for message in completion
+            if isinstance(message, Mapping) and message.get("role", "assistant") == "assistant"
+        )
+    return str(completion)
+
+
+def conversation_text(messages: Any) -> str:
+    """Every message as a "role: content" line, for display; a plain string prompt as it is."""
+    if isinstance(messages, str):
+        return messages
+    return "\n".join(f"{message.get('role')}: {content_text(message.get('content'))}" for message in messages)

@@ -31,7 +31,7 @@ Settings:
     short  quickstart shape: addition prompts, 2 prompts x 8 completions, up to 16 tokens.
            The reward after the same steps is compared: the mean training reward of the last
            steps, and the held-out greedy reward of each final policy on the 64 held-out
-           prompts, computed by the same code (`rft.evaluation.evaluate` with a transformers
+           prompts, computed by the same code (`rft.evaluation.Evaluator` with a transformers
            engine) for both sides.
     long   1 prompt x 4 completions of up to 512 tokens, prompts asking for long essays, where
            full-vocabulary logits would dominate memory. The completion lengths each side
@@ -153,7 +153,7 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
         return None
     from rft.config import load_config
     from rft.data import load_splits
-    from rft.evaluation import eval_plans, evaluate
+    from rft.evaluation import Evaluator, eval_plans
     from rft.models import load_tokenizer
     from rft.rollout.hf import TransformersEngine
     from rft.scoring import RewardScorer
@@ -174,7 +174,7 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
 
     def score(policy: Any) -> float:
         engine = TransformersEngine(policy, tokenizer, batch_size=EVAL_BATCH_SIZE)
-        return evaluate("final", engine, tokenizer, held_out, scorer, plan).mean
+        return Evaluator(engine, tokenizer, held_out, scorer, [plan]).evaluate("final", plan).mean
 
     return score
 

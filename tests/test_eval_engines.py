@@ -88,7 +88,7 @@ def trained_run(
 
 
 def rft_eval(recipe: Path, output: Path, *argv: str) -> dict[str, Any]:
-    from rft.evaluation import configure_parser, run
+    from rft.eval_command import configure_parser, run
 
     parser = argparse.ArgumentParser()
     configure_parser(parser)
@@ -104,7 +104,7 @@ def tie_gaps(recipe: Path, checkpoint: Path, first: list[str], second: list[str]
     """For each prompt whose completions part: the transformers
     model's gap between its two best tokens there."""
     from rft.data import load_splits
-    from rft.evaluation import load_checkpoint_policy
+    from rft.models import load_checkpoint_policy
 
     config = load_config(recipe)
     model, tokenizer = load_checkpoint_policy(config, checkpoint, torch.device("cpu"))
