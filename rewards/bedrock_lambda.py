@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rewards.base import RewardContractError, RewardValues, completion_text, prompt_messages
+from rewards.loading import load_function
 
 # Columns that describe the rollout itself rather than the row; they do not go into `metadata`.
 _NOT_METADATA = ("prompts", "completions", "completion_ids", "messages", "reference_answer")
@@ -108,9 +109,6 @@ class BedrockLambdaReward:
         timeout_s: float = 900.0,
         memory_limit_in_mb: int = 1024,
     ):
-        # Imported here: rft.scoring imports this package's base module.
-        from rft.reward_loading import load_function
-
         if ":" not in handler:
             handler = f"{handler}:lambda_handler"
         self.handler_spec = handler

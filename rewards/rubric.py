@@ -28,13 +28,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rewards.base import RewardContractError, RewardValues
+from rewards.loading import build_reward
 
 
 class Rubric:
     def __init__(self, components: Sequence[Mapping[str, Any]], normalize: bool = False):
-        # Imported here: rft.scoring imports this package's base module, and a rubric is built late.
-        from rft.reward_loading import build_reward
-
         if not components:
             raise ValueError("Rubric: `components` is empty")
         self.__name__ = "rubric"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,3 +95,53 @@ def call_reward(
     """Call a reward with its batch and the context it takes: (its value, possibly awaitable; its log)."""
     log = RewardLog(len(kwargs["completions"]))
     return function(**kwargs, **context_kwargs(accepted, state, log)), log
+
+
+# ------------------------------------------------------------------------ text of prompts and completions
+def content_text(content: Any) -> str:
+    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or `{"text": ...}`)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    return str(content)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: the string itself, or the assistant messages' text for chat completions."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence):
+        return "\n".join(
+            content_text(message.get("content"))
+            for message in completion
+            if isinstance(message, Mapping) and message.get("role", "assistant") == "assistant"
+        )
+    return str(completion)
+
+
+def prompt_text(prompt: Any) -> str:
+    """All text of a prompt: the string itself, or every message's text joined by newlines."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence):
+        return "\n".join(content_text(m.get("content")) for m in prompt if isinstance(m, Mapping))
+    return str(prompt)
+
+
+def conversation_text(messages: Any) -> str:
+    """Display text of a completion or a conversation: a string itself, else every message's content
+    joined as it is (no separator), whatever its role; what reports and exact-match show and compare."""
+    if isinstance(messages, list):
+        return "".join(str(message.get("content", "")) for message in messages)
+    return str(messages)

@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from rft.reward_context import RewardLog, RewardState, accepted_context, call_reward
+from rft.reward_loading import build_reward
 
 # Worker start (fork, import the reward's module, build it) is not counted in a call's time limit.
 START_TIMEOUT_S = 120.0
@@ -75,8 +76,6 @@ def _serve(
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from rft.reward_loading import build_reward
-
     try:
         _, function = build_reward(spec, kwargs, build)
         accepted = accepted_context(function)
