@@ -98,7 +98,9 @@ def reference_value(value: Any, key: str | None = None) -> Any:
     for candidate in _ANSWER_KEYS:
         if candidate in value:
             return value[candidate]
-    raise KeyError(f"reference {value!r}: several keys and none of {_ANSWER_KEYS}; set `answer_key` in the recipe")
+    raise KeyError(
+        f"reference {value!r}: several keys and none of {_ANSWER_KEYS}; set `answer_key` in the recipe"
+    )
 
 
 def column(columns: Mapping[str, Any], name: str, count: int, reward: str) -> list[Any]:

@@ -101,14 +101,17 @@ class CaseResult:
 
 
 _probe_lock = threading.Lock()
-_probed: dict[tuple[str, str, int], str] = {}  # (isolation, bwrap, memory_mb) -> "" when it starts, else why not
+# (isolation, bwrap, memory_mb) -> "" when the sandbox starts, else why not
+_probed: dict[tuple[str, str, int], str] = {}
 
 
 def check_sandbox(isolation: str = "bwrap", memory_mb: int = 512) -> None:
     """Raise `RewardContractError` in one line when the sandbox cannot start here, naming what is
     missing and the choices. Probes once per process and setting: a trivial solution must pass."""
     if isolation not in ISOLATIONS:
-        raise RewardContractError(f"code_tests: isolation must be one of {list(ISOLATIONS)}, got {isolation!r}")
+        raise RewardContractError(
+            f"code_tests: isolation must be one of {list(ISOLATIONS)}, got {isolation!r}"
+        )
     tool = (shutil.which("bwrap") or "") if isolation == "bwrap" else ""
     key = (isolation, tool, memory_mb)
     with _probe_lock:
@@ -154,19 +157,19 @@ def _probe(isolation: str, tool: str, memory_mb: int) -> str:
         if isolation == "none":
             return f"code_tests cannot run Python under its limits (memory_mb: {memory_mb}): {why}"
         return (
-            f"code_tests cannot sandbox the completions' code: {tool} failed: {why}; bubblewrap needs user "
-            "namespaces: allow them (sysctl kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0; "
-            "Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; in a container, a seccomp profile "
-            "that allows them, e.g. docker run --security-opt seccomp=unconfined), run the trainer as a non-root "
-            "user (root without CAP_SYS_ADMIN cannot map its own uid), or set `isolation: none` in the reward's "
-            "kwargs for trusted code only"
+            f"code_tests cannot sandbox the completions' code: {tool} failed: {why}; bubblewrap needs "
+            "user namespaces: allow them (sysctl kernel.unprivileged_userns_clone=1 and "
+            "user.max_user_namespaces > 0; Ubuntu 24.04: kernel.apparmor_restrict_unprivileged_userns=0; "
+            "in a container, a seccomp profile that allows them, e.g. docker run --security-opt "
+            "seccomp=unconfined), run the trainer as a non-root user (root without CAP_SYS_ADMIN cannot map "
+            "its own uid), or set `isolation: none` in the reward's kwargs for trusted code only"
         )
     if isolation == "bwrap" and f"forked {MAX_PROCESSES + 8}" in run.stdout:
         return (
-            f"code_tests cannot limit the sandbox to {MAX_PROCESSES} processes: RLIMIT_NPROC does not bind a "
-            "trainer run as root, and no pids cgroup is writable here (/sys/fs/cgroup/pids, or cgroup v2 with "
-            "pids delegated); run the trainer as a non-root user, or give it a writable pids cgroup, or set "
-            "`isolation: none` in the reward's kwargs for trusted code only"
+            f"code_tests cannot limit the sandbox to {MAX_PROCESSES} processes: RLIMIT_NPROC does not bind "
+            "a trainer run as root, and no pids cgroup is writable here (/sys/fs/cgroup/pids, or cgroup v2 "
+            "with pids delegated); run the trainer as a non-root user, or give it a writable pids cgroup, "
+            "or set `isolation: none` in the reward's kwargs for trusted code only"
         )
     return ""
 

@@ -151,7 +151,9 @@ class LLMJudge:
     # -- requests -------------------------------------------------------------------------------
 
     def _messages(self, **fields: str) -> list[dict[str, str]]:
-        user = self.template.format(rubric=self.rubric, min_score=self.min_score, max_score=self.max_score, **fields)
+        user = self.template.format(
+            rubric=self.rubric, min_score=self.min_score, max_score=self.max_score, **fields
+        )
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*messages, {"role": "user", "content": user}]
 
@@ -172,13 +174,16 @@ class LLMJudge:
                 async with self.slots:
                     # The raw body: the SDK would hand a non-JSON one back as a str, or raise on bad JSON.
                     sending = self.client.chat.completions.with_raw_response.create(
-                        model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
+                        model=self.model, messages=messages, temperature=self.temperature,
+                        max_tokens=self.max_tokens,
                     )
                     response = await asyncio.wait_for(sending, self.timeout_s)
             except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                 last_error = TimeoutError(f"no complete reply within timeout_s={self.timeout_s:g} s")
                 continue
-            except (self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError) as exc:
+            except (
+                self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError
+            ) as exc:
                 last_error = exc  # APITimeoutError is an APIConnectionError
                 continue
             except self.openai.APIStatusError as exc:
@@ -187,7 +192,9 @@ class LLMJudge:
                     continue
                 raise JudgeFailure(f"judge endpoint answered HTTP {exc.status_code}: {exc.message}") from exc
             return reply_content(response.text)
-        raise JudgeFailure(f"judge request failed after {self.retries + 1} attempts: {last_error}") from last_error
+        raise JudgeFailure(
+            f"judge request failed after {self.retries + 1} attempts: {last_error}"
+        ) from last_error
 
     def _delay(self, attempt: int, error: Exception | None) -> float:
         response = getattr(error, "response", None)
@@ -251,7 +258,9 @@ class LLMJudge:
 
     # -- the reward ---------------------------------------------------------------------------------
 
-    def __call__(self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any) -> RewardValues:
+    def __call__(
+        self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any
+    ) -> RewardValues:
         if prompts is None or len(prompts) != len(completions):
             raise ValueError("LLMJudge needs `prompts` aligned with `completions`")
         references = columns.get(self.reference_column) if self.reference_column else None
@@ -290,7 +299,8 @@ class LLMJudge:
             value = parse_score(reply, self.min_score, self.max_score)
             if value is None:
                 counters.unparseable += 1
-                scores.append(self._failed(f"judge reply has no score in [{self.min_score}, {self.max_score}]: {reply[-200:]!r}"))
+                scale = f"[{self.min_score}, {self.max_score}]"
+                scores.append(self._failed(f"judge reply has no score in {scale}: {reply[-200:]!r}"))
                 continue
             if self.normalize:
                 value = (value - self.min_score) / (self.max_score - self.min_score)

@@ -25,9 +25,11 @@ Prompt:
 Response:
 {completion}
 
-Explain your grade in at most three sentences, then end with a line of the form "Score: N", where N is a number from {min_score} to {max_score}."""
+Explain your grade in at most three sentences, then end with a line of the form "Score: N", \
+where N is a number from {min_score} to {max_score}."""
 
-PAIRWISE_TEMPLATE = """You are a strict grader. Two responses answer the same prompt. Decide which is better according to the rubric.
+PAIRWISE_TEMPLATE = """You are a strict grader. Two responses answer the same prompt. \
+Decide which is better according to the rubric.
 
 Rubric:
 {rubric}
@@ -41,7 +43,8 @@ Response A:
 Response B:
 {response_b}
 
-Explain your choice in at most three sentences, then end with a line "Winner: A", "Winner: B" or "Winner: tie"."""
+Explain your choice in at most three sentences, then end with a line "Winner: A", "Winner: B" or \
+"Winner: tie"."""
 
 _SCORE = re.compile(r"score\s*\**\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _WINNER = re.compile(r"winner\s*\**\s*[:=]\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
@@ -77,7 +80,9 @@ def reply_content(body: str) -> str:
     try:
         data = json.loads(body)
     except ValueError:
-        raise JudgeFailure(f"judge endpoint answered HTTP 200 with a body that is not JSON: {body[:200]!r}") from None
+        raise JudgeFailure(
+            f"judge endpoint answered HTTP 200 with a body that is not JSON: {body[:200]!r}"
+        ) from None
     choices = data.get("choices") if isinstance(data, dict) else None
     first = choices[0] if isinstance(choices, list) and choices else None
     message = first.get("message") if isinstance(first, dict) else None
@@ -116,7 +121,9 @@ class ReplyCache:
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.database = sqlite3.connect(path, check_same_thread=False)
-            self.database.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
+            self.database.execute(
+                "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL)"
+            )
             self.database.commit()
 
     def get(self, key: str) -> str | None:

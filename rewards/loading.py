@@ -50,7 +50,9 @@ def load_function(spec: str) -> Callable[..., Any]:
                 module_spec.loader.exec_module(module)
             except Exception as exc:
                 del sys.modules[module_name]
-                raise RewardError(f"reward {spec!r}: importing {target} raised {type(exc).__name__}: {exc}") from exc
+                raise RewardError(
+                    f"reward {spec!r}: importing {target} raised {type(exc).__name__}: {exc}"
+                ) from exc
     else:
         try:
             module = importlib.import_module(target)
@@ -87,13 +89,16 @@ def build_reward(
     if parameters is not None and build is None and not _takes_completions(parameters):
         named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
         raise RewardError(
-            f"reward {spec!r}: {name}({', '.join(named)}) takes no `completions`, so it is no reward; if it builds "
-            "one (a factory, like TRL's get_cosine_scaled_reward), give its arguments under `build:` instead of `kwargs:`"
+            f"reward {spec!r}: {name}({', '.join(named)}) takes no `completions`, so it is no reward; "
+            "if it builds one (a factory, like TRL's get_cosine_scaled_reward), give its arguments under "
+            "`build:` instead of `kwargs:`"
         )
     if kwargs:
         # Named parameters only: a reward's **kwargs also catches the dataset columns, so a misspelt
         # recipe kwarg would otherwise vanish into it without a word.
-        named = [p for p, v in (parameters or {}).items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
+        named = [
+            p for p, v in (parameters or {}).items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)
+        ]
         unknown = sorted(set(kwargs) - set(named))
         if unknown:
             raise RewardError(f"reward {spec!r}: unknown kwargs {unknown}; {name} takes {named}")
@@ -129,7 +134,9 @@ def _takes_completions(parameters: Mapping[str, inspect.Parameter]) -> bool:
     return "completions" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def declared_columns(spec: str, kwargs: dict[str, Any], build: dict[str, Any] | None = None) -> dict[str, str]:
+def declared_columns(
+    spec: str, kwargs: dict[str, Any], build: dict[str, Any] | None = None
+) -> dict[str, str]:
     """The dataset columns a reward says it reads: its `*_column` parameters, recipe kwargs over defaults.
 
     The library's rewards name their inputs this way (`answer_column`, `tests_column`, ...), so a

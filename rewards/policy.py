@@ -77,7 +77,9 @@ class PIIEcho:
         self.detector = PIIDetector(entities=entities, min_score=min_score)
         self.reward_range = (min(violation_score, clean_score), max(violation_score, clean_score))
 
-    def __call__(self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any) -> RewardValues:
+    def __call__(
+        self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any
+    ) -> RewardValues:
         if self.prompt_column is not None:
             prompts = column(columns, self.prompt_column, len(completions), "pii_echo")
         if prompts is None and self.scope == "echo":

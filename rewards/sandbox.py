@@ -204,7 +204,9 @@ def _pids_cgroup() -> Iterator[Path | None]:
                 time.sleep(0.01)
 
 
-def _command(directory: Path, config: dict[str, Any], environment: dict[str, str], group: Path | None) -> list[str]:
+def _command(
+    directory: Path, config: dict[str, Any], environment: dict[str, str], group: Path | None
+) -> list[str]:
     command = [sys.executable, "-I", "-c", _LAUNCHER, json.dumps(config)]
     if config["isolation"] == "bwrap":
         tool = shutil.which("bwrap") or "bwrap"
@@ -245,7 +247,8 @@ def run_sandboxed(directory: Path, stdin: str, timeout_s: float, memory_mb: int,
                     finished = False
         finally:
             # Under bwrap this kills the PID namespace's init, and the kernel then kills all inside it.
-            with contextlib.suppress(ProcessLookupError):  # exited, and nothing it started is left in its group
+            # ProcessLookupError: it exited, and nothing it started is left in its group.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             for pipe in (process.stdin, process.stdout, process.stderr):

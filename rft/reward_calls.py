@@ -68,7 +68,11 @@ class _ContractError(Exception):
 
 
 def run_calls(
-    calls: list[Call], rows: Sequence[dict[str, Any]], state: RewardState, concurrency: int, stop_on_failure: bool
+    calls: list[Call],
+    rows: Sequence[dict[str, Any]],
+    state: RewardState,
+    concurrency: int,
+    stop_on_failure: bool,
 ) -> list[Outcome]:
     """Every call's outcome, in call order; with `stop_on_failure`, RewardError at the first failure."""
     results: queue.Queue[tuple[int, Any, BaseException | None]] = queue.Queue()
@@ -102,7 +106,8 @@ def _start(index: int, call: Call, state: RewardState, results: queue.Queue) -> 
     allowance = START_TIMEOUT_S + 5 if call.reward.pool is not None else 0.0
     deadline = time.monotonic() + call.reward.timeout_s + allowance
     thread = threading.Thread(
-        target=_invoke, args=(index, call, state, results), daemon=True, name=f"reward-{call.reward.name}-{call.start}"
+        target=_invoke, args=(index, call, state, results), daemon=True,
+        name=f"reward-{call.reward.name}-{call.start}"
     )
     thread.start()
     return deadline
@@ -115,7 +120,8 @@ def _outcome(call: Call, value: Any, error: BaseException | None, rows: Sequence
     if isinstance(error, WorkerTimeout):
         return _timeout(call)
     if error is not None:
-        return Outcome(failure=f"reward {call.reward.name!r} raised {type(error).__name__}: {error}", kind="error")
+        failure = f"reward {call.reward.name!r} raised {type(error).__name__}: {error}"
+        return Outcome(failure=failure, kind="error")
     value, log = value
     try:
         outcome = _check(call, value, rows)
@@ -125,7 +131,9 @@ def _outcome(call: Call, value: Any, error: BaseException | None, rows: Sequence
     return outcome
 
 
-def _stop_if_asked(outcome: Outcome | None, stop_on_failure: bool, cause: BaseException | None = None) -> None:
+def _stop_if_asked(
+    outcome: Outcome | None, stop_on_failure: bool, cause: BaseException | None = None
+) -> None:
     if outcome is not None and outcome.failure and stop_on_failure:
         raise RewardError(
             f"{outcome.failure} (scoring.on_error: stop; set it to zero or skip_group to go on)"

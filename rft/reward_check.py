@@ -15,8 +15,9 @@ Two ways in:
   `prompt` (text or messages) or `messages` gives the prompt; every other field except
   `completion` and `expect` is a column for the rewards. `completion` is text, or a list of
   messages; after a chat prompt, text reaches the rewards as the trainer gives it, TRL's
-  `[{"role": "assistant", "content": text}]`, so chat-style rewards (TRL's) work unchanged. `expect` is optional: a number for the
-  total, or an object from a reward name (or `total`) to a number or an inclusive `[low, high]`.
+  `[{"role": "assistant", "content": text}]`, so chat-style rewards (TRL's) work unchanged. `expect`
+  is optional: a number for the total, or an object from a reward name (or `total`) to a number or an
+  inclusive `[low, high]`.
   Lines with the same prompt form a group. The command exits 1 when an expectation fails.
 
 What the report holds is `rft.reward_report`'s.
@@ -45,7 +46,8 @@ from rft.reward_report import (
 )
 from rft.scoring import RewardError, RewardScorer, ScoreOutput, score_groups
 
-__all__ = ["CheckReport", "check_file", "configure_parser", "format_report", "read_cases", "recipe_reward_range",
+__all__ = ["CheckReport", "check_file", "configure_parser", "format_report", "read_cases",
+           "recipe_reward_range",
            "run", "sample_and_score", "summarize", "summarize_scores"]
 
 # -- from-file mode ---------------------------------------------------------------------------------
@@ -124,8 +126,9 @@ def _expectations(
 
 
 def _as_trained(prompt: Any, completion: Any) -> Any:
-    """The completion as the trainer hands it to rewards (`rft.scoring.decode_completions`): after a chat prompt (a list
-    of messages), TRL's `[{"role": "assistant", "content": text}]`; chat-style rewards index it so."""
+    """The completion as the trainer hands it to rewards (`rft.scoring.decode_completions`): after a
+    chat prompt (a list of messages), TRL's `[{"role": "assistant", "content": text}]`; chat-style
+    rewards index it so."""
     if isinstance(prompt, list) and isinstance(completion, str):
         return [{"role": "assistant", "content": completion}]
     return completion
@@ -181,7 +184,7 @@ def _case_lines(cases: Sequence[_Case], output: ScoreOutput, names: Sequence[str
 
 
 def _regrouped(cases: Sequence[_Case], output: ScoreOutput) -> tuple[ScoreOutput, list[int]]:
-    """The scores with the completions of one prompt side by side (a file may spread them), and group sizes."""
+    """The scores with the completions of one prompt side by side (a file may spread them); group sizes."""
     group_index: dict[str, int] = {}
     group_sizes: list[int] = []
     keys = [json.dumps(case.prompt, sort_keys=True, default=str) for case in cases]
@@ -202,17 +205,20 @@ def _regrouped(cases: Sequence[_Case], output: ScoreOutput) -> tuple[ScoreOutput
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML whose `rewards:` (and `scoring:`) are checked")
     parser.add_argument(
-        "--completions", type=Path, help="JSONL of hand-written completions to score instead of sampling the base model"
+        "--completions", type=Path,
+        help="JSONL of hand-written completions to score instead of sampling the base model"
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set rewards.0.weight=2")
     parser.add_argument("--reward-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                        help="range of the total reward, for the 'already aces it' and 'unreachable' warnings "
-                        "(default: from the rewards' declared ranges)")
+                        help="range of the total reward, for the 'already aces it' and 'unreachable' "
+                        "warnings (default: from the rewards' declared ranges)")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
-    parser.add_argument("--prompts", type=int, default=16, help="sampling mode: training prompts to sample (default 16)")
+    parser.add_argument("--prompts", type=int, default=16,
+                        help="sampling mode: training prompts to sample (default 16)")
     parser.add_argument(
-        "--group-size", type=int, default=None, help="sampling mode: completions per prompt (default rollout.group_size)"
+        "--group-size", type=int, default=None,
+        help="sampling mode: completions per prompt (default rollout.group_size)"
     )
 
 
@@ -220,7 +226,8 @@ def sample_and_score(
     config: RecipeConfig, scorer: RewardScorer, prompts: int, group_size: int,
     reward_range: tuple[float, float] | None,
 ) -> CheckReport:
-    """Sample `group_size` completions from the base model for `prompts` training prompts, score and summarise them."""
+    """Sample `group_size` completions from the base model for `prompts` training prompts, score and
+    summarise them."""
     # Heavy imports (torch, the model and engine code): only sampling needs them, not a completions file.
     import torch
 
@@ -254,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
     """`rft reward check`: sample the base model and report, or (--completions) score a file of
     hand-written completions; returns the exit code (1: an expectation failed)."""
     if args.reward_range is not None and args.reward_range[0] >= args.reward_range[1]:
-        raise ConfigError(f"--reward-range: LOW {args.reward_range[0]} must be below HIGH {args.reward_range[1]}")
+        low, high = args.reward_range
+        raise ConfigError(f"--reward-range: LOW {low} must be below HIGH {high}")
     config = load_config(args.recipe, args.overrides)
     if args.completions is None:
         scorer = RewardScorer(config.rewards, config.scoring)
@@ -267,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(report.to_dict(), indent=2))
         return 0
     try:
-        text, report, failures = check_file(config, args.completions, tuple(args.reward_range) if args.reward_range else None)
+        given_range = tuple(args.reward_range) if args.reward_range else None
+        text, report, failures = check_file(config, args.completions, given_range)
     except RewardError as exc:
         raise ConfigError(str(exc)) from exc
     print(text)

@@ -54,7 +54,9 @@ class RewardLog:
         name = str(name)
         if name.startswith(RESERVED_PREFIX):
             # The scorer's own metrics live there, and a logged value of the same name would merge into them.
-            raise ValueError(f"log_metric({name!r}): names under {RESERVED_PREFIX!r} are the scorer's; choose another")
+            raise ValueError(
+                f"log_metric({name!r}): names under {RESERVED_PREFIX!r} are the scorer's; choose another"
+            )
         number = float(value)
         if not math.isfinite(number):
             raise ValueError(f"log_metric({name!r}, {value!r}): the value must be a finite number")
@@ -64,7 +66,9 @@ class RewardLog:
         values = list(values)
         if len(values) != self.size:
             # TRL would append them out of line with the completions; here the call fails and says so.
-            raise ValueError(f"log_extra({column!r}): {len(values)} values for the call's {self.size} completions")
+            raise ValueError(
+                f"log_extra({column!r}): {len(values)} values for the call's {self.size} completions"
+            )
         self.extras[str(column)] = values
 
 
@@ -99,7 +103,8 @@ def call_reward(
 
 # ------------------------------------------------------------------------ text of prompts and completions
 def content_text(content: Any) -> str:
-    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or `{"text": ...}`)."""
+    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or
+    `{"text": ...}`)."""
     if content is None:
         return ""
     if isinstance(content, str):

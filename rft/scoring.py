@@ -84,16 +84,20 @@ class ScoreMetrics:
     def then(self, later: ScoreMetrics) -> ScoreMetrics:
         """This round followed by `later`: sums and times add; the run-long totals are the later ones."""
         return ScoreMetrics(
-            merged([self.sums, later.sums]), self.seconds + later.seconds, {**self.failures_total, **later.failures_total}
+            merged([self.sums, later.sums]), self.seconds + later.seconds,
+            {**self.failures_total, **later.failures_total},
         )
 
     def result(self) -> dict[str, float]:
-        totals = {f"reward/{name}/failures_total": float(count) for name, count in self.failures_total.items()}
+        totals = {
+            f"reward/{name}/failures_total": float(count) for name, count in self.failures_total.items()
+        }
         return {**self.sums.result(), **totals, "time/reward_functions": self.seconds}
 
 
 def _preflight(config: RewardConfig, function: RewardFunction) -> None:
-    """A reward's `preflight(**recipe kwargs it takes)`, if it has one: can it work here at all? Run once, at start."""
+    """A reward's `preflight(**recipe kwargs it takes)`, if it has one: can it work here at all?
+    Run once, at start."""
     preflight = getattr(getattr(function, "func", function), "preflight", None)
     if preflight is None:
         return
@@ -149,7 +153,9 @@ class RewardScorer:
         _preflight(config, function)
         pool = None
         if self.scoring.isolation == "process":
-            pool = WorkerPool(config.fn, config.kwargs, self.scoring.memory_mb, self.scoring.concurrency, config.build)
+            pool = WorkerPool(
+                config.fn, config.kwargs, self.scoring.memory_mb, self.scoring.concurrency, config.build
+            )
         return Reward(
             name=config.name or default_name,
             weight=config.weight,
@@ -179,11 +185,12 @@ class RewardScorer:
                 problems.append("; ".join(missing) + f" (its rows have: {', '.join(sorted(fields))})")
         if problems:
             raise RewardError(
-                "; ".join(problems) + "; set the reward's kwargs in the recipe, or map the column with data.column_map"
+                "; ".join(problems)
+                + "; set the reward's kwargs in the recipe, or map the column with data.column_map"
             )
 
     def check_splits(self, data: DataConfig, train: Sequence[Example], held_out: Sequence[Example]) -> None:
-        """`check_columns` over a recipe's training rows and held-out rows, each named by where it comes from."""
+        """`check_columns` over a recipe's training and held-out rows, each named by where it comes from."""
         self.check_columns({f"data.train ({data.train})": [e.row for e in train],
                             f"the held-out rows ({data.eval or data.train})": [e.row for e in held_out]})
 
@@ -233,7 +240,9 @@ class RewardScorer:
             calls.extend(Call(reward, start, stop, kwargs) for reward in self.rewards)
         started = time.perf_counter()
         stop_on_failure = self.scoring.on_error == "stop"
-        outcomes = run_calls(calls, rows, self.state, self.scoring.concurrency, stop_on_failure) if count else []
+        outcomes: list[Outcome] = []
+        if count:
+            outcomes = run_calls(calls, rows, self.state, self.scoring.concurrency, stop_on_failure)
         return self._combine(calls, outcomes, count, time.perf_counter() - started)
 
     def score_examples(
@@ -241,7 +250,8 @@ class RewardScorer:
         group_size: int | None = None,
     ) -> ScoreOutput:
         """`score` with the prompt and dataset row of each completion read from its example (`rows[i]`)."""
-        return self.score([e.prompt for e in rows], completions, completion_ids, [e.row for e in rows], group_size)
+        prompts = [e.prompt for e in rows]
+        return self.score(prompts, completions, completion_ids, [e.row for e in rows], group_size)
 
     def _combine(self, calls: list[Call], outcomes: list[Outcome], count: int, seconds: float) -> ScoreOutput:
         spread = _Spread.of(self.rewards, count)
@@ -314,7 +324,8 @@ class _Spread:
         for reward in rewards:
             values = self.per_function[reward.name]
             _add_present(sums, f"reward/{reward.name}", values)
-            sums.add(Metric(f"reward/{reward.name}/none_share", Reduction.MEAN), values.count(None), self.count)
+            none_share = Metric(f"reward/{reward.name}/none_share", Reduction.MEAN)
+            sums.add(none_share, values.count(None), self.count)
             for kind, number in self.failures[reward.name].items():
                 sums.add(Metric(f"reward/{reward.name}/{kind}s", Reduction.SUM), number)
         for key, series in self.components.items():
@@ -350,13 +361,14 @@ def decode_completions(
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     completions: list[Any] = []
     for i, text in enumerate(texts):
-        completions.append([{"role": "assistant", "content": text}] if examples[i // group_size].is_chat else text)
+        chat = examples[i // group_size].is_chat
+        completions.append([{"role": "assistant", "content": text}] if chat else text)
     return completions
 
 
 @dataclass(frozen=True)
 class ScoredGroups:
-    """`group_size` sampled completions of each example, prompt-major, as the rewards saw them, and their scores.
+    """`group_size` sampled completions of each example, prompt-major, as the rewards saw them; their scores.
 
     `rows[i]` is the example completion i answers (`examples[i // group_size]`), `completions[i]` its
     decoded text (TRL's chat form after a chat prompt); `scores` the `ScoreOutput` over all of them.
@@ -368,8 +380,13 @@ class ScoredGroups:
 
 
 def score_groups(
-    scorer: RewardScorer, tokenizer: Any, examples: Sequence[Example], completion_ids: Sequence[Sequence[int]],
-    group_size: int, *, call_per_group: bool = True,
+    scorer: RewardScorer,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    completion_ids: Sequence[Sequence[int]],
+    group_size: int,
+    *,
+    call_per_group: bool = True,
 ) -> ScoredGroups:
     """Expand the examples to their completions, decode and score them: the trainer's, the evaluator's
     and `rft reward check`'s way from sampled ids to rewards. `call_per_group`: each reward is called once
