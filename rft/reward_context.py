@@ -19,6 +19,11 @@ passes them always, so there a reward without `**kwargs` fails; here it is simpl
 Rewards may run in worker processes (`rft.reward_workers`), which a callable into the trainer cannot
 reach: each call gets a `RewardLog` whose methods record what was logged, and the record travels back
 with the call's result for the scorer to merge. Torch-free, like the workers that import it.
+
+It also holds the one set of text helpers for prompts and completions, shared by `rft` and the
+plugins (`rewards.base` re-exports them): `completion_text` (the assistant's text only),
+`prompt_text` (every message's text, one per line) and `conversation_text` (every message's content
+joined as it is, for display and exact match).
 """
 
 from __future__ import annotations

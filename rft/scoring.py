@@ -26,6 +26,10 @@ Failures are counted in the metrics under every policy. A function that returns 
 than a list, or the wrong number of values, or raises `rewards.base.RewardContractError` (e.g. a
 Bedrock Lambda answering for ids it was not sent), breaks its contract: `RewardError` at once,
 whatever the policy, because every later batch would fail the same way.
+
+Where it lives: the calls themselves run in `rft.reward_calls`; rewards are loaded through the one door
+`rft.reward_loading`. `score_groups` is the one way from sampled token ids to rewards (expand the
+examples to their completions, decode, score) for the trainer, the evaluator and `rft reward check`.
 """
 
 from __future__ import annotations
