@@ -42,8 +42,8 @@ from typing import Any
 
 from rft.config import DataConfig, RewardConfig, ScoringConfig
 from rft.data import Example
-from rft.metrics import Accumulator, Metric, Reduction, merged
-from rft.reward_calls import Call, Outcome, Reward, run_calls
+from rft.metrics import Accumulator, merged
+from rft.reward_calls import Call, Outcome, Reward, Spread, run_calls
 from rft.reward_context import RewardState, accepted_context
 from rft.reward_loading import (
     RewardContractError,
@@ -258,7 +258,7 @@ class RewardScorer:
         return self.score(prompts, completions, completion_ids, [e.row for e in rows], group_size)
 
     def _combine(self, calls: list[Call], outcomes: list[Outcome], count: int, seconds: float) -> ScoreOutput:
-        spread = _Spread.of(self.rewards, count)
+        spread = Spread.of(self.rewards, count)
         for call, outcome in zip(calls, outcomes, strict=True):
             if outcome.failure:
                 self.failure_totals[call.reward.name] += 1
@@ -277,83 +277,11 @@ class RewardScorer:
         )
 
 
-@dataclass
-class _Spread:
-    """Outcomes laid out per completion (each call covers a span of the batch), and what they count."""
-
-    count: int
-    per_function: dict[str, list[float | None]]
-    failures: dict[str, dict[str, int]]  # reward -> failure kind -> calls
-    failed: list[bool]
-    components: dict[str, list[float | None]] = field(default_factory=dict)
-    counters: dict[str, float] = field(default_factory=dict)
-    extras: dict[str, list[Any]] = field(default_factory=dict)
-    logged: dict[str, list[float]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    @staticmethod
-    def of(rewards: Sequence[Reward], count: int) -> _Spread:
-        return _Spread(
-            count, {r.name: [None] * count for r in rewards},
-            {r.name: {"error": 0, "timeout": 0, "invalid": 0} for r in rewards}, [False] * count,
-        )
-
-    def fail(self, call: Call, outcome: Outcome, zero: bool) -> None:
-        """A failed call: its completions score 0 (`on_error: zero`) or are marked failed (`skip_group`)."""
-        self.failures[call.reward.name][outcome.kind] += 1
-        self.errors.append(outcome.failure or "")
-        for i in range(call.start, call.stop):
-            if zero:
-                self.per_function[call.reward.name][i] = 0.0
-            else:
-                self.failed[i] = True
-
-    def add(self, call: Call, outcome: Outcome) -> None:
-        name, span = call.reward.name, slice(call.start, call.stop)
-        assert outcome.values is not None
-        self.per_function[name][span] = outcome.values
-        for key, series in outcome.components.items():
-            self.components.setdefault(f"{name}/{key}", [None] * self.count)[span] = series
-        for key, value in outcome.counters.items():
-            self.counters[f"reward/{name}/{key}"] = self.counters.get(f"reward/{name}/{key}", 0.0) + value
-        if outcome.log is not None:
-            for key, values in outcome.log.metrics.items():
-                self.logged.setdefault(key, []).extend(values)
-            for key, values in outcome.log.extras.items():
-                self.extras.setdefault(key, [None] * self.count)[span] = values
-
-    def sums(self, rewards: Sequence[Reward], total: list[float]) -> Accumulator:
-        """The batch's metrics, in parts that combine with other batches' (`ScoreMetrics.sums`)."""
-        sums = Accumulator()
-        for reward in rewards:
-            values = self.per_function[reward.name]
-            _add_present(sums, f"reward/{reward.name}", values)
-            none_share = Metric(f"reward/{reward.name}/none_share", Reduction.MEAN)
-            sums.add(none_share, values.count(None), self.count)
-            for kind, number in self.failures[reward.name].items():
-                sums.add(Metric(f"reward/{reward.name}/{kind}s", Reduction.SUM), number)
-        for key, series in self.components.items():
-            _add_present(sums, f"reward/{key}", series, std=False)
-        for key, value in self.counters.items():
-            sums.add(Metric(key, Reduction.SUM), value)
-        # log_metric: TRL's mean over every value logged in the step, under the name as given.
-        for key, values in self.logged.items():
-            sums.add(Metric(key, Reduction.MEAN), sum(values), len(values))
-        sums.describe("reward/total", total, extremes=False)
-        sums.add(Metric("reward/failed_share", Reduction.MEAN), sum(self.failed), self.count)
-        return sums
-
-
 def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     keys: dict[str, None] = {}
     for row in rows:
         keys.update(dict.fromkeys(row))
     return {key: [row.get(key) for row in rows] for key in keys if key not in _RESERVED_COLUMNS}
-
-
-def _add_present(sums: Accumulator, prefix: str, values: Sequence[float | None], std: bool = True) -> None:
-    """Mean (and std) of the values that are not None: `None` is "not applicable", not 0."""
-    sums.describe(prefix, [v for v in values if v is not None], extremes=False, std=std)
 
 
 # ------------------------------------------------------------------ sampled groups: expand, decode, score
