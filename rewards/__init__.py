@@ -10,4 +10,9 @@
 - `rewards.rubric`: `Rubric` (weighted components, each logged)
 - `rewards.judge`: `LLMJudge` (OpenAI-compatible endpoints; score or pairwise)
 - `rewards.bedrock_lambda`: `BedrockLambdaReward` (an unmodified Bedrock reward Lambda handler)
+
+Beside them: `rewards.loading` (load a reward by spec; the trainer reaches it through
+`rft.reward_loading`), `rewards.pii` (the PII detector `PIIEcho` and `rft data prep` use),
+`rewards.sandbox` (where `code_tests` runs code), `rewards.judge_replies` (the judge's prompts,
+reply parsing and cache).
 """

@@ -30,6 +30,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+# The text helpers live with the trainer's public helper so that `rft` uses the same ones; re-exported
+# here, where plugins look for them.
+from rft.reward_context import completion_text, content_text, conversation_text, prompt_text
+
+__all__ = [
+    "RewardContractError",
+    "RewardValues",
+    "column",
+    "completion_text",
+    "content_text",
+    "conversation_text",
+    "prompt_messages",
+    "prompt_text",
+    "reference_value",
+]
+
 
 class RewardContractError(Exception):
     """A reward broke its contract (wrong number of values, results for unknown ids): raising it
@@ -52,47 +68,6 @@ class RewardValues(list):
         for key, series in self.components.items():
             if len(series) != len(self):
                 raise ValueError(f"component {key!r} has {len(series)} values for {len(self)} rewards")
-
-
-def content_text(content: Any) -> str:
-    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or `{"text": ...}`)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, str):
-                parts.append(part)
-            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-        return "".join(parts)
-    return str(content)
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: the string itself, or the assistant messages' text for chat completions."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence):
-        return "\n".join(
-            content_text(message.get("content"))
-            for message in completion
-            if isinstance(message, Mapping) and message.get("role", "assistant") == "assistant"
-        )
-    return str(completion)
-
-
-def prompt_text(prompt: Any) -> str:
-    """All text of a prompt: the string itself, or every message's text joined by newlines."""
-    if prompt is None:
-        return ""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, Sequence):
-        return "\n".join(content_text(m.get("content")) for m in prompt if isinstance(m, Mapping))
-    return str(prompt)
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
@@ -123,7 +98,9 @@ def reference_value(value: Any, key: str | None = None) -> Any:
     for candidate in _ANSWER_KEYS:
         if candidate in value:
             return value[candidate]
-    raise KeyError(f"reference {value!r}: several keys and none of {_ANSWER_KEYS}; set `answer_key` in the recipe")
+    raise KeyError(
+        f"reference {value!r}: several keys and none of {_ANSWER_KEYS}; set `answer_key` in the recipe"
+    )
 
 
 def column(columns: Mapping[str, Any], name: str, count: int, reward: str) -> list[Any]:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from rewards.base import RewardContractError, RewardValues, completion_text, prompt_messages
+from rewards.loading import load_function
 
 # Columns that describe the rollout itself rather than the row; they do not go into `metadata`.
 _NOT_METADATA = ("prompts", "completions", "completion_ids", "messages", "reference_answer")
@@ -93,7 +94,9 @@ def build_event(
             *prompt_messages(prompts[index]),
             {"role": "assistant", "content": completion_text(completions[index])},
         ]
-        event.append({"id": rollout_id, "messages": messages, "reference_answer": reference, "metadata": metadata})
+        event.append(
+            {"id": rollout_id, "messages": messages, "reference_answer": reference, "metadata": metadata}
+        )
     return event
 
 
@@ -108,9 +111,6 @@ class BedrockLambdaReward:
         timeout_s: float = 900.0,
         memory_limit_in_mb: int = 1024,
     ):
-        # Imported here: rft.scoring imports this package's base module.
-        from rft.reward_loading import load_function
-
         if ":" not in handler:
             handler = f"{handler}:lambda_handler"
         self.handler_spec = handler
@@ -142,9 +142,8 @@ class BedrockLambdaReward:
             stop = min(count, start + size)
             self._invocations += 1
             ids = [f"rollout-{self._invocations}-{i}" for i in range(stop - start)]
-            event = build_event(
-                ids, prompts[start:stop], completions[start:stop], {k: v[start:stop] for k, v in columns.items()}
-            )
+            batch_columns = {k: v[start:stop] for k, v in columns.items()}
+            event = build_event(ids, prompts[start:stop], completions[start:stop], batch_columns)
             results = self._invoke(event)
             for offset, (score, metrics) in enumerate(self._match(ids, results)):
                 scores[start + offset] = score
@@ -164,7 +163,9 @@ class BedrockLambdaReward:
             raise LambdaHandlerError(f"{self._describe()} raised {type(exc).__name__}: {exc}") from exc
         if isinstance(result, Mapping) and "statusCode" in result:
             if result["statusCode"] != 200:
-                raise LambdaHandlerError(f"{self._describe()} returned statusCode {result['statusCode']}: {result.get('body')!r}")
+                raise LambdaHandlerError(
+                    f"{self._describe()} returned statusCode {result['statusCode']}: {result.get('body')!r}"
+                )
             body = result.get("body")
             try:
                 result = json.loads(body) if isinstance(body, str | bytes) else body
@@ -173,11 +174,15 @@ class BedrockLambdaReward:
         try:
             return json.loads(json.dumps(result))
         except (TypeError, ValueError) as exc:
-            raise LambdaHandlerError(f"{self._describe()}: the result cannot be returned as JSON: {exc}") from exc
+            raise LambdaHandlerError(
+                f"{self._describe()}: the result cannot be returned as JSON: {exc}"
+            ) from exc
 
     def _match(self, ids: list[str], results: Any) -> list[tuple[float, dict[str, float]]]:
         if not isinstance(results, list):
-            raise RewardContractError(f"{self._describe()} returned {type(results).__name__}, expected a list of results")
+            raise RewardContractError(
+                f"{self._describe()} returned {type(results).__name__}, expected a list of results"
+            )
         by_id: dict[str, tuple[float, dict[str, float]]] = {}
         expected = set(ids)
         for entry in results:
@@ -199,23 +204,33 @@ class BedrockLambdaReward:
 
     def _number(self, value: Any, what: str, rollout_id: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise LambdaHandlerError(f"{self._describe()} returned {what} {value!r} for id {rollout_id!r}; expected a finite number")
+            raise LambdaHandlerError(
+                f"{self._describe()} returned {what} {value!r} for id {rollout_id!r}; expected a finite "
+                "number"
+            )
         return float(value)
 
     def _score(self, entry: Mapping[str, Any], rollout_id: str) -> float:
         if "aggregate_reward_score" not in entry:
-            raise LambdaHandlerError(f"{self._describe()} returned no aggregate_reward_score for id {rollout_id!r}")
+            raise LambdaHandlerError(
+                f"{self._describe()} returned no aggregate_reward_score for id {rollout_id!r}"
+            )
         return self._number(entry["aggregate_reward_score"], "aggregate_reward_score", rollout_id)
 
     def _metrics(self, entry: Mapping[str, Any], rollout_id: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for item in entry.get("metrics_list") or []:
             if not isinstance(item, Mapping) or "name" not in item or "value" not in item:
-                raise LambdaHandlerError(f"{self._describe()}: metrics_list entry {item!r} for id {rollout_id!r} needs name and value")
+                raise LambdaHandlerError(
+                    f"{self._describe()}: metrics_list entry {item!r} for id {rollout_id!r} needs name and "
+                    "value"
+                )
             metrics[str(item["name"])] = self._number(item["value"], f"metric {item['name']!r}", rollout_id)
         components = entry.get("reward_components") or {}
         if not isinstance(components, Mapping):
-            raise LambdaHandlerError(f"{self._describe()}: reward_components for id {rollout_id!r} is not an object")
+            raise LambdaHandlerError(
+                f"{self._describe()}: reward_components for id {rollout_id!r} is not an object"
+            )
         for name, value in components.items():
             metrics.setdefault(str(name), self._number(value, f"reward component {name!r}", rollout_id))
         return metrics

@@ -94,7 +94,9 @@ def cited_sources(
             invalid_counts.append(None)
             continue
         if not isinstance(passages, list):
-            raise ValueError(f"cited_sources: column {passages_column!r} holds {type(passages).__name__}, expected a list")
+            raise ValueError(
+                f"cited_sources: column {passages_column!r} holds {type(passages).__name__}, expected a list"
+            )
         known: set[str] = set()
         for passage in passages:
             known |= _source_keys(passage, id_key, url_key)

@@ -52,167 +52,42 @@ import itertools
 import json
 import os
 import random
-import re
-import sqlite3
-import threading
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from rewards.base import RewardValues, completion_text, prompt_text
+from rewards.judge_replies import (
+    PAIRWISE_TEMPLATE,
+    RETRY_STATUS,
+    SCORE_TEMPLATE,
+    Counters,
+    EventLoopThread,
+    JudgeFailure,
+    ReplyCache,
+    parse_score,
+    parse_winner,
+    reply_content,
+)
 
-SCORE_TEMPLATE = """You are a strict grader. Grade the response to the prompt below against the rubric.
-
-Rubric:
-{rubric}
-
-Prompt:
-{prompt}
-{reference_block}
-Response:
-{completion}
-
-Explain your grade in at most three sentences, then end with a line of the form "Score: N", where N is a number from {min_score} to {max_score}."""
-
-PAIRWISE_TEMPLATE = """You are a strict grader. Two responses answer the same prompt. Decide which is better according to the rubric.
-
-Rubric:
-{rubric}
-
-Prompt:
-{prompt}
-{reference_block}
-Response A:
-{response_a}
-
-Response B:
-{response_b}
-
-Explain your choice in at most three sentences, then end with a line "Winner: A", "Winner: B" or "Winner: tie"."""
-
-_SCORE = re.compile(r"score\s*\**\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
-_WINNER = re.compile(r"winner\s*\**\s*[:=]\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
-_RETRY_STATUS = {408, 409, 429}
-
-
-class JudgeFailure(RuntimeError):
-    """A judge request that failed after its retries, or a reply that could not be parsed."""
-
-
-def parse_score(reply: str, min_score: float, max_score: float) -> float | None:
-    """The last `Score: N` in a reply (or `{"score": N}`, or a bare number), if within the range."""
-    found = _SCORE.findall(reply)
-    value: float | None = float(found[-1]) if found else None
-    if value is None:
-        stripped = reply.strip()
-        try:
-            parsed = json.loads(stripped)
-            if isinstance(parsed, dict) and isinstance(parsed.get("score"), int | float):
-                value = float(parsed["score"])
-            elif isinstance(parsed, int | float) and not isinstance(parsed, bool):
-                value = float(parsed)
-        except json.JSONDecodeError:
-            return None
-    if value is None or not min_score <= value <= max_score:
-        return None
-    return value
-
-
-def reply_content(body: str) -> str:
-    """The message text of a chat completion body; JudgeFailure for any other body (an HTML page or
-    truncated JSON served with HTTP 200, a completion without message content)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise JudgeFailure(f"judge endpoint answered HTTP 200 with a body that is not JSON: {body[:200]!r}") from None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    first = choices[0] if isinstance(choices, list) and choices else None
-    message = first.get("message") if isinstance(first, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, str):
-        raise JudgeFailure(f"judge reply is not a chat completion with message content: {body[:200]!r}")
-    return content
-
-
-def parse_winner(reply: str) -> str | None:
-    """'A', 'B' or 'tie' from the last `Winner: ...` in a reply (or a bare A / B / tie)."""
-    found = _WINNER.findall(reply)
-    answer = found[-1] if found else reply.strip().rstrip(".")
-    answer = answer.upper() if answer.lower() != "tie" else "tie"
-    return answer if answer in ("A", "B", "tie") else None
-
-
-@dataclass
-class _Counters:
-    requests: int = 0
-    cache_hits: int = 0
-    retries: int = 0
-    failures: int = 0
-    unparseable: int = 0
-
-
-class _ReplyCache:
-    """Replies keyed on a request hash: in memory, and in SQLite when a path is given."""
-
-    def __init__(self, path: str | None):
-        self.memory: dict[str, str] = {}
-        self.lock = threading.Lock()
-        self.database: sqlite3.Connection | None = None
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.database = sqlite3.connect(path, check_same_thread=False)
-            self.database.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
-            self.database.commit()
-
-    def get(self, key: str) -> str | None:
-        with self.lock:
-            if key in self.memory:
-                return self.memory[key]
-            if self.database is not None:
-                row = self.database.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-                if row is not None:
-                    self.memory[key] = row[0]
-                    return row[0]
-        return None
-
-    def put(self, key: str, reply: str) -> None:
-        with self.lock:
-            self.memory[key] = reply
-            if self.database is not None:
-                self.database.execute("INSERT OR REPLACE INTO replies VALUES (?, ?)", (key, reply))
-                self.database.commit()
-
-    def close(self) -> None:
-        with self.lock:
-            if self.database is not None:
-                self.database.close()
-                self.database = None
-
-
-class _EventLoopThread:
-    """An asyncio event loop running in a daemon thread, for coroutines submitted from other threads."""
-
-    def __init__(self, name: str):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, coroutine: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-    def close(self, last: Coroutine[Any, Any, Any], timeout_s: float = 10.0) -> None:
-        """Run `last` (clean-up), then stop the loop and its thread."""
-        try:
-            self.submit(last).result(timeout=timeout_s)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=timeout_s)
-            if not self.thread.is_alive():
-                self.loop.close()
-
+__all__ = ["PAIRWISE_TEMPLATE", "SCORE_TEMPLATE", "JudgeFailure", "LLMJudge", "parse_score", "parse_winner",
+           "reply_content"]
 
 _MISSING = object()
+
+
+def _check_settings(on_failure: Any, mode: str, min_score: float, max_score: float) -> None:
+    """ValueError naming the first setting a judge cannot work with."""
+    if on_failure is _MISSING:
+        raise ValueError(
+            "LLMJudge: set `on_failure`: a number (e.g. 0), null (not applicable) or error (raise) "
+            "for requests that fail and replies that cannot be parsed"
+        )
+    if isinstance(on_failure, str) and on_failure != "error":
+        raise ValueError(f"LLMJudge: on_failure {on_failure!r}; use a number, null or error")
+    if mode not in ("score", "pairwise"):
+        raise ValueError(f"LLMJudge: mode {mode!r}; use score or pairwise")
+    if max_score <= min_score:
+        raise ValueError(f"LLMJudge: max_score {max_score} must exceed min_score {min_score}")
 
 
 class LLMJudge:
@@ -241,21 +116,11 @@ class LLMJudge:
         max_tokens: int = 512,
         cache_path: str | None = None,
     ):
-        try:
+        try:  # optional dependency: only a judge needs it
             import openai
         except ImportError as exc:
             raise ValueError("LLMJudge needs the `openai` package: pip install openai") from exc
-        if on_failure is _MISSING:
-            raise ValueError(
-                "LLMJudge: set `on_failure`: a number (e.g. 0), null (not applicable) or error (raise) "
-                "for requests that fail and replies that cannot be parsed"
-            )
-        if isinstance(on_failure, str) and on_failure != "error":
-            raise ValueError(f"LLMJudge: on_failure {on_failure!r}; use a number, null or error")
-        if mode not in ("score", "pairwise"):
-            raise ValueError(f"LLMJudge: mode {mode!r}; use score or pairwise")
-        if max_score <= min_score:
-            raise ValueError(f"LLMJudge: max_score {max_score} must exceed min_score {min_score}")
+        _check_settings(on_failure, mode, min_score, max_score)
         self.__name__ = f"judge_{mode}"
         self.openai = openai
         self.model = model
@@ -275,9 +140,9 @@ class LLMJudge:
             base_url=base_url, api_key=api_key or "not-needed", max_retries=0, timeout=timeout_s
         )
         self.slots = asyncio.Semaphore(concurrency)  # binds to the judge's loop at first use
-        self.requests = _EventLoopThread(name=f"judge-{model}")
+        self.requests = EventLoopThread(name=f"judge-{model}")
         self.closed = False
-        self.cache = _ReplyCache(cache_path)
+        self.cache = ReplyCache(cache_path)
         if mode == "score":
             self.reward_range = (0.0, 1.0) if normalize else (min_score, max_score)
         else:
@@ -286,7 +151,9 @@ class LLMJudge:
     # -- requests -------------------------------------------------------------------------------
 
     def _messages(self, **fields: str) -> list[dict[str, str]]:
-        user = self.template.format(rubric=self.rubric, min_score=self.min_score, max_score=self.max_score, **fields)
+        user = self.template.format(
+            rubric=self.rubric, min_score=self.min_score, max_score=self.max_score, **fields
+        )
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*messages, {"role": "user", "content": user}]
 
@@ -294,7 +161,7 @@ class LLMJudge:
         payload = json.dumps([self.model, messages, self.temperature, self.max_tokens], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    async def _request(self, messages: list[dict[str, str]], counters: _Counters) -> str:
+    async def _request(self, messages: list[dict[str, str]], counters: Counters) -> str:
         """The reply text, retrying transient failures; raises JudgeFailure. Runs on the judge's loop,
         so the counters need no lock."""
         last_error: Exception | None = None
@@ -307,22 +174,27 @@ class LLMJudge:
                 async with self.slots:
                     # The raw body: the SDK would hand a non-JSON one back as a str, or raise on bad JSON.
                     sending = self.client.chat.completions.with_raw_response.create(
-                        model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens
+                        model=self.model, messages=messages, temperature=self.temperature,
+                        max_tokens=self.max_tokens,
                     )
                     response = await asyncio.wait_for(sending, self.timeout_s)
             except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
                 last_error = TimeoutError(f"no complete reply within timeout_s={self.timeout_s:g} s")
                 continue
-            except (self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError) as exc:
+            except (
+                self.openai.APIConnectionError, self.openai.RateLimitError, self.openai.InternalServerError
+            ) as exc:
                 last_error = exc  # APITimeoutError is an APIConnectionError
                 continue
             except self.openai.APIStatusError as exc:
-                if exc.status_code in _RETRY_STATUS:
+                if exc.status_code in RETRY_STATUS:
                     last_error = exc
                     continue
                 raise JudgeFailure(f"judge endpoint answered HTTP {exc.status_code}: {exc.message}") from exc
             return reply_content(response.text)
-        raise JudgeFailure(f"judge request failed after {self.retries + 1} attempts: {last_error}") from last_error
+        raise JudgeFailure(
+            f"judge request failed after {self.retries + 1} attempts: {last_error}"
+        ) from last_error
 
     def _delay(self, attempt: int, error: Exception | None) -> float:
         response = getattr(error, "response", None)
@@ -335,7 +207,7 @@ class LLMJudge:
         # Full jitter keeps many workers that failed together from retrying together.
         return self.backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
-    def _replies(self, requests: list[list[dict[str, str]]], counters: _Counters) -> list[str | JudgeFailure]:
+    def _replies(self, requests: list[list[dict[str, str]]], counters: Counters) -> list[str | JudgeFailure]:
         """Replies for requests (same order), each distinct request sent once, cached ones not at all."""
         if self.closed:
             raise RuntimeError("LLMJudge: called after close()")
@@ -386,13 +258,15 @@ class LLMJudge:
 
     # -- the reward ---------------------------------------------------------------------------------
 
-    def __call__(self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any) -> RewardValues:
+    def __call__(
+        self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any
+    ) -> RewardValues:
         if prompts is None or len(prompts) != len(completions):
             raise ValueError("LLMJudge needs `prompts` aligned with `completions`")
         references = columns.get(self.reference_column) if self.reference_column else None
         if self.reference_column and references is None:
             raise KeyError(f"LLMJudge: no column {self.reference_column!r}; the rows have: {sorted(columns)}")
-        counters = _Counters()
+        counters = Counters()
         if self.mode == "score":
             scores = self._score_mode(completions, prompts, references, counters)
         else:
@@ -407,7 +281,7 @@ class LLMJudge:
         return f"\nReference answer:\n{text}\n"
 
     def _score_mode(
-        self, completions: list[Any], prompts: list[Any], references: Sequence[Any] | None, counters: _Counters
+        self, completions: list[Any], prompts: list[Any], references: Sequence[Any] | None, counters: Counters
     ) -> list[float | None]:
         requests = [
             self._messages(
@@ -425,7 +299,8 @@ class LLMJudge:
             value = parse_score(reply, self.min_score, self.max_score)
             if value is None:
                 counters.unparseable += 1
-                scores.append(self._failed(f"judge reply has no score in [{self.min_score}, {self.max_score}]: {reply[-200:]!r}"))
+                scale = f"[{self.min_score}, {self.max_score}]"
+                scores.append(self._failed(f"judge reply has no score in {scale}: {reply[-200:]!r}"))
                 continue
             if self.normalize:
                 value = (value - self.min_score) / (self.max_score - self.min_score)
@@ -433,7 +308,7 @@ class LLMJudge:
         return scores
 
     def _pairwise_mode(
-        self, completions: list[Any], prompts: list[Any], references: Sequence[Any] | None, counters: _Counters
+        self, completions: list[Any], prompts: list[Any], references: Sequence[Any] | None, counters: Counters
     ) -> list[float | None]:
         groups: dict[str, list[int]] = {}
         for index, prompt in enumerate(prompts):

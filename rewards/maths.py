@@ -40,7 +40,9 @@ math_verify.parser.TIMEOUT_WARNING_SHOWN = True
 math_verify.grader.TIMEOUT_WARNING_SHOWN = True
 
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
-_ANSWER_IS = re.compile(r"(?i)\b(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*(.+?)\s*(?:\.\s|\.?$)", re.MULTILINE)
+_ANSWER_IS = re.compile(
+    r"(?i)\b(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*(.+?)\s*(?:\.\s|\.?$)", re.MULTILINE
+)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K_FINAL_LINE = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*\Z")
 

@@ -11,7 +11,7 @@ Recipe::
       - fn: rewards.policy:PIIEcho
         kwargs: {scope: echo}        # or `any`: penalise PII in the completion wherever it came from
 
-PII is found with Presidio's pattern recognizers (see rft/pii.py): emails, phone numbers, card
+PII is found with Presidio's pattern recognizers (see rewards/pii.py): emails, phone numbers, card
 numbers (Luhn-checked), IBANs, IP addresses, US SSN/ITIN/passport numbers, UK NHS numbers, crypto
 wallets; `entities: [PERSON, LOCATION, ...]` adds names, places and street addresses (spaCy NER).
 A value counts as echoed when its canonical form (digits only for numbers, lower case
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rewards.base import RewardValues, column, completion_text, prompt_text
-from rft.pii import PIIDetector, canonical
+from rewards.pii import PIIDetector, canonical
 
 
 def _term_pattern(terms: Sequence[str], whole_word: bool, case_sensitive: bool) -> re.Pattern[str]:
@@ -77,7 +77,9 @@ class PIIEcho:
         self.detector = PIIDetector(entities=entities, min_score=min_score)
         self.reward_range = (min(violation_score, clean_score), max(violation_score, clean_score))
 
-    def __call__(self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any) -> RewardValues:
+    def __call__(
+        self, completions: list[Any], prompts: list[Any] | None = None, **columns: Any
+    ) -> RewardValues:
         if self.prompt_column is not None:
             prompts = column(columns, self.prompt_column, len(completions), "pii_echo")
         if prompts is None and self.scope == "echo":

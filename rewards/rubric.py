@@ -8,8 +8,10 @@ Recipe (the "+1 grounded, +1 schema, +1 safe, +1 concise, -1 violation" example)
         kwargs:
           components:
             - {name: grounded, fn: rewards.grounding:cited_sources, weight: 1, kwargs: {penalty: 0}}
-            - {name: schema, fn: rewards.structured:JsonSchemaReward, weight: 1, kwargs: {schema_file: schema.json}}
-            - {name: safe, fn: rewards.policy:PIIEcho, weight: 1, kwargs: {clean_score: 1, violation_score: 0}}
+            - {name: schema, fn: rewards.structured:JsonSchemaReward, weight: 1,
+               kwargs: {schema_file: schema.json}}
+            - {name: safe, fn: rewards.policy:PIIEcho, weight: 1,
+               kwargs: {clean_score: 1, violation_score: 0}}
             - {name: concise, fn: rewards.text:length_band, weight: 1, kwargs: {max: 150}}
             - {name: violation, fn: rewards.policy:blocked_terms, weight: 1,
                kwargs: {terms: [guarantee], violation_score: -1}}
@@ -28,13 +30,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rewards.base import RewardContractError, RewardValues
+from rewards.loading import build_reward
 
 
 class Rubric:
     def __init__(self, components: Sequence[Mapping[str, Any]], normalize: bool = False):
-        # Imported here: rft.scoring imports this package's base module, and a rubric is built late.
-        from rft.reward_loading import build_reward
-
         if not components:
             raise ValueError("Rubric: `components` is empty")
         self.__name__ = "rubric"
@@ -48,7 +48,8 @@ class Rubric:
                     + (f"; unknown {sorted(unknown)}" if unknown else "")
                 )
             default_name, function = build_reward(str(spec["fn"]), dict(spec.get("kwargs") or {}))
-            self.components.append((str(spec.get("name") or default_name), float(spec.get("weight", 1.0)), function))
+            name = str(spec.get("name") or default_name)
+            self.components.append((name, float(spec.get("weight", 1.0)), function))
         names = [name for name, _, _ in self.components]
         if len(set(names)) != len(names):
             raise ValueError(f"Rubric component names must be unique, got {names}")
@@ -78,10 +79,13 @@ class Rubric:
             if inspect.isawaitable(values):
                 values = asyncio.run(values)
             if not isinstance(values, list | tuple):
-                raise RewardContractError(f"rubric component {name!r} returned {type(values).__name__}, expected a list")
+                raise RewardContractError(
+                    f"rubric component {name!r} returned {type(values).__name__}, expected a list"
+                )
             if len(values) != len(completions):
                 raise RewardContractError(
-                    f"rubric component {name!r} returned {len(values)} values for {len(completions)} completions"
+                    f"rubric component {name!r} returned {len(values)} values for {len(completions)} "
+                    "completions"
                 )
             parts[name] = [None if v is None else float(v) for v in values]
             for i, value in enumerate(parts[name]):

@@ -53,7 +53,7 @@ from rft.config import ConfigError
 from rft.rendered_chat import unrender
 
 if TYPE_CHECKING:
-    from rft.pii import PIIDetector
+    from rft.reward_loading import PIIDetector
 
 DEFAULT_TAG_KEYS = ("domain", "intent", "difficulty")
 _WORD = re.compile(r"\w+")
@@ -458,7 +458,7 @@ def _read_rows(inputs: Sequence[Path], report: PrepReport) -> list[Row]:
 
 def _detector(options: PrepOptions) -> PIIDetector:
     """Built before any record is read, so that a request it cannot serve stops the command at once."""
-    from rft.pii import PIIDetector
+    from rft.reward_loading import PIIDetector
 
     try:
         return PIIDetector(entities=options.pii_entities)

@@ -19,6 +19,11 @@ passes them always, so there a reward without `**kwargs` fails; here it is simpl
 Rewards may run in worker processes (`rft.reward_workers`), which a callable into the trainer cannot
 reach: each call gets a `RewardLog` whose methods record what was logged, and the record travels back
 with the call's result for the scorer to merge. Torch-free, like the workers that import it.
+
+It also holds the one set of text helpers for prompts and completions, shared by `rft` and the
+plugins (`rewards.base` re-exports them): `completion_text` (the assistant's text only),
+`prompt_text` (every message's text, one per line) and `conversation_text` (every message's content
+joined as it is, for display and exact match).
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ class RewardLog:
         name = str(name)
         if name.startswith(RESERVED_PREFIX):
             # The scorer's own metrics live there, and a logged value of the same name would merge into them.
-            raise ValueError(f"log_metric({name!r}): names under {RESERVED_PREFIX!r} are the scorer's; choose another")
+            raise ValueError(
+                f"log_metric({name!r}): names under {RESERVED_PREFIX!r} are the scorer's; choose another"
+            )
         number = float(value)
         if not math.isfinite(number):
             raise ValueError(f"log_metric({name!r}, {value!r}): the value must be a finite number")
@@ -64,7 +71,9 @@ class RewardLog:
         values = list(values)
         if len(values) != self.size:
             # TRL would append them out of line with the completions; here the call fails and says so.
-            raise ValueError(f"log_extra({column!r}): {len(values)} values for the call's {self.size} completions")
+            raise ValueError(
+                f"log_extra({column!r}): {len(values)} values for the call's {self.size} completions"
+            )
         self.extras[str(column)] = values
 
 
@@ -97,18 +106,22 @@ def call_reward(
     return function(**kwargs, **context_kwargs(accepted, state, log)), log
 
 
+# ------------------------------------------------------------------------ text of prompts and completions
 def content_text(content: Any) -> str:
-    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}`)."""
+    """Text of a message `content`: a string, or a list of parts (`{"type": "text", "text": ...}` or
+    `{"text": ...}`)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(
-            part if isinstance(part, str) else part["text"]
-            for part in content
-            if isinstance(part, str) or (isinstance(part, Mapping) and isinstance(part.get("text"), str))
-        )
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
     return str(content)
 
 
@@ -125,8 +138,19 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
+def prompt_text(prompt: Any) -> str:
+    """All text of a prompt: the string itself, or every message's text joined by newlines."""
+    if prompt is None:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence):
+        return "\n".join(content_text(m.get("content")) for m in prompt if isinstance(m, Mapping))
+    return str(prompt)
+
+
 def conversation_text(messages: Any) -> str:
-    """Every message as a "role: content" line, for display; a plain string prompt as it is."""
+    """Display text of a conversation: every message as a "role: content" line; a plain string as it is."""
     if isinstance(messages, str):
         return messages
     return "\n".join(f"{message.get('role')}: {content_text(message.get('content'))}" for message in messages)

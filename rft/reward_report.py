@@ -119,11 +119,13 @@ def _warnings(report: CheckReport) -> list[str]:
             )
         if span > 0 and total.max is not None and total.max <= low + NEAR_MIN * span:
             warnings.append(
-                f"No completion scored above {total.max:.3f} (minimum {low:g}, maximum {high:g}): the reward may "
-                f"be unreachable. {_likely_cause(report)}"
+                f"No completion scored above {total.max:.3f} (minimum {low:g}, maximum {high:g}): "
+                f"the reward may be unreachable. {_likely_cause(report)}"
             )
     elif total.max is not None and total.max <= 0.0:
-        warnings.append(f"No completion scored above 0: the reward may be unreachable. {_likely_cause(report)}")
+        warnings.append(
+            f"No completion scored above 0: the reward may be unreachable. {_likely_cause(report)}"
+        )
     if total.zero_variance_share is not None and total.zero_variance_share >= ZERO_VARIANCE_WARN:
         warnings.append(
             f"{total.zero_variance_share:.0%} of groups have the same total reward for every completion: "
@@ -136,21 +138,26 @@ def _warnings(report: CheckReport) -> list[str]:
 
 
 def _likely_cause(report: CheckReport) -> str:
-    """What the numbers point to when nothing scores: truncation, a reward that never applies, or the format."""
+    """What the numbers point to when nothing scores: truncation, a reward that never applies, or the
+    format."""
     if report.truncated_share is not None and report.truncated_share >= 0.5:
-        return (f"Likely cause: truncation, {report.truncated_share:.0%} of completions were cut at the token limit "
-                "before their answer; raise rollout.max_new_tokens.")
+        return (f"Likely cause: truncation, {report.truncated_share:.0%} of completions were cut at the "
+                "token limit before their answer; raise rollout.max_new_tokens.")
     absent = [stats.name for stats in report.rewards if stats.none_share >= 1.0]
     if absent:
-        return (f"Likely cause: a column, {', '.join(absent)} returned None (not applicable) for every completion; "
-                "check the columns it reads against the rows' fields.")
-    return ("Likely cause: the format, the completions end but none has what the rewards look for; compare the "
-            "samples below with the answer format the prompt asks for, and check the reward on hand-written "
-            "answers (--completions).")
+        return (f"Likely cause: a column, {', '.join(absent)} returned None (not applicable) for every "
+                "completion; check the columns it reads against the rows' fields.")
+    return ("Likely cause: the format, the completions end but none has what the rewards look for; "
+            "compare the samples below with the answer format the prompt asks for, and check the reward "
+            "on hand-written answers (--completions).")
 
 
 def pick_samples(
-    prompts: Sequence[Any], completions: Sequence[Any], truncated: Sequence[bool], output: ScoreOutput, per_reward: int = 2
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    truncated: Sequence[bool],
+    output: ScoreOutput,
+    per_reward: int = 2,
 ) -> list[Sample]:
     """For each reward, its highest- and lowest-scored completions (at most `per_reward`, no repeats)."""
     chosen: list[int] = []
@@ -161,7 +168,8 @@ def pick_samples(
     return [
         Sample(
             prompt=_text(prompts[i]), completion=_text(completions[i]), truncated=bool(truncated[i]),
-            scores={**{name: values[i] for name, values in output.per_function.items()}, "total": output.total[i]},
+            scores={**{name: values[i] for name, values in output.per_function.items()},
+                    "total": output.total[i]},
         )
         for i in chosen
     ]
@@ -183,7 +191,9 @@ def summarize_scores(
 ) -> CheckReport:
     """`summarize` for a scored batch whose completions are consecutive groups of the given sizes."""
     if sum(group_sizes) != len(output.total):
-        raise ValueError(f"group sizes add up to {sum(group_sizes)}, but {len(output.total)} completions were scored")
+        raise ValueError(
+            f"group sizes add up to {sum(group_sizes)}, but {len(output.total)} completions were scored"
+        )
     bounds = []
     start = 0
     for size in group_sizes:
@@ -200,7 +210,9 @@ def recipe_reward_range(scorer: RewardScorer) -> tuple[float, float] | None:
     function declares one (the library's do; a user's function may set the attribute)."""
     low = high = 0.0
     for _, weight, function in scorer.functions:
-        declared = getattr(function, "reward_range", None) or getattr(getattr(function, "func", None), "reward_range", None)
+        # A recipe's kwargs wrap the reward in functools.partial: its declaration sits on `.func`.
+        declared = getattr(function, "reward_range", None)
+        declared = declared or getattr(getattr(function, "func", None), "reward_range", None)
         if declared is None:
             return None
         ends = (weight * declared[0], weight * declared[1])
@@ -221,13 +233,13 @@ def format_report(report: CheckReport) -> str:
     for stats in [*report.rewards, report.total]:
         flat = "-" if stats.zero_variance_share is None else f"{stats.zero_variance_share:.0%}"
         lines.append(
-            f"{stats.name:<28} {format_value(stats.mean):>7} {format_value(stats.std):>7} {format_value(stats.min):>7} "
-            f"{format_value(stats.max):>7} {stats.none_share:>6.0%} {flat:>12}"
+            f"{stats.name:<28} {format_value(stats.mean):>7} {format_value(stats.std):>7} "
+            f"{format_value(stats.min):>7} {format_value(stats.max):>7} {stats.none_share:>6.0%} {flat:>12}"
         )
     lines.append("")
     if report.reward_range is None:
-        lines.append("Total reward range unknown (a reward declares none): pass --reward-range LOW HIGH to check for a "
-                     "base model that already aces the task.")
+        lines.append("Total reward range unknown (a reward declares none): pass --reward-range LOW HIGH to "
+                     "check for a base model that already aces the task.")
     else:
         lines.append(f"Total reward range: {report.reward_range[0]:g} .. {report.reward_range[1]:g}")
     if report.truncated_share is not None:

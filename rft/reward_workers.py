@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from rft.reward_context import RewardLog, RewardState, accepted_context, call_reward
+from rft.reward_loading import build_reward
 
 # Worker start (fork, import the reward's module, build it) is not counted in a call's time limit.
 START_TIMEOUT_S = 120.0
@@ -64,7 +65,11 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def _serve(
-    connection: Connection, spec: str, kwargs: dict[str, Any], build: dict[str, Any] | None, memory_mb: int | None
+    connection: Connection,
+    spec: str,
+    kwargs: dict[str, Any],
+    build: dict[str, Any] | None,
+    memory_mb: int | None,
 ) -> None:
     """The worker: own process group, capped memory, then load the reward and answer calls until EOF."""
     os.setsid()
@@ -75,8 +80,6 @@ def _serve(
     if memory_mb:
         limit = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from rft.reward_loading import build_reward
-
     try:
         _, function = build_reward(spec, kwargs, build)
         accepted = accepted_context(function)
@@ -105,7 +108,9 @@ class _Worker:
     def __init__(self, context: multiprocessing.context.BaseContext, spec: str, kwargs: dict[str, Any],
                  build: dict[str, Any] | None, memory_mb: int | None):
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, spec, kwargs, build, memory_mb), daemon=True)
+        self.process = context.Process(
+            target=_serve, args=(child, spec, kwargs, build, memory_mb), daemon=True
+        )
         self.process.start()
         child.close()
         if not self.connection.poll(START_TIMEOUT_S):
@@ -151,7 +156,12 @@ class WorkerPool:
     """Up to `size` workers for one reward; a call takes an idle worker or starts one."""
 
     def __init__(
-        self, spec: str, kwargs: dict[str, Any], memory_mb: int | None, size: int, build: dict[str, Any] | None = None
+        self,
+        spec: str,
+        kwargs: dict[str, Any],
+        memory_mb: int | None,
+        size: int,
+        build: dict[str, Any] | None = None,
     ):
         self.spec, self.kwargs, self.build, self.memory_mb, self.size = spec, kwargs, build, memory_mb, size
         self._idle: list[_Worker] = []
@@ -159,7 +169,8 @@ class WorkerPool:
         self._context = _context()
 
     def call(self, request: dict[str, Any], state: RewardState, timeout_s: float) -> tuple[Any, RewardLog]:
-        """The reward's value for one call and what it logged; raises what the reward raised, or a Worker* error."""
+        """The reward's value for one call and what it logged; raises what the reward raised, or a
+        Worker* error."""
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         if worker is None:

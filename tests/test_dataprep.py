@@ -419,11 +419,11 @@ def test_names_addresses_and_numbers_are_redacted_and_reported(tmp_path, capsys)
 
 
 def test_names_without_an_ner_pipeline_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    import rft.pii
+    import rewards.pii
     from rft.cli import main
 
     # As on a machine where no English spaCy pipeline is installed.
-    monkeypatch.setattr(rft.pii, "NER_PIPELINES", ("en_core_web_absent",))
+    monkeypatch.setattr(rewards.pii, "NER_PIPELINES", ("en_core_web_absent",))
     path = write_jsonl(tmp_path / "chats.jsonl", [chat(PERSONAL[0])])
     out = tmp_path / "out"
     assert main(["data", "prep", str(path), "--out", str(out), "--pii-entities", WITH_NAMES]) == 2

@@ -21,7 +21,9 @@ import pytest
 import yaml
 
 from rewards.base import RewardContractError
-from rewards.code import _MAX_OUTPUT_BYTES, _MAX_PROCESSES, check_sandbox, code_tests, extract_code, run_tests
+from rewards.code import check_sandbox, code_tests, extract_code, run_tests
+from rewards.sandbox import MAX_OUTPUT_BYTES as _MAX_OUTPUT_BYTES
+from rewards.sandbox import MAX_PROCESSES as _MAX_PROCESSES
 from rft.config import RewardConfig, ScoringConfig
 from rft.scoring import RewardError, RewardScorer
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from rewards.pii import PIIDetector
 from rewards.policy import PIIEcho, blocked_terms
-from rft.pii import PIIDetector
 
 PROMPT = (
     "My email is jane.doe@example.com, my phone is +1 (415) 555-0132 and my card is "

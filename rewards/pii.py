@@ -57,15 +57,18 @@ _SAMPLE_SSNS = ("123456789", "987654320", "078051120")
 # "Evergreen Terrace" an organisation and knows no house numbers.
 _STREET_TYPE = (
     r"(?i:street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|drive|dr|court|ct|terrace|ter|place|pl|way|"
-    r"circle|cir|parkway|pkwy|highway|hwy|square|sq|trail|close|crescent|row|walk|plaza|alley|grove|gardens|mews)"
+    r"circle|cir|parkway|pkwy|highway|hwy|square|sq|trail|close|crescent|row|walk|plaza|alley|grove|"
+    r"gardens|mews)"
 )
 _STREET_WORD = r"(?:[A-Z][A-Za-z'’.-]*|\d+(?:st|nd|rd|th))"  # a capitalised word, or "5th"
 _STREET_ADDRESS = (
-    rf"\b\d{{1,6}}[A-Za-z]?\s+(?:{_STREET_WORD}\s+){{0,3}}{_STREET_WORD}\s+{_STREET_TYPE}\b(?:\s+(?:NW|NE|SW|SE)\b)?"
+    rf"\b\d{{1,6}}[A-Za-z]?\s+(?:{_STREET_WORD}\s+){{0,3}}{_STREET_WORD}\s+{_STREET_TYPE}\b"
+    r"(?:\s+(?:NW|NE|SW|SE)\b)?"
     r"(?:,?\s+(?i:apt|apartment|suite|ste|unit|flat|\#)\.?\s*\w+(?:-\w+)?)?"
 )
 _US_STATES = (
-    "AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|NY|NC|ND|"
+    "AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|"
+    "NY|NC|ND|"
     "OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY"
 )
 # The end of an address's last line: ", ST 12345" after a city, or a UK postcode after a town ("London
@@ -107,7 +110,8 @@ def _own_recognizers() -> list:
     class _SsnRecognizer(UsSsnRecognizer):
         def invalidate_result(self, pattern_text: str) -> bool:
             digits = "".join(ch for ch in pattern_text if ch.isdigit())
-            if digits in _SAMPLE_SSNS:  # Presidio's other checks, which these numbers pass, are about delimiters
+            # Presidio's other checks, which these numbers pass, are about delimiters.
+            if digits in _SAMPLE_SSNS:
                 return len({ch for ch in pattern_text if ch in ".- "}) > 1
             return super().invalidate_result(pattern_text)
 
@@ -187,15 +191,20 @@ class PIIDetector:
             spacy_model = ner_pipeline()
             if spacy_model is None:
                 raise ValueError(
-                    f"PII entities {', '.join(needs_ner)} need an English spaCy NER pipeline and none is installed "
-                    f"(any of {', '.join(NER_PIPELINES)}; scripts/setup.sh installs requirements/ner.txt)"
+                    f"PII entities {', '.join(needs_ner)} need an English spaCy NER pipeline and none is "
+                    f"installed (any of {', '.join(NER_PIPELINES)}; scripts/setup.sh installs "
+                    "requirements/ner.txt)"
                 )
         with _ANALYZER_LOCK:
             self.analyzer = _analyzer(spacy_model)
         nlp = self.analyzer.nlp_engine.nlp["en"]
         if needs_ner and "ner" not in nlp.pipe_names:
-            raise ValueError(f"PII entities {', '.join(needs_ner)}: spaCy pipeline {spacy_model!r} has no NER component")
-        self.ner_pipeline = f"{spacy_model} {nlp.meta.get('version', '')}".strip() if "ner" in nlp.pipe_names else None
+            raise ValueError(
+                f"PII entities {', '.join(needs_ner)}: spaCy pipeline {spacy_model!r} has no NER component"
+            )
+        self.ner_pipeline = None
+        if "ner" in nlp.pipe_names:
+            self.ner_pipeline = f"{spacy_model} {nlp.meta.get('version', '')}".strip()
         supported = set(self.analyzer.get_supported_entities(language="en"))
         unknown = sorted(set(self.entities) - supported)
         if unknown:
@@ -208,12 +217,17 @@ class PIIDetector:
         found in the same digits (a US SSN is also a valid German number) is the better label."""
         if not text:
             return []
-        results = self.analyzer.analyze(text=text, language="en", entities=self.entities, score_threshold=self.min_score)
-        ranked = sorted(results, key=lambda r: (r.entity_type == "PHONE_NUMBER", -r.score, -(r.end - r.start), r.start))
+        results = self.analyzer.analyze(
+            text=text, language="en", entities=self.entities, score_threshold=self.min_score
+        )
+        ranked = sorted(
+            results, key=lambda r: (r.entity_type == "PHONE_NUMBER", -r.score, -(r.end - r.start), r.start)
+        )
         kept: list[PIISpan] = []
         for result in ranked:
             if all(result.end <= span.start or result.start >= span.end for span in kept):
-                kept.append(PIISpan(result.entity_type, result.start, result.end, text[result.start : result.end], result.score))
+                found = text[result.start : result.end]
+                kept.append(PIISpan(result.entity_type, result.start, result.end, found, result.score))
         return sorted(kept, key=lambda span: span.start)
 
     def redact(self, text: str) -> tuple[str, list[PIISpan]]:
