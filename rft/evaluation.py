@@ -32,7 +32,7 @@ from rft.eval_plans import EvalPlan, check_held_out, eval_plans, tag_value
 from rft.eval_results import EvalResult, summarise
 from rft.reward_context import completion_text
 from rft.rollout.base import RolloutEngine
-from rft.scoring import RewardScorer, ScoreOutput
+from rft.scoring import RewardScorer, ScoreOutput, score_groups
 from rft.stats import compare as compare_rows
 from rft.stats import pass_at_k
 
@@ -46,15 +46,6 @@ def exact_match(expected: Any, completions: Sequence[Any]) -> float:
     """Share of `completions` whose text equals `expected` in normal form (non-strings compared as JSON)."""
     expected_text = normalize_answer(expected if isinstance(expected, str) else json.dumps(expected))
     return sum(normalize_answer(completion_text(c)) == expected_text for c in completions) / len(completions)
-
-
-def decode_completions(
-    tokenizer: Any, examples: list[Example], completion_ids: list[list[int]], n: int
-) -> list[Any]:
-    """Completion texts, `n` per example; chat prompts get TRL's [{"role": "assistant", "content": text}]."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return [[{"role": "assistant", "content": text}] if examples[i // n].is_chat else text
-            for i, text in enumerate(texts)]
 
 
 def _mean_present(values: Sequence[float | None]) -> float | None:
@@ -152,12 +143,13 @@ class Evaluator:
     def _sample_and_score(self, examples: list[Example], plan: EvalPlan) -> ScoredChunk:
         n = plan.samples_per_prompt
         rollout = self.engine.generate([e.prompt_ids for e in examples], n, plan.sampling)
-        completions = decode_completions(self.tokenizer, examples, rollout.completion_ids, n)
-        rows = [e for e in examples for _ in range(n)]
-        arguments = ([e.prompt for e in rows], completions, rollout.completion_ids, [e.row for e in rows])
-        scores = self.scorer.score(*arguments)
-        metric_scores = self.metric_scorer.score(*arguments) if self.metric_scorer else None
-        return ScoredChunk(examples, n, completions, scores, metric_scores)
+        scored = score_groups(self.scorer, self.tokenizer, examples, rollout.completion_ids, n,
+                              call_per_group=False)
+        metric_scores = None
+        if self.metric_scorer is not None:
+            metric_scores = self.metric_scorer.score_examples(scored.rows, scored.completions,
+                                                              rollout.completion_ids)
+        return ScoredChunk(examples, n, scored.completions, scored.scores, metric_scores)
 
     def _samples(self, chunk: ScoredChunk, room: int) -> list[dict[str, Any]]:
         """Up to `room` prompts' first completions, kept for the report."""
