@@ -18,7 +18,8 @@ def test_sampled_logprobs_equal_transition_scores(tiny_model_dir: Path) -> None:
     prompt = torch.tensor([[1, 5, 9, 13], [1, 7, 7, 2]])
     output = model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
-        do_sample=True, temperature=0.7, top_k=50, top_p=0.9, return_dict_in_generate=True, output_scores=True,
+        do_sample=True, temperature=0.7, top_k=50, top_p=0.9, return_dict_in_generate=True,
+        output_scores=True,
     )
     expected = model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
     actual = sampled_logprobs(output.scores, output.sequences[:, prompt.shape[1] :])
@@ -40,7 +41,8 @@ def test_engine_logprobs_are_those_of_the_sampled_tokens(tiny_model_dir: Path) -
     for completion, logprobs in zip(rollout.completion_ids, rollout.logprobs, strict=True):
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
-            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
         teacher_forced = log_probs.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(logprobs), teacher_forced, rtol=0, atol=1e-4)
 
@@ -55,5 +57,6 @@ def test_end_of_sequence_ids_join_generation_config_and_tokenizer() -> None:
     tokenizer = SimpleNamespace(eos_token_id=2)
     with_list = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 2]))
     assert eos_token_ids(with_list, tokenizer) == [2, 7]
-    assert eos_token_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), tokenizer) == [2]
+    without = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    assert eos_token_ids(without, tokenizer) == [2]
     assert eos_token_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == []

@@ -21,7 +21,9 @@ def vllm_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_vllm_available_says_whether_it_can_be_imported(vllm_missing: None) -> None:
     assert vllm_available() is False
-    with pytest.raises(EngineStartError, match=r"rollout.engine: vllm needs vLLM.*pip install 'rft-trainer\[vllm"):
+    with pytest.raises(
+        EngineStartError, match=r"rollout.engine: vllm needs vLLM.*pip install 'rft-trainer\[vllm"
+    ):
         require_vllm()
 
 
@@ -45,7 +47,8 @@ def test_cli_reports_missing_vllm_in_one_line(
     from rft.cli import main
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, tmp_path / "run", rollout={"engine": "vllm"})))
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", rollout={"engine": "vllm"})
+    recipe.write_text(yaml.safe_dump(raw))
     assert main(["train", str(recipe)]) == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -11,6 +11,7 @@ from rft.config import load_config
 from rft.rollout.vllm_memory import (
     GIB,
     KV_BLOCK_TOKENS,
+    MAX_NUM_SEQS,
     EngineMemory,
     concurrent_sequences,
     context_length,
@@ -70,6 +71,10 @@ def test_kv_cache_is_sized_unless_the_recipe_sets_a_share(tmp_path: Path) -> Non
     )
     assert (shared.share, shared.kv_cache_bytes) == (0.3, None)
     assert shared.describe() == "memory share 0.30, up to 8 sequences"
+
+    # A larger batch than vLLM runs at once waits its turn: the cache holds MAX_NUM_SEQS sequences.
+    large = load_config(raw={**raw, "rollout": {**raw["rollout"], "group_size": 2 * MAX_NUM_SEQS}})
+    assert engine_memory(large, SMOLLM2, dtype_bytes=4).max_num_seqs == MAX_NUM_SEQS
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""What weight sync pushes to a rollout engine: merged LoRA weights and whole fused layers (no vLLM needed)."""
+"""What weight sync pushes to a rollout engine: merged LoRA weights and whole fused layers (no vLLM)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path
 def lora_model(model_dir: Path, targets: list[str] | str) -> torch.nn.Module:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # init_lora_weights=False: B is random, so the adapter changes the weights from the start.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     return get_peft_model(base, config)
 
 
@@ -49,7 +51,8 @@ def test_lora_changes_only_the_adapted_weights(tiny_model_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert list(sources) == [name for name, _ in plain.named_parameters()]
     layers = plain.config.num_hidden_layers
-    assert changing == {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in ("self_attn.q_proj", "mlp.down_proj")}
+    adapted = ("self_attn.q_proj", "mlp.down_proj")
+    assert changing == {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in adapted}
 
 
 def test_full_finetuning_changes_the_trainable_parameters(tiny_model_dir: Path) -> None:

@@ -155,7 +155,8 @@ def _start_llm(
         )
     except Exception as exc:
         raise EngineStartError(
-            f"rollout.engine: vllm failed to start ({memory.describe()}): {_one_line(exc)}"
+            f"rollout.engine: vllm failed to start ({memory.describe()}): {_one_line(exc)} "
+            f"({memory.remedy()})"
         ) from exc
     finally:
         torch.set_num_threads = set_num_threads

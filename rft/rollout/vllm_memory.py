@@ -24,6 +24,9 @@ GIB = 1024**3
 # CUDA, 128 on CPU, up to 256), so each sequence's last, partly used block is paid for in full.
 KV_BLOCK_TOKENS = 256
 SHARE_FIELD = "vllm_gpu_memory_utilization"
+# Sequences vLLM runs at once, at most (its largest default, on 70+ GiB GPUs); a larger batch
+# waits its turn. vLLM also needs max_num_batched_tokens (4096 on CPU, 8192+ on CUDA) >= this.
+MAX_NUM_SEQS = 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ class EngineMemory:
     max_model_len: int
     kv_cache_bytes: int | None = None
     share: float | None = None
+
+    def remedy(self) -> str:
+        """What a recipe changes when the engine does not fit."""
+        if self.kv_cache_bytes is None:
+            return "change rollout.vllm_gpu_memory_utilization, or leave it unset to size the KV cache"
+        return (
+            "the KV cache holds training.prompts_per_step x rollout.group_size sequences (or an evaluation "
+            "batch) at full context: lower them or the context (rollout.vllm_max_model_len)"
+        )
 
     def describe(self) -> str:
         """One phrase for the start log and start errors."""
@@ -116,7 +128,7 @@ def startup_share(memory: EngineMemory, weight_bytes: int, device_bytes: int) ->
 
 def engine_memory(config: RecipeConfig, text_config: Any, dtype_bytes: int) -> EngineMemory:
     """The recipe's vLLM memory for a model with this transformers config and dtype size."""
-    max_num_seqs, max_model_len = concurrent_sequences(config), context_length(config)
+    max_num_seqs, max_model_len = min(concurrent_sequences(config), MAX_NUM_SEQS), context_length(config)
     share = memory_share(config.rollout)
     if share is not None:
         return EngineMemory(max_num_seqs=max_num_seqs, max_model_len=max_model_len, share=share)
