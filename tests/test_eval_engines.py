@@ -32,8 +32,6 @@ if not vllm_available():
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-# vLLM-CPU asks this share of the NUMA node's memory, less what the process already holds, for its KV cache.
-VLLM_MEMORY = 0.3
 TIE_GAP = 1e-3
 STEPS = 3
 
@@ -45,8 +43,10 @@ def text_code(completions: list[Any], **_: Any) -> list[float]:
 
 @pytest.fixture(scope="module")
 def vllm_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
-    """A 2-layer random Llama with heads of 64 (vLLM-CPU's
-    attention has no kernel for the shared tiny model's 16)."""
+    """A 2-layer random Llama with heads of 64.
+
+    vLLM-CPU's attention has no kernel for the shared tiny model's heads of 16.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-llama-64")
@@ -54,8 +54,8 @@ def vllm_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+        num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
@@ -75,7 +75,7 @@ def trained_run(
     recipe = tiny_recipe(
         vllm_tiny_model_dir, directory / "run",
         lora={"enabled": request.param == "lora", "r": 8, "alpha": 16},
-        rollout={"engine": "transformers", "vllm_gpu_memory_utilization": VLLM_MEMORY},
+        rollout={"engine": "transformers"},  # vLLM's KV cache: sized to the run
         training={"steps": STEPS, "learning_rate": 0.05 if request.param == "lora" else 0.01},
         output={"save_every": STEPS, "report": False},
         eval={"keep_samples": 8, "baseline_cache": False},
@@ -101,8 +101,8 @@ def completions(result: dict[str, Any]) -> list[str]:
 
 
 def tie_gaps(recipe: Path, checkpoint: Path, first: list[str], second: list[str]) -> list[float]:
-    """For each prompt whose completions part: the transformers
-    model's gap between its two best tokens there."""
+    """For each prompt whose completions part: the transformers model's gap between its two best tokens
+    there."""
     from rft.data import load_splits
     from rft.models import load_checkpoint_policy
 
@@ -111,15 +111,12 @@ def tie_gaps(recipe: Path, checkpoint: Path, first: list[str], second: list[str]
     _, held_out = load_splits(config.data, tokenizer, config.training.seed)
     gaps = []
     for example, a, b in zip(held_out, first, second, strict=True):
-        ids_a, ids_b = (
-            tokenizer.encode(a, add_special_tokens=False), tokenizer.encode(b, add_special_tokens=False)
-        )
+        ids_a = tokenizer.encode(a, add_special_tokens=False)
+        ids_b = tokenizer.encode(b, add_special_tokens=False)
         if ids_a == ids_b:
             continue
-        common = next(
-            (i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y),
-            min(len(ids_a), len(ids_b)),
-        )
+        parted = (i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y)
+        common = next(parted, min(len(ids_a), len(ids_b)))
         with torch.no_grad():
             logits = model(torch.tensor([example.prompt_ids + ids_a[:common]])).logits[0, -1].float()
         top = logits.topk(2).values
@@ -132,8 +129,8 @@ def test_rft_eval_scores_a_checkpoint_alike_with_vllm_and_transformers(
 ) -> None:
     run_dir = trained_run.parent / "run"
     step = run_dir / "checkpoints" / f"step-{STEPS:06d}"
-    # The forms --checkpoint takes: a run folder (its final/),
-    # final/ itself, checkpoints/step-N/ (same weights here).
+    # The forms --checkpoint takes: a run folder (its final/), final/ itself, checkpoints/step-N/ (same
+    # weights here).
     served_from = run_dir if "lora" in run_dir.parent.name else step
     on = {"transformers": ["--set", "rollout.engine=transformers"], "vllm": ["--set", "rollout.engine=vllm"]}
     base = rft_eval(trained_run, tmp_path / "base.json", *on["transformers"])["base"][0]
@@ -171,9 +168,8 @@ def test_resumed_run_samples_the_restored_weights_with_vllm(trained_run: Path, t
         prompts = [example.prompt_ids for example in trainer.eval_examples]
         greedy = SamplingSettings(max_new_tokens=config.rollout.max_new_tokens, greedy=True)
         served = trainer.engine.generate(prompts, 1, greedy).completion_ids
-        restored = TransformersEngine(trainer.policy, trainer.tokenizer).generate(
-            prompts, 1, greedy
-        ).completion_ids
+        transformers_engine = TransformersEngine(trainer.policy, trainer.tokenizer)
+        restored = transformers_engine.generate(prompts, 1, greedy).completion_ids
         assert served == restored
     finally:
         trainer.engine.close()

