@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rft.config import ConfigError, RecipeConfig, _format_errors
+from rft.config import ConfigError, RecipeConfig, format_errors
 
 logger = logging.getLogger(__name__)
 
@@ -113,4 +113,4 @@ def apply_bedrock_hyperparameters(config: RecipeConfig, path: str) -> RecipeConf
     try:
         return RecipeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, f"{path} (applied over the recipe)")) from None
+        raise ConfigError(format_errors(exc, f"{path} (applied over the recipe)")) from None
