@@ -80,7 +80,8 @@ def read_hyperparameters(path: str) -> dict[str, Any]:
             continue
         kind, low, high = RANGES[name]
         if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
-            raise ConfigError(f"{where}: got {value!r}; expected {'an integer' if kind is int else 'a number'}")
+            raise ConfigError(f"{where}: got {value!r}; expected "
+                              f"{'an integer' if kind is int else 'a number'}")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"{low:g} to {high:g}" if high is not None else f"at least {low:g}"
             raise ConfigError(f"{where}: {value:g} is outside Bedrock's range {bounds}")

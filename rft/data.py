@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rft.config import DataConfig
+from rft.jsonl import JSONLError, read_objects
 
 logger = logging.getLogger(__name__)
 
@@ -45,24 +46,10 @@ class Example:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows: list[tuple[str, dict[str, Any]]] = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
-    return rows
+    try:
+        return [(line.where, line.value) for line in read_objects(path)]
+    except JSONLError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -110,7 +97,8 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         name, _, config_name = source[3:].partition(":")
         dataset = datasets.load_dataset(name, config_name or None)
     else:
-        raise DataError(f"{source}: not a .jsonl/.json/.parquet file, a saved dataset folder, or hf:<dataset id>")
+        raise DataError(f"{source}: not a .jsonl/.json/.parquet file, a saved dataset folder, or hf:<dataset "
+                        "id>")
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{source}: no split {split!r} (has {sorted(dataset)})")
@@ -126,7 +114,8 @@ def _check_messages(messages: Any, where: str, name: str) -> Messages:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: field '{name}[{i}]' needs 'role' and 'content'")
         if message["role"] not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: field '{name}[{i}].role' is {message['role']!r}; allowed: system, user, assistant, tool")
+            raise DataError(f"{where}: field '{name}[{i}].role' is {message['role']!r}; allowed: system, "
+                            "user, assistant, tool")
         messages[i] = {**message, "content": _content_text(message["content"], where, f"{name}[{i}].content")}
     # Bedrock RFT rows may end with a reference assistant turn; the policy must write that turn itself.
     while messages and messages[-1]["role"] == "assistant":
@@ -146,9 +135,10 @@ def _content_text(content: Any, where: str, field_name: str) -> str:
             return "".join(texts)
     if isinstance(content, list):
         kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content})
-        raise DataError(f"{where}: field '{field_name}' holds parts {kinds}; only text parts ({{'type': 'text', "
-                        "'text': ...}) can be trained on")
-    raise DataError(f"{where}: field '{field_name}' is {type(content).__name__ if content is not None else 'null'}; "
+        raise DataError(f"{where}: field '{field_name}' holds parts {kinds}; only text parts ({{'type': "
+                        "'text', 'text': ...}) can be trained on")
+    raise DataError(f"{where}: field '{field_name}' is "
+                    f"{type(content).__name__ if content is not None else 'null'}; "
                     "a message's content is text")
 
 
@@ -169,7 +159,8 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
         try:
             prompt = config.prompt_template.format(**row)
         except KeyError as exc:
-            raise DataError(f"{where}: data.prompt_template needs field {exc.args[0]!r}; row has {sorted(row)}") from None
+            raise DataError(f"{where}: data.prompt_template needs field {exc.args[0]!r}; row has "
+                            f"{sorted(row)}") from None
     else:
         raise DataError(
             f"{where}: no 'messages' or 'prompt' field (row has {sorted(row)}); "
@@ -276,7 +267,8 @@ def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[l
         eval_rows = read_rows(config.eval, config.eval_split)
         if not eval_rows:
             # A mistake, not a choice: the run would go on and silently report no held-out scores.
-            raise DataError(f"{config.eval}: data.eval holds no rows (leave data.eval out to run without evaluation)")
+            raise DataError(f"{config.eval}: data.eval holds no rows (leave data.eval out to run without "
+                            "evaluation)")
     else:
         shuffled = list(train_rows)
         random.Random(seed).shuffle(shuffled)

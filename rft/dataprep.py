@@ -191,7 +191,8 @@ def _whole_file_records(value: Any) -> Iterator[tuple[int, Any | Malformed]]:
         for number, event in enumerate(value["events"], start=1):
             message = event.get("message") if isinstance(event, Mapping) else None
             try:
-                yield number, json.loads(message) if isinstance(message, str) else Malformed("event without a message")
+                yield number, json.loads(message) if isinstance(message, str) else Malformed("event without "
+                                                                                             "a message")
             except json.JSONDecodeError as exc:
                 yield number, Malformed(f"events[{number - 1}].message is not JSON ({exc.msg})")
     else:
@@ -287,7 +288,8 @@ def _from_invocation_log(record: Mapping[str, Any]) -> tuple[list[dict[str, str]
     elif isinstance(body.get("inputText"), str):
         messages = [{"role": "user", "content": body["inputText"]}]
     else:
-        raise Malformed(f"unsupported input body for {record.get('modelId', 'an unknown model')} (keys {sorted(body)[:6]})")
+        raise Malformed(f"unsupported input body for {record.get('modelId', 'an unknown model')} (keys "
+                        f"{sorted(body)[:6]})")
     output = (record.get("output") or {}).get("outputBodyJson")
     reply = _invocation_output(output) if output is not None else None
     fields = {
@@ -418,7 +420,8 @@ def prepare(inputs: Sequence[Path], options: PrepOptions) -> tuple[list[dict[str
     if report.malformed and not options.skip_malformed:
         listed = "\n".join(report.malformed[:50])
         more = f"\n... and {len(report.malformed) - 50} more" if len(report.malformed) > 50 else ""
-        raise ConfigError(f"{len(report.malformed)} malformed record(s); fix them or pass --skip-malformed:\n{listed}{more}")
+        raise ConfigError(f"{len(report.malformed)} malformed record(s); fix them or pass "
+                          f"--skip-malformed:\n{listed}{more}")
     if not rows:
         raise ConfigError(
             f"nothing to write: {report.read} records read from {', '.join(map(str, inputs))}, "
@@ -430,7 +433,8 @@ def prepare(inputs: Sequence[Path], options: PrepOptions) -> tuple[list[dict[str
         rows, report.duplicates = remove_near_duplicates(rows, options.dedup_threshold)
     output = [_training_row(row, options) for row in rows]
     if options.stratify_by and options.stratify_by not in options.tag_keys and not any(options.stratify_by in r for r in output):
-        raise ConfigError(f"--stratify-by {options.stratify_by}: no row has that field (tags: {list(options.tag_keys)})")
+        raise ConfigError(f"--stratify-by {options.stratify_by}: no row has that field (tags: "
+                          f"{list(options.tag_keys)})")
     train, held, report.strata = split_rows(output, options.held_out, options.stratify_by, options.seed)
     report.train, report.held_out = len(train), len(held)
     return train, held, report
@@ -513,22 +517,28 @@ def _tag(text: str) -> tuple[str, str]:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path, help="JSONL / JSON files (or .gz) or directories of them")
-    parser.add_argument("--out", type=Path, required=True, help="output directory: train.jsonl, heldout.jsonl, prep_report.json")
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help="JSONL / JSON files (or .gz) or directories of them")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory: train.jsonl, heldout.jsonl, prep_report.json")
     parser.add_argument("--assistant", choices=("reference", "metadata", "drop"), default="reference",
-                        help="a logged reply becomes reference_answer (default), a logged_response field, or is dropped")
+                        help="a logged reply becomes reference_answer (default), a logged_response field, or "
+                             "is dropped")
     parser.add_argument("--no-redact", dest="redact", action="store_false", help="keep PII (default: redact)")
-    parser.add_argument("--pii-entities", help="comma-separated Presidio entities to redact (default: rft.pii.DEFAULT_ENTITIES)")
+    parser.add_argument("--pii-entities", help="comma-separated Presidio entities to redact (default: "
+                                               "rft.pii.DEFAULT_ENTITIES)")
     parser.add_argument("--dedup-threshold", type=float, default=0.85,
                         help="MinHash Jaccard similarity at which prompts are near-duplicates (default 0.85)")
     parser.add_argument("--no-dedup", action="store_true", help="keep near-duplicates")
-    parser.add_argument("--tag-keys", default=",".join(DEFAULT_TAG_KEYS), help="tag fields carried as metadata")
+    parser.add_argument("--tag-keys", default=",".join(DEFAULT_TAG_KEYS),
+                        help="tag fields carried as metadata")
     parser.add_argument("--tag", action="append", type=_tag, default=[], metavar="KEY=VALUE",
                         help="default tag for records that carry none, e.g. --tag domain=support")
     parser.add_argument("--held-out", type=float, default=0.1, help="share of rows held out (default 0.1)")
     parser.add_argument("--stratify-by", default="domain", help="tag the split is stratified by ('' for none)")
     parser.add_argument("--seed", type=int, default=0, help="split seed")
-    parser.add_argument("--skip-malformed", action="store_true", help="skip malformed lines instead of stopping")
+    parser.add_argument("--skip-malformed", action="store_true",
+                        help="skip malformed lines instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,7 +56,8 @@ def _header_turns(prompt: str, spec: _HeaderFormat) -> list[dict[str, str]]:
         match = spec.turn.match(prompt, position)
         if match is None:
             if prompt[position:].strip():
-                raise ValueError(f"{spec.name} prompt: unexpected text at character {position}: {prompt[position:position + 30]!r}")
+                raise ValueError(f"{spec.name} prompt: unexpected text at character {position}: "
+                                 f"{prompt[position:position + 30]!r}")
             break
         turns.append({"role": match.group(1), "content": match.group(2).strip()})
         position = match.end()
@@ -108,13 +109,14 @@ def unrender(prompt: str, model_id: str | None = None) -> list[dict[str, str]] |
     if turns is None:
         token = _CONTROL_TOKEN.search(prompt)
         if token:
-            raise ValueError(f"prompt holds the chat-template token {token.group()!r} of no format rft reads; "
-                             "give the conversation as messages instead")
+            raise ValueError(f"prompt holds the chat-template token {token.group()!r} of no format rft "
+                             "reads; give the conversation as messages instead")
         return None
     if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
         turns.pop()  # the generation prompt
     for turn in turns:
         token = _CONTROL_TOKEN.search(turn["content"])
         if token:
-            raise ValueError(f"rendered prompt: {token.group()!r} inside a {turn['role']} turn (a broken template)")
+            raise ValueError(f"rendered prompt: {token.group()!r} inside a {turn['role']} turn (a broken "
+                             "template)")
     return turns

@@ -108,14 +108,14 @@ def check_bedrock_limits(config: Any, dtype: torch.dtype, source: str, trust_rem
     if architecture not in BEDROCK_ARCHITECTURES:
         supported = ", ".join(f"{name} ({label})" for name, label in BEDROCK_ARCHITECTURES.items())
         raise ExportError(
-            f"{source}/config.json: architecture {architecture} is not supported by Bedrock Custom Model Import "
-            f"(supported: {supported})"
+            f"{source}/config.json: architecture {architecture} is not supported by Bedrock Custom Model "
+            f"Import (supported: {supported})"
         )
     if architecture not in TRANSFORMERS4_ARCHITECTURES:
         raise ExportError(
-            f"{source}/config.json: Bedrock accepts {architecture}, but rft has no checkpoint layout verified to "
-            f"load correctly under transformers {TRANSFORMERS4_VERSION} for it "
-            f"(verified: {', '.join(sorted(TRANSFORMERS4_ARCHITECTURES))})"
+            f"{source}/config.json: Bedrock accepts {architecture}, but rft has no checkpoint layout "
+            f"verified to load correctly under transformers {TRANSFORMERS4_VERSION} for it (verified: "
+            f"{', '.join(sorted(TRANSFORMERS4_ARCHITECTURES))})"
         )
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and context > BEDROCK_MAX_CONTEXT_TOKENS:
@@ -160,7 +160,8 @@ def export_bedrock(source: PolicySource, out_dir: Path, dtype: torch.dtype, max_
     ensure_empty_dir(out_dir)
     tokenizer = load_tokenizer(source)
     if not tokenizer.chat_template:
-        print(f"note: the tokenizer in {source.tokenizer_dir} has no chat template; Bedrock will see raw prompts", file=sys.stderr)
+        print(f"note: the tokenizer in {source.tokenizer_dir} has no chat template; Bedrock will see raw "
+              "prompts", file=sys.stderr)
     model = merge_policy(source, dtype)
     return write_transformers4_checkpoint(
         model,
@@ -178,18 +179,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="New (or empty) folder for the merged model.")
     parser.add_argument(
         "--checkpoint", type=Path, default=None,
-        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead of RUN_DIR/final.",
+        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead "
+             "of RUN_DIR/final.",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="Weights dtype (default bfloat16).")
-    parser.add_argument("--max-shard-size", default=BEDROCK_MAX_SHARD_SIZE, help="Largest safetensors shard (default 5GB).")
-    parser.add_argument("--s3-uri", default=None, help="Upload the folder to this S3 prefix (s3://BUCKET/PREFIX/).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="Weights dtype (default bfloat16).")
+    parser.add_argument("--max-shard-size", default=BEDROCK_MAX_SHARD_SIZE,
+                        help="Largest safetensors shard (default 5GB).")
+    parser.add_argument("--s3-uri", default=None,
+                        help="Upload the folder to this S3 prefix (s3://BUCKET/PREFIX/).")
     parser.add_argument(
         "--import", dest="do_import", action="store_true",
         help="Start a Bedrock Custom Model Import job from --s3-uri (needs --role-arn and --model-name).",
     )
     parser.add_argument("--role-arn", default=None, help="IAM role Bedrock assumes to read the S3 prefix.")
     parser.add_argument("--model-name", default=None, help="Name of the imported model in Bedrock.")
-    parser.add_argument("--job-name", default=None, help="Import job name (default: MODEL_NAME-YYYYMMDD-HHMMSS).")
+    parser.add_argument("--job-name", default=None,
+                        help="Import job name (default: MODEL_NAME-YYYYMMDD-HHMMSS).")
     parser.add_argument("--region", default=None, help="AWS region (default: the AWS configuration's).")
 
 

@@ -97,7 +97,8 @@ def _policy_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         candidate = candidate / "policy"
     if not (candidate / ADAPTER_CONFIG_FILE).exists() and not (candidate / MODEL_CONFIG_FILE).exists():
         raise ExportError(
-            f"{candidate}: holds neither a peft adapter ({ADAPTER_CONFIG_FILE}) nor a model ({MODEL_CONFIG_FILE})"
+            f"{candidate}: holds neither a peft adapter ({ADAPTER_CONFIG_FILE}) nor a model "
+            f"({MODEL_CONFIG_FILE})"
         )
     return candidate
 
@@ -127,7 +128,8 @@ def locate_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> 
         adapter_config = _read_json(policy_dir / ADAPTER_CONFIG_FILE)
         if adapter_config.get("peft_type") != "LORA":
             raise ExportError(
-                f"{policy_dir / ADAPTER_CONFIG_FILE}: peft_type: {adapter_config.get('peft_type')!r}; only LORA adapters export"
+                f"{policy_dir / ADAPTER_CONFIG_FILE}: peft_type: {adapter_config.get('peft_type')!r}; only "
+                "LORA adapters export"
             )
         if recipe is not None:
             base_name = recipe.model.name_or_path

@@ -44,7 +44,8 @@ def vllm_max_lora_rank(rank: int) -> int:
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise ExportError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}; use --merged")
+    raise ExportError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}; use "
+                      "--merged")
 
 
 def check_adapter_servable(source: PolicySource) -> None:
@@ -60,8 +61,8 @@ def check_adapter_servable(source: PolicySource) -> None:
         )
     if config.get("modules_to_save"):
         raise ExportError(
-            f"{where}: modules_to_save: {config['modules_to_save']}: vLLM loads only LoRA weights, these full "
-            "modules would be dropped; use --merged"
+            f"{where}: modules_to_save: {config['modules_to_save']}: vLLM loads only LoRA weights, these "
+            "full modules would be dropped; use --merged"
         )
 
 
@@ -177,21 +178,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="New (or empty) folder for the deployment.")
     parser.add_argument(
         "--checkpoint", type=Path, default=None,
-        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead of RUN_DIR/final.",
+        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead "
+             "of RUN_DIR/final.",
     )
     parser.add_argument(
         "--adapter-name", default=None,
         help="Adapter name in adapters/<name>/ and in requests (default: the run directory's name).",
     )
-    parser.add_argument("--merged", action="store_true", help="Write the merged model instead of base + adapter.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="Merged weights dtype (with --merged).")
+    parser.add_argument("--merged", action="store_true",
+                        help="Write the merged model instead of base + adapter.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="Merged weights dtype (with --merged).")
     parser.add_argument(
         "--base-model-id", default=None,
-        help="option.model_id: the base model the endpoint loads (hub id or s3:// prefix). Default: the recipe's hub id.",
+        help="option.model_id: the base model the endpoint loads (hub id or s3:// prefix). Default: the "
+             "recipe's hub id.",
     )
-    parser.add_argument("--tensor-parallel-degree", default="max", help="option.tensor_parallel_degree (default max: all GPUs).")
-    parser.add_argument("--max-model-len", type=int, default=None, help="option.max_model_len (default: the model's).")
-    parser.add_argument("--tar", action="store_true", help="Also write model.tar.gz (for model_data=s3://.../model.tar.gz).")
+    parser.add_argument("--tensor-parallel-degree", default="max",
+                        help="option.tensor_parallel_degree (default max: all GPUs).")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="option.max_model_len (default: the model's).")
+    parser.add_argument("--tar", action="store_true",
+                        help="Also write model.tar.gz (for model_data=s3://.../model.tar.gz).")
 
 
 def _adapter_name(args: argparse.Namespace) -> str:
@@ -230,15 +238,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if options.get("enable_lora") == "true":
-        print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to {args.out}; "
-              "the endpoint loads the base model itself")
+        print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to "
+              f"{args.out}; the endpoint loads the base model itself")
         print(f'requests select it with "adapters": "{adapter_name}"')
         template_kwargs = _trained_template_kwargs(Path(args.run_dir))
         if template_kwargs:
             # The merged export's template defaults to them (rft/data.py template_with_defaults); the base's cannot.
-            print(f"note: the policy was trained with data.chat_template_kwargs {template_kwargs}, but the endpoint "
-                  "renders the base model's chat template without them: send them as \"chat_template_kwargs\" in "
-                  "each request, or export --merged, whose template defaults to them")
+            print(f"note: the policy was trained with data.chat_template_kwargs {template_kwargs}, but the "
+                  "endpoint renders the base model's chat template without them: send them as "
+                  "\"chat_template_kwargs\" in each request, or export --merged, whose template defaults to "
+                  "them")
     else:
         print(f"wrote the merged model ({args.dtype}) to {args.out}")
     if args.tar:

@@ -63,7 +63,8 @@ def transformers4_config(config: Any, dtype: torch.dtype) -> dict[str, Any]:
         if "rope_theta" not in rope:
             # Per-layer-type rope ({"full_attention": {...}, ...}) has no 4.x spelling for these models.
             raise ExportError(
-                f"config.json: rope_parameters {rope} has no transformers 4.x equivalent (expected one rope_theta)"
+                f"config.json: rope_parameters {rope} has no transformers 4.x equivalent (expected one "
+                "rope_theta)"
             )
         layout["rope_theta"] = rope.pop("rope_theta")
         if "partial_rotary_factor" in rope:
@@ -126,7 +127,8 @@ def write_transformers4_checkpoint(
         )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"tokenizer in {tokenizer_source_dirs[0]}: no tokenizer.json (fast tokenizer) to export")
+        raise ExportError(f"tokenizer in {tokenizer_source_dirs[0]}: no tokenizer.json (fast tokenizer) to "
+                          "export")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     (out_dir / "config.json").write_text(json.dumps(transformers4_config(model.config, dtype), indent=2) + "\n")

@@ -143,7 +143,8 @@ def channel_source(channel: Path, name: str) -> str:
     files = sorted(p for p in channel.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json"))
     if len(files) != 1:
         found = sorted(str(p.relative_to(channel)) for p in channel.rglob("*") if p.is_file())
-        raise EntryError(f"channel {name}: expected one .jsonl/.json file or a saved dataset in {channel}, found {found}")
+        raise EntryError(f"channel {name}: expected one .jsonl/.json file or a saved dataset in {channel}, "
+                         f"found {found}")
     return str(files[0])
 
 
@@ -240,11 +241,12 @@ def run_processes(command: list[str], code_dir: Path) -> None:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
     if received:
-        raise TrainingInterrupted(received[0], f"{signal_name(received[0])}: passed on to the training processes, "
-                                               f"which exited with code {process.returncode}")
+        raise TrainingInterrupted(received[0], f"{signal_name(received[0])}: passed on to the training "
+                                               f"processes, which exited with code {process.returncode}")
     if process.returncode != 0:
         errors = [line for line in tail if "Error" in line or "error" in line] or list(tail)
-        raise RuntimeError(f"{command[0]} exited with code {process.returncode}: {errors[-1] if errors else ''}")
+        raise RuntimeError(f"{command[0]} exited with code {process.returncode}: "
+                           f"{errors[-1] if errors else ''}")
 
 
 def train_here(plan: RunPlan) -> None:

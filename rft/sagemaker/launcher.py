@@ -113,7 +113,8 @@ def requirements(config: RecipeConfig) -> list[str]:
     try:
         declared = metadata.requires(PROJECT) or []
     except metadata.PackageNotFoundError:
-        raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies are unknown") from None
+        raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies "
+                          "are unknown") from None
     lines = []
     for requirement in declared:
         spec, _, marker = requirement.partition(";")
@@ -265,7 +266,8 @@ def build_request(options: LaunchOptions, package: SourcePackage, job_name: str)
     if options.spot:
         max_wait = int((options.max_wait_hours or 2 * options.max_run_hours) * 3600)
         if max_wait < max_run:
-            raise LaunchError(f"--max-wait-hours ({options.max_wait_hours}) must be at least --max-run-hours ({options.max_run_hours})")
+            raise LaunchError(f"--max-wait-hours ({options.max_wait_hours}) must be at least --max-run-hours "
+                              f"({options.max_run_hours})")
         stopping["MaxWaitTimeInSeconds"] = max_wait
     request: dict[str, Any] = {
         "TrainingJobName": job_name,
@@ -336,7 +338,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spot", action="store_true", help="managed spot training (resumes from checkpoints)")
     parser.add_argument("--max-run-hours", type=float, default=24.0, help="stop the job after this long")
     parser.add_argument("--max-wait-hours", type=float, default=None,
-                        help="spot: give up waiting for capacity after this long (default twice --max-run-hours)")
+                        help="spot: give up waiting for capacity after this long (default twice "
+                             "--max-run-hours)")
     parser.add_argument("--s3-prefix", help="s3://bucket/prefix for code, data, checkpoints and output")
     parser.add_argument("--role", help="the SageMaker execution role ARN")
     parser.add_argument("--region", help="AWS region (default: your AWS configuration, else us-east-1)")
@@ -344,14 +347,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-name", help="default: rft-<output.name>-<UTC time>")
     parser.add_argument("--volume-gb", type=int, default=200, help="EBS volume per host")
     parser.add_argument("--accelerate-config", type=Path,
-                        help="launch with accelerate and this config (e.g. recipes/accelerate/fsdp2.yaml); default torchrun")
+                        help="launch with accelerate and this config (e.g. recipes/accelerate/fsdp2.yaml); "
+                             "default torchrun")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job (repeatable); stored in plain text in the job's "
+                        help="environment variable for the job (repeatable); stored in plain text in the "
+                             "job's "
                         "description: pass secrets with --secret")
     parser.add_argument("--secret", action="append", default=[], metavar="NAME=SECRET_ID",
-                        help="environment variable the job reads from AWS Secrets Manager at start (repeatable), "
+                        help="environment variable the job reads from AWS Secrets Manager at start "
+                             "(repeatable), "
                         "e.g. HF_TOKEN=rft/hf-token; the role needs secretsmanager:GetSecretValue on it")
-    parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; upload and start nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the CreateTrainingJob request; upload and start nothing")
 
 
 def _boto3() -> Any:
@@ -403,9 +410,9 @@ def run(args: argparse.Namespace, session: Any = None) -> int:
     try:
         options = options_from_args(args)
         if secrets := secret_like(options.environment):
-            print(f"warning: --env {', '.join(secrets)}: stored in plain text in the job's description (console, "
-                  "DescribeTrainingJob); keep secrets in AWS Secrets Manager and pass --secret NAME=SECRET_ID "
-                  "(docs/sagemaker.md)", file=sys.stderr)
+            print(f"warning: --env {', '.join(secrets)}: stored in plain text in the job's description "
+                  "(console, DescribeTrainingJob); keep secrets in AWS Secrets Manager and pass --secret "
+                  "NAME=SECRET_ID (docs/sagemaker.md)", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="rft-sagemaker-") as staging:
             package = stage_source(options, Path(staging) / "source")
             job_name = options.job_name or default_job_name(package.config)
