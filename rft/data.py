@@ -3,8 +3,9 @@
 Accepted rows (DESIGN.md section 4):
 - Bedrock RFT: {"messages": [{"role": "system"|"user", "content": ...}, ...], "reference_answer": ..., ...}
 - TRL: {"prompt": "text" | [messages], ...columns}
-- verl / SageMaker RLVR: {"data_source", "prompt": [messages], "ability", "reward_model": {"ground_truth": ...},
-  "extra_info"}; `reward_model.ground_truth` also reaches rewards as `reference_answer` (unless the row has one)
+- verl / SageMaker RLVR: {"data_source", "prompt": [messages], "ability",
+  "reward_model": {"ground_truth": ...}, "extra_info"}; `reward_model.ground_truth` also reaches
+  rewards as `reference_answer` (unless the row has one)
 - any of these as .jsonl, .json, or .parquet
 - anything else through `data.column_map` and `data.prompt_template`.
 Every other field is metadata: it reaches reward functions as a column and serves as an evaluation slice.
@@ -64,7 +65,8 @@ def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows as (location, dict): a .jsonl/.json/.parquet file, a `save_to_disk` folder, or `hf:name[:config]`."""
+    """Rows as (location, dict): a .jsonl/.json/.parquet file, a `save_to_disk` folder, or
+    `hf:name[:config]`."""
     path = Path(source)
     if path.suffix == ".parquet":
         if not path.is_file():
@@ -82,7 +84,9 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         except UnicodeDecodeError as exc:
             raise DataError(f"{source}: not UTF-8 (at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
-            raise DataError(f"{source}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(
+                f"{source}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(payload, list):
             raise DataError(f"{source}: a .json data file holds a list of objects")
         for i, row in enumerate(payload):
@@ -126,7 +130,8 @@ def _check_messages(messages: Any, where: str, name: str) -> Messages:
 
 
 def _content_text(content: Any, where: str, field_name: str) -> str:
-    """A message's text: a string, or OpenAI-style content parts of type text (joined); anything else is an error."""
+    """A message's text: a string, or OpenAI-style content parts of type text (joined); anything else is an
+    error."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -134,7 +139,8 @@ def _content_text(content: Any, where: str, field_name: str) -> str:
         if all(isinstance(text, str) for text in texts):
             return "".join(texts)
     if isinstance(content, list):
-        kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content})
+        kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__
+                        for part in content})
         raise DataError(f"{where}: field '{field_name}' holds parts {kinds}; only text parts ({{'type': "
                         "'text', 'text': ...}) can be trained on")
     raise DataError(f"{where}: field '{field_name}' is "
@@ -148,7 +154,8 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
         prompt: str | Messages = _check_messages(row["messages"], where, "messages")
     elif row.get("prompt", "") is None:
         # A Parquet (or datasets) column holds every row's key: a missing prompt reads as null.
-        raise DataError(f"{where}: field 'prompt' is empty (null); each row needs a prompt (text or messages)")
+        raise DataError(f"{where}: field 'prompt' is empty (null); each row needs a prompt (text or "
+                        "messages)")
     elif "prompt" in row:
         prompt = row["prompt"]
         if isinstance(prompt, list):
@@ -173,8 +180,10 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
     return prompt
 
 
-def tokenize_prompt(prompt: str | Messages, tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Prompt token ids; `template_kwargs` (data.chat_template_kwargs) are variables the chat template reads."""
+def tokenize_prompt(prompt: str | Messages, tokenizer: Any,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Prompt token ids; `template_kwargs` (data.chat_template_kwargs) are variables the chat template
+    reads."""
     if isinstance(prompt, list):
         return list(tokenizer.apply_chat_template(
             prompt, tokenize=True, add_generation_prompt=True, return_dict=False, **(template_kwargs or {})
@@ -210,7 +219,7 @@ def template_with_defaults(template: str | dict[str, str] | None, template_kwarg
 
 
 def _with_verl_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """verl / SageMaker RLVR rows: the ground truth also as `reference_answer`, the name Bedrock rewards read."""
+    """verl / SageMaker RLVR rows: the ground truth also as `reference_answer`, which Bedrock rewards read."""
     reward_model = row.get("reward_model")
     if isinstance(reward_model, dict) and "ground_truth" in reward_model and "reference_answer" not in row:
         return {**row, "reference_answer": reward_model["ground_truth"]}
@@ -226,7 +235,8 @@ def prepare_examples(
         row = _with_verl_fields({config.column_map.get(key, key): value for key, value in raw_row.items()})
         prepared.append((where, row, build_prompt(row, config, where)))
     if tokenizer is None:
-        return [Example(prompt=prompt, prompt_ids=[], row=row, source=where) for where, row, prompt in prepared]
+        return [Example(prompt=prompt, prompt_ids=[], row=row, source=where)
+                for where, row, prompt in prepared]
     examples = []
     dropped = 0
     for where, row, prompt in prepared:
@@ -241,7 +251,8 @@ def prepare_examples(
             label, dropped, len(prepared), config.max_prompt_length,
         )
     if not examples:
-        reason = f"all {len(prepared)} longer than data.max_prompt_length={config.max_prompt_length} tokens" if prepared else "no rows"
+        too_long = f"all {len(prepared)} longer than data.max_prompt_length={config.max_prompt_length} tokens"
+        reason = too_long if prepared else "no rows"
         raise DataError(f"{label}: no usable prompts ({reason})")
     return examples
 
@@ -278,7 +289,8 @@ def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[l
     if config.max_eval_rows:
         eval_rows = eval_rows[: config.max_eval_rows]
     train = prepare_examples(train_rows, config, tokenizer, f"train ({config.train})")
-    held_out = prepare_examples(eval_rows, config, tokenizer, f"held-out ({config.eval or config.train})") if eval_rows else []
+    held_out_label = f"held-out ({config.eval or config.train})"
+    held_out = prepare_examples(eval_rows, config, tokenizer, held_out_label) if eval_rows else []
     return train, held_out
 
 

@@ -42,7 +42,8 @@ _HEADER_FORMATS = (
         r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n*(.*?)(?:<\|eot_id\|>|\Z)", re.S)),
     _HeaderFormat("Llama 4", "<|begin_of_text|>", "<|header_start|>", re.compile(
         r"<\|header_start\|>(\w+)<\|header_end\|>\n*(.*?)(?:<\|eot\|>|\Z)", re.S)),
-    _HeaderFormat("ChatML", "", "<|im_start|>", re.compile(r"<\|im_start\|>(\w+)\n?(.*?)(?:<\|im_end\|>|\Z)", re.S)),
+    _HeaderFormat("ChatML", "", "<|im_start|>", re.compile(
+        r"<\|im_start\|>(\w+)\n?(.*?)(?:<\|im_end\|>|\Z)", re.S)),
 )
 _INST = re.compile(r"\[INST\](.*?)\[/INST\]((?:(?!\[INST\]).)*)", re.S)
 _SYS = re.compile(r"\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.S)
@@ -104,7 +105,8 @@ def unrender(prompt: str, model_id: str | None = None) -> list[dict[str, str]] |
         turns = _header_turns(stripped, spec)
     if turns is None and "[INST]" in stripped:
         turns = _inst_turns(stripped)
-    if turns is None and "anthropic." in (model_id or "") and "Human:" in stripped:  # also us.anthropic.* profiles
+    # "anthropic." also matches the cross-region profiles (us.anthropic.*).
+    if turns is None and "anthropic." in (model_id or "") and "Human:" in stripped:
         turns = _human_turns(prompt)
     if turns is None:
         token = _CONTROL_TOKEN.search(prompt)

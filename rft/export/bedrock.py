@@ -81,8 +81,11 @@ def validate_import_request(job_name: str, model_name: str, role_arn: str) -> No
     """
     import botocore.session
 
-    shape = botocore.session.get_session().get_service_model("bedrock").operation_model("CreateModelImportJob").input_shape
-    for flag, field, value in (("--job-name", "jobName", job_name), ("--model-name", "importedModelName", model_name), ("--role-arn", "roleArn", role_arn)):
+    service = botocore.session.get_session().get_service_model("bedrock")
+    shape = service.operation_model("CreateModelImportJob").input_shape
+    named = (("--job-name", "jobName", job_name), ("--model-name", "importedModelName", model_name),
+             ("--role-arn", "roleArn", role_arn))
+    for flag, field, value in named:
         rules = shape.members[field].metadata
         if not rules.get("min", 0) <= len(value) <= rules.get("max", len(value)):
             raise ExportError(f"{flag} {value!r}: length must be {rules.get('min', 0)}..{rules.get('max')}")
@@ -99,8 +102,9 @@ def estimate_weight_bytes(config: Any, dtype: torch.dtype, trust_remote_code: bo
     return sum(parameter.numel() for parameter in model.parameters()) * dtype.itemsize
 
 
-def check_bedrock_limits(config: Any, dtype: torch.dtype, source: str, trust_remote_code: bool = False) -> int:
-    """Refuse, with the reason, what Bedrock would reject or what rft cannot write correctly; returns the size."""
+def check_bedrock_limits(config: Any, dtype: torch.dtype, source: str,
+                         trust_remote_code: bool = False) -> int:
+    """Refuse, with the reason, what Bedrock would reject or rft cannot write correctly; returns the size."""
     architectures = list(getattr(config, "architectures", None) or [])
     if len(architectures) != 1:
         raise ExportError(f"{source}/config.json: architectures: expected exactly one, got {architectures}")
@@ -142,7 +146,8 @@ def upload_folder(s3_client: Any, folder: Path, location: S3Location) -> list[st
     return keys
 
 
-def create_import_job(bedrock_client: Any, *, job_name: str, model_name: str, role_arn: str, s3_uri: str) -> str:
+def create_import_job(bedrock_client: Any, *, job_name: str, model_name: str, role_arn: str,
+                      s3_uri: str) -> str:
     """Register the uploaded folder with Bedrock; returns the import job's ARN."""
     response = bedrock_client.create_model_import_job(
         jobName=job_name,
@@ -153,7 +158,8 @@ def create_import_job(bedrock_client: Any, *, job_name: str, model_name: str, ro
     return response["jobArn"]
 
 
-def export_bedrock(source: PolicySource, out_dir: Path, dtype: torch.dtype, max_shard_size: str = BEDROCK_MAX_SHARD_SIZE) -> list[Path]:
+def export_bedrock(source: PolicySource, out_dir: Path, dtype: torch.dtype,
+                   max_shard_size: str = BEDROCK_MAX_SHARD_SIZE) -> list[Path]:
     """Check, merge and write; returns the files written."""
     config = load_base_config(source)
     check_bedrock_limits(config, dtype, str(source.base_model), source.trust_remote_code)
@@ -209,7 +215,7 @@ def _boto3_client(service: str, region: str | None) -> Any:
 
 
 def run(args: argparse.Namespace, client_factory: ClientFactory = _boto3_client) -> int:
-    """Run `rft export bedrock`; `client_factory(service, region)` makes the AWS clients (tests pass stubbed ones)."""
+    """Run `rft export bedrock`; `client_factory(service, region)` makes the AWS clients (stubs in tests)."""
     try:
         location = parse_s3_uri(args.s3_uri) if args.s3_uri else None
         job_name = None
@@ -233,7 +239,8 @@ def run(args: argparse.Namespace, client_factory: ClientFactory = _boto3_client)
         print(f"uploaded {len(keys)} files to {location.uri}")
     if args.do_import:
         job_arn = create_import_job(
-            bedrock_client, job_name=job_name, model_name=args.model_name, role_arn=args.role_arn, s3_uri=location.uri
+            bedrock_client, job_name=job_name, model_name=args.model_name, role_arn=args.role_arn,
+            s3_uri=location.uri,
         )
         region = f" --region {args.region}" if args.region else ""
         print(f"import job started: {job_arn}")

@@ -45,7 +45,8 @@ class PolicySource:
     """The adapter folder (is_adapter) or the full model folder."""
     is_adapter: bool
     base_model: str
-    """What `from_pretrained` loads as the base: local directory or hub id (the checkpoint itself without LoRA)."""
+    """What `from_pretrained` loads as the base: local directory or hub id (the checkpoint itself without
+    LoRA)."""
     base_model_name: str
     """The base as the recipe names it (hub id, directory or `embedded:...`)."""
     tokenizer_dir: Path | str
@@ -57,7 +58,8 @@ class PolicySource:
         """The adapter's largest rank (rank_pattern may raise it for some modules)."""
         if self.adapter_config is None:
             return None
-        ranks = [int(self.adapter_config["r"]), *(int(r) for r in (self.adapter_config.get("rank_pattern") or {}).values())]
+        per_module = (self.adapter_config.get("rank_pattern") or {}).values()
+        ranks = [int(self.adapter_config["r"]), *(int(r) for r in per_module)]
         return max(ranks)
 
     @property
@@ -194,7 +196,8 @@ def load_tokenizer(source: PolicySource) -> Any:
     """The tokenizer saved with the policy (the base model's when the checkpoint has none)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(source.tokenizer_dir), trust_remote_code=source.trust_remote_code)
+    return AutoTokenizer.from_pretrained(str(source.tokenizer_dir),
+                                         trust_remote_code=source.trust_remote_code)
 
 
 def ensure_empty_dir(out_dir: Path) -> None:

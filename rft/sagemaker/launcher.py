@@ -53,7 +53,8 @@ DRY_RUN_ROLE = "arn:aws:iam::111122223333:role/REPLACE-WITH-YOUR-SAGEMAKER-EXECU
 DRY_RUN_S3_PREFIX = "s3://REPLACE-WITH-YOUR-BUCKET/rft"
 # CreateTrainingJob accepts at most 40 metric definitions.
 MAX_METRIC_DEFINITIONS = 40
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE)
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL",
+                         re.IGNORECASE)
 
 
 @dataclass
@@ -101,7 +102,8 @@ def job_prefix(s3_prefix: str, job_name: str) -> str:
 def metric_definitions(config: RecipeConfig) -> list[dict[str, str]]:
     """Regexes that read the step lines and held-out lines the job prints (`rft.log_lines`)."""
     reward_names = [reward.name or reward.fn.rpartition(":")[2] for reward in config.rewards]
-    definitions = [{"Name": f"train:{name}", "Regex": step_metric_regex(name)} for name in line_metric_names(reward_names)]
+    definitions = [{"Name": f"train:{name}", "Regex": step_metric_regex(name)}
+                   for name in line_metric_names(reward_names)]
     definitions += [{"Name": f"held-out:{mode}:reward", "Regex": held_out_regex(mode)} for mode in EVAL_MODES]
     # Past the limit, the per-reward means go first (they sit after reward/std).
     excess = max(0, len(definitions) - MAX_METRIC_DEFINITIONS)
@@ -201,7 +203,8 @@ def _input_channels(channels: dict[str, Path], base: str) -> list[dict[str, Any]
 def uploads(package: SourcePackage, archive: Path, request: dict[str, Any]) -> list[tuple[Path, str]]:
     """(local file, s3 uri) for the source archive and every file of every channel."""
     pairs = [(archive, json.loads(request["HyperParameters"]["sagemaker_submit_directory"]))]
-    channel_uris = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request.get("InputDataConfig", [])}
+    channel_uris = {channel["ChannelName"]: channel["DataSource"]["S3DataSource"]["S3Uri"]
+                    for channel in request.get("InputDataConfig", [])}
     for channel, source in sorted(package.channels.items()):
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for path in files:
@@ -225,7 +228,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field (repeatable), as in rft train")
     parser.add_argument("--instance-type", required=True, help="e.g. ml.g5.2xlarge, ml.p4d.24xlarge")
     parser.add_argument("--instance-count", type=int, default=1, help="hosts; all their GPUs train together")
-    parser.add_argument("--spot", action="store_true", help="managed spot training (resumes from checkpoints)")
+    parser.add_argument("--spot", action="store_true",
+                        help="managed spot training (resumes from checkpoints)")
     parser.add_argument("--max-run-hours", type=float, default=24.0, help="stop the job after this long")
     parser.add_argument("--max-wait-hours", type=float, default=None,
                         help="spot: give up waiting for capacity after this long (default twice "

@@ -23,7 +23,8 @@ from rft.sagemaker.entry import ENTRY_SCRIPT
 
 PROJECT = "rft-trainer"
 PACKAGES = ("rft", "rewards")
-ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in rft/sagemaker/entry.py."""
+ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in
+rft/sagemaker/entry.py."""
 
 import sys
 
@@ -94,7 +95,8 @@ def _carry_reward_files(config: RecipeConfig, directory: Path) -> None:
 
 def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, str]) -> dict[str, Any]:
     return {
-        key: _carry_file(Path(value).resolve(), directory, carried) if isinstance(value, str) and Path(value).is_file() else value
+        key: _carry_file(Path(value).resolve(), directory, carried)
+        if isinstance(value, str) and Path(value).is_file() else value
         for key, value in values.items()
     }
 
@@ -127,7 +129,8 @@ def stage(recipe: Path, overrides: list[str], directory: Path, *,
 
 
 def local_channels(config: RecipeConfig, recipe: Path) -> dict[str, Path]:
-    """The local data files and model folder that go up as input channels (hub ones are fetched in the job)."""
+    """The local data files and model folder that go up as input channels (hub ones are fetched in the
+    job)."""
     channels: dict[str, Path] = {}
     for channel, source in (("train", config.data.train), ("eval", config.data.eval)):
         if source and not source.startswith("hf:"):
