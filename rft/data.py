@@ -54,6 +54,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    # Imported here, as `datasets` below: heavy, and only these sources need them.
     import pyarrow as pa
     import pyarrow.parquet as pq
 

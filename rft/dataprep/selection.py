@@ -31,7 +31,7 @@ def _shingles(text: str, size: int = 5) -> set[bytes]:
 def remove_near_duplicates(rows: list[Row], threshold: float,
                            num_perm: int = 128) -> tuple[list[Row], list[str]]:
     """Keep the first of each group of prompts whose MinHash Jaccard estimate reaches `threshold`."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHash, MinHashLSH  # imported here: --no-dedup runs without it
 
     # LSH only proposes candidates (it cannot band at threshold 1); the signature comparison decides.
     lsh = MinHashLSH(threshold=min(threshold, 0.9), num_perm=num_perm)

@@ -260,7 +260,7 @@ def run_processes(command: list[str], code_dir: Path) -> None:
 
 
 def train_here(plan: RunPlan) -> None:
-    from rft.trainer import Trainer
+    from rft.trainer import Trainer  # heavy import (torch): several-process jobs never need it here
 
     Trainer(load_config(plan.recipe, plan.overrides), resume=True).train()
 
@@ -296,6 +296,7 @@ def read_secrets(environ: Mapping[str, str], client: Any = None) -> dict[str, st
         names = None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise EntryError(f"{SECRETS_VARIABLE}={wanted!r}: expected a JSON object of NAME: secret id")
+    # Imported here: boto3 is the optional `aws` extra, needed only when --secret was given.
     if client is None:
         import boto3
 
