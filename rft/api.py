@@ -31,7 +31,8 @@ def train(
 
     if isinstance(recipe, RecipeConfig):
         if overrides:
-            raise ValueError("overrides apply to a recipe file or dict; change the RecipeConfig itself instead")
+            raise ValueError("overrides apply to a recipe file or dict; change the RecipeConfig itself "
+                             "instead")
         config = recipe
     elif isinstance(recipe, dict):
         config = load_config(overrides=overrides, raw=recipe)

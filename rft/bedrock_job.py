@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rft.config import ConfigError, RecipeConfig, _format_errors
+from rft.config import ConfigError, RecipeConfig, format_errors
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,10 @@ def read_hyperparameters(path: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: got {value!r}; Bedrock allows {', '.join(REASONING_EFFORT)}")
             continue
         kind, low, high = RANGES[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
-            raise ConfigError(f"{where}: got {value!r}; expected {'an integer' if kind is int else 'a number'}")
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not is_number or (kind is int and value != int(value)):
+            raise ConfigError(f"{where}: got {value!r}; expected "
+                              f"{'an integer' if kind is int else 'a number'}")
         if (low is not None and value < low) or (high is not None and value > high):
             bounds = f"{low:g} to {high:g}" if high is not None else f"at least {low:g}"
             raise ConfigError(f"{where}: {value:g} is outside Bedrock's range {bounds}")
@@ -109,8 +111,9 @@ def apply_bedrock_hyperparameters(config: RecipeConfig, path: str) -> RecipeConf
         logger.warning("%s: %d training rows, outside Bedrock RFT's %d to %d (Bedrock would refuse this job)",
                        config.data.train, rows, BEDROCK_MIN_ROWS, BEDROCK_MAX_ROWS)
     if "epochCount" in settings:
-        raw["training"]["steps"] = max(1, math.ceil(settings["epochCount"] * rows / raw["training"]["prompts_per_step"]))
+        steps = settings["epochCount"] * rows / raw["training"]["prompts_per_step"]
+        raw["training"]["steps"] = max(1, math.ceil(steps))
     try:
         return RecipeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, f"{path} (applied over the recipe)")) from None
+        raise ConfigError(format_errors(exc, f"{path} (applied over the recipe)")) from None

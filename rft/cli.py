@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
+from typing import Any
 
-from rft.config import EMBEDDED_MODEL, ConfigError, load_config
+from rft.config import EMBEDDED_MODEL, ConfigError, format_schema, load_config, schema_fields
 from rft.data import DataError
 from rft.scoring import RewardError
 
@@ -20,7 +22,30 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _HelpConfig(argparse.Action):
+    """`rft train --help-config`: print the recipe reference and exit, as `--help` does (no recipe needed)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(format_schema(schema_fields()), end="")
+        parser.exit()
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(format_schema(schema_fields(), sections=args.sections), end="")
+    return 0
+
+
+def resume_target(resume: str | None) -> str | bool | None:
+    """`--resume` as the trainer takes it: True for the latest checkpoint, a path, or None (a new run)."""
+    return True if resume == "latest" else resume
+
+
 def _train(args: argparse.Namespace) -> int:
+    # Imported here: they load torch and transformers, which no other command needs.
     from rft.interrupt import TrainingInterrupted, raise_on_sigterm
     from rft.trainer import Trainer
 
@@ -28,17 +53,15 @@ def _train(args: argparse.Namespace) -> int:
     # Outside the training steps (which stop after the current one) SIGTERM stops at once, in one line.
     previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
-        trainer = Trainer(
-            config, resume=args.resume if args.resume != "latest" else True,
-            allow_recipe_change=args.allow_recipe_change, overwrite=args.overwrite,
-        )
+        trainer = Trainer(config, resume=resume_target(args.resume),
+                          allow_recipe_change=args.allow_recipe_change, overwrite=args.overwrite)
         results = trainer.train()
     except TrainingInterrupted as exc:
         print(f"rft train: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("rft train: SIGINT outside the training steps: stopped at once; --resume continues from the last "
-              "checkpoint", file=sys.stderr)
+        print("rft train: SIGINT outside the training steps: stopped at once; --resume continues from the "
+              "last checkpoint", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -52,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
-    from rft.models import resolve_model_path
+    from rft.models import resolve_model_path  # heavy import (torch, transformers): this command only
 
     print(resolve_model_path(args.model))
     return 0
@@ -67,8 +90,6 @@ def _add_module_command(
     help_text: str,
 ) -> None:
     """`rft GROUP [NAME]` backed by a module's `configure_parser(parser)` and `run(args) -> int`."""
-    import importlib
-
     target = importlib.import_module(module)
     if name is None:
         parser = commands.add_parser(group, help=help_text)
@@ -82,10 +103,7 @@ def _add_module_command(
     parser.set_defaults(handler=target.run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rft", description="Reinforcement fine-tuning (GRPO / DAPO / GSPO).")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a policy from a recipe")
     _add_recipe_arguments(train)
     train.add_argument(
@@ -99,18 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--bedrock-hyperparameters", metavar="JOB_JSON",
-        help="a Bedrock RFT job's hyperParameters (JSON, as CreateModelCustomizationJob takes them), applied over "
-        "the recipe; the README's table gives the field each one sets",
+        help="a Bedrock RFT job's hyperParameters (JSON, as CreateModelCustomizationJob takes them), applied "
+        "over the recipe; the README's table gives the field each one sets",
     )
     train.add_argument(
-        "--overwrite", action="store_true", help="start a new run in a run directory that holds one, deleting it first",
+        "--overwrite", action="store_true",
+        help="start a new run in a run directory that holds one, deleting it first",
     )
+    train.add_argument("--help-config", action=_HelpConfig,
+                       help="print every recipe field (section, type, default, description) and exit")
     train.set_defaults(handler=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rft",
+                                     description="Reinforcement fine-tuning (GRPO / DAPO / GSPO).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_command(commands)
+    config = commands.add_parser("config", help="the recipe reference: every field by section, documented")
+    config.add_argument("sections", nargs="*", metavar="SECTION", help="only these sections (e.g. algorithm)")
+    config.set_defaults(handler=_config)
 
     groups: dict[str, argparse._SubParsersAction] = {}
     _add_module_command(commands, groups, "eval", None, "rft.eval_command",
                         "held-out evaluation of the base model or a checkpoint, with per-slice results")
-    _add_module_command(commands, groups, "report", None, "rft.report", "an HTML report with plots of a run")
+    _add_module_command(commands, groups, "report", None, "rft.report",
+                        "an HTML report with plots of a run")
     _add_module_command(commands, groups, "reward", "check", "rft.reward_check",
                         "score base-model samples (or a file of completions) with the recipe's rewards")
     _add_module_command(commands, groups, "data", "prep", "rft.dataprep",
@@ -125,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "run the recipe as a SageMaker Training job (--dry-run prints the request)")
 
     prepare = commands.add_parser(
-        "prepare-model", help="convert the embedded SmolLM2 (or resolve a model id) and print its local path"
+        "prepare-model", help="convert the embedded SmolLM2 (or resolve a model id) and print its local path",
     )
     prepare.add_argument("model", nargs="?", default=EMBEDDED_MODEL)
     prepare.set_defaults(handler=_prepare_model)

@@ -3,8 +3,9 @@
 Accepted rows (DESIGN.md section 4):
 - Bedrock RFT: {"messages": [{"role": "system"|"user", "content": ...}, ...], "reference_answer": ..., ...}
 - TRL: {"prompt": "text" | [messages], ...columns}
-- verl / SageMaker RLVR: {"data_source", "prompt": [messages], "ability", "reward_model": {"ground_truth": ...},
-  "extra_info"}; `reward_model.ground_truth` also reaches rewards as `reference_answer` (unless the row has one)
+- verl / SageMaker RLVR: {"data_source", "prompt": [messages], "ability",
+  "reward_model": {"ground_truth": ...}, "extra_info"}; `reward_model.ground_truth` also reaches
+  rewards as `reference_answer` (unless the row has one)
 - any of these as .jsonl, .json, or .parquet
 - anything else through `data.column_map` and `data.prompt_template`.
 Every other field is metadata: it reaches reward functions as a column and serves as an evaluation slice.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rft.config import DataConfig
+from rft.jsonl import JSONLError, read_objects
 
 logger = logging.getLogger(__name__)
 
@@ -45,27 +47,14 @@ class Example:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    rows: list[tuple[str, dict[str, Any]]] = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
-    return rows
+    try:
+        return [(line.where, line.value) for line in read_objects(path)]
+    except JSONLError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    # Imported here, as `datasets` below: heavy, and only these sources need them.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -77,7 +66,8 @@ def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
-    """Rows as (location, dict): a .jsonl/.json/.parquet file, a `save_to_disk` folder, or `hf:name[:config]`."""
+    """Rows as (location, dict): a .jsonl/.json/.parquet file, a `save_to_disk` folder, or
+    `hf:name[:config]`."""
     path = Path(source)
     if path.suffix == ".parquet":
         if not path.is_file():
@@ -95,7 +85,9 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         except UnicodeDecodeError as exc:
             raise DataError(f"{source}: not UTF-8 (at byte {exc.start})") from None
         except json.JSONDecodeError as exc:
-            raise DataError(f"{source}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(
+                f"{source}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
         if not isinstance(payload, list):
             raise DataError(f"{source}: a .json data file holds a list of objects")
         for i, row in enumerate(payload):
@@ -110,7 +102,8 @@ def read_rows(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         name, _, config_name = source[3:].partition(":")
         dataset = datasets.load_dataset(name, config_name or None)
     else:
-        raise DataError(f"{source}: not a .jsonl/.json/.parquet file, a saved dataset folder, or hf:<dataset id>")
+        raise DataError(f"{source}: not a .jsonl/.json/.parquet file, a saved dataset folder, or hf:<dataset "
+                        "id>")
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
             raise DataError(f"{source}: no split {split!r} (has {sorted(dataset)})")
@@ -126,7 +119,8 @@ def _check_messages(messages: Any, where: str, name: str) -> Messages:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: field '{name}[{i}]' needs 'role' and 'content'")
         if message["role"] not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: field '{name}[{i}].role' is {message['role']!r}; allowed: system, user, assistant, tool")
+            raise DataError(f"{where}: field '{name}[{i}].role' is {message['role']!r}; allowed: system, "
+                            "user, assistant, tool")
         messages[i] = {**message, "content": _content_text(message["content"], where, f"{name}[{i}].content")}
     # Bedrock RFT rows may end with a reference assistant turn; the policy must write that turn itself.
     while messages and messages[-1]["role"] == "assistant":
@@ -137,7 +131,8 @@ def _check_messages(messages: Any, where: str, name: str) -> Messages:
 
 
 def _content_text(content: Any, where: str, field_name: str) -> str:
-    """A message's text: a string, or OpenAI-style content parts of type text (joined); anything else is an error."""
+    """A message's text: a string, or OpenAI-style content parts of type text (joined); anything else is an
+    error."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -145,10 +140,12 @@ def _content_text(content: Any, where: str, field_name: str) -> str:
         if all(isinstance(text, str) for text in texts):
             return "".join(texts)
     if isinstance(content, list):
-        kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__ for part in content})
-        raise DataError(f"{where}: field '{field_name}' holds parts {kinds}; only text parts ({{'type': 'text', "
-                        "'text': ...}) can be trained on")
-    raise DataError(f"{where}: field '{field_name}' is {type(content).__name__ if content is not None else 'null'}; "
+        kinds = sorted({str(part.get("type")) if isinstance(part, dict) else type(part).__name__
+                        for part in content})
+        raise DataError(f"{where}: field '{field_name}' holds parts {kinds}; only text parts ({{'type': "
+                        "'text', 'text': ...}) can be trained on")
+    raise DataError(f"{where}: field '{field_name}' is "
+                    f"{type(content).__name__ if content is not None else 'null'}; "
                     "a message's content is text")
 
 
@@ -158,7 +155,8 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
         prompt: str | Messages = _check_messages(row["messages"], where, "messages")
     elif row.get("prompt", "") is None:
         # A Parquet (or datasets) column holds every row's key: a missing prompt reads as null.
-        raise DataError(f"{where}: field 'prompt' is empty (null); each row needs a prompt (text or messages)")
+        raise DataError(f"{where}: field 'prompt' is empty (null); each row needs a prompt (text or "
+                        "messages)")
     elif "prompt" in row:
         prompt = row["prompt"]
         if isinstance(prompt, list):
@@ -169,7 +167,8 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
         try:
             prompt = config.prompt_template.format(**row)
         except KeyError as exc:
-            raise DataError(f"{where}: data.prompt_template needs field {exc.args[0]!r}; row has {sorted(row)}") from None
+            raise DataError(f"{where}: data.prompt_template needs field {exc.args[0]!r}; row has "
+                            f"{sorted(row)}") from None
     else:
         raise DataError(
             f"{where}: no 'messages' or 'prompt' field (row has {sorted(row)}); "
@@ -182,8 +181,10 @@ def build_prompt(row: dict[str, Any], config: DataConfig, where: str) -> str | M
     return prompt
 
 
-def tokenize_prompt(prompt: str | Messages, tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Prompt token ids; `template_kwargs` (data.chat_template_kwargs) are variables the chat template reads."""
+def tokenize_prompt(prompt: str | Messages, tokenizer: Any,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Prompt token ids; `template_kwargs` (data.chat_template_kwargs) are variables the chat template
+    reads."""
     if isinstance(prompt, list):
         return list(tokenizer.apply_chat_template(
             prompt, tokenize=True, add_generation_prompt=True, return_dict=False, **(template_kwargs or {})
@@ -219,7 +220,7 @@ def template_with_defaults(template: str | dict[str, str] | None, template_kwarg
 
 
 def _with_verl_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """verl / SageMaker RLVR rows: the ground truth also as `reference_answer`, the name Bedrock rewards read."""
+    """verl / SageMaker RLVR rows: the ground truth also as `reference_answer`, which Bedrock rewards read."""
     reward_model = row.get("reward_model")
     if isinstance(reward_model, dict) and "ground_truth" in reward_model and "reference_answer" not in row:
         return {**row, "reference_answer": reward_model["ground_truth"]}
@@ -235,7 +236,8 @@ def prepare_examples(
         row = _with_verl_fields({config.column_map.get(key, key): value for key, value in raw_row.items()})
         prepared.append((where, row, build_prompt(row, config, where)))
     if tokenizer is None:
-        return [Example(prompt=prompt, prompt_ids=[], row=row, source=where) for where, row, prompt in prepared]
+        return [Example(prompt=prompt, prompt_ids=[], row=row, source=where)
+                for where, row, prompt in prepared]
     examples = []
     dropped = 0
     for where, row, prompt in prepared:
@@ -250,7 +252,8 @@ def prepare_examples(
             label, dropped, len(prepared), config.max_prompt_length,
         )
     if not examples:
-        reason = f"all {len(prepared)} longer than data.max_prompt_length={config.max_prompt_length} tokens" if prepared else "no rows"
+        too_long = f"all {len(prepared)} longer than data.max_prompt_length={config.max_prompt_length} tokens"
+        reason = too_long if prepared else "no rows"
         raise DataError(f"{label}: no usable prompts ({reason})")
     return examples
 
@@ -276,7 +279,8 @@ def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[l
         eval_rows = read_rows(config.eval, config.eval_split)
         if not eval_rows:
             # A mistake, not a choice: the run would go on and silently report no held-out scores.
-            raise DataError(f"{config.eval}: data.eval holds no rows (leave data.eval out to run without evaluation)")
+            raise DataError(f"{config.eval}: data.eval holds no rows (leave data.eval out to run without "
+                            "evaluation)")
     else:
         shuffled = list(train_rows)
         random.Random(seed).shuffle(shuffled)
@@ -286,7 +290,8 @@ def load_splits(config: DataConfig, tokenizer: Any | None, seed: int) -> tuple[l
     if config.max_eval_rows:
         eval_rows = eval_rows[: config.max_eval_rows]
     train = prepare_examples(train_rows, config, tokenizer, f"train ({config.train})")
-    held_out = prepare_examples(eval_rows, config, tokenizer, f"held-out ({config.eval or config.train})") if eval_rows else []
+    held_out_label = f"held-out ({config.eval or config.train})"
+    held_out = prepare_examples(eval_rows, config, tokenizer, held_out_label) if eval_rows else []
     return train, held_out
 
 

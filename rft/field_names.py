@@ -33,7 +33,8 @@ def _mapped(table: dict[Any, str]) -> Any:
 
 # TRL name -> (rft field, how a TRL value maps, or None where it is the same, and a note).
 TRL_NAMES: dict[str, tuple[str, Any, str]] = {
-    "epsilon": ("algorithm.eps_low", None, "it is both clip bounds: set algorithm.eps_low and algorithm.eps_high"),
+    "epsilon": ("algorithm.eps_low", None, "it is both clip bounds: set algorithm.eps_low and "
+                                           "algorithm.eps_high"),
     "epsilon_high": ("algorithm.eps_high", None, ""),
     "num_generations": ("rollout.group_size", None, ""),
     "max_completion_length": ("rollout.max_new_tokens", None, ""),
@@ -43,7 +44,8 @@ TRL_NAMES: dict[str, tuple[str, Any, str]] = {
                   "and Dr. GRPO also sets algorithm.advantage: dr_grpo, scale: none"),
     "beta": ("algorithm.beta", None, ""),
     "importance_sampling_level": ("algorithm.importance_sampling_level", None, ""),
-    "scale_rewards": ("algorithm.scale", _mapped(_SCALES), "group/true -> group, batch -> batch, none/false -> none"),
+    "scale_rewards": ("algorithm.scale", _mapped(_SCALES), "group/true -> group, batch -> batch, none/false "
+                                                           "-> none"),
     "num_iterations": ("algorithm.num_iterations", None, ""),
     "top_entropy_quantile": ("algorithm.top_entropy_quantile", None, ""),
     "mask_truncated_completions": ("algorithm.mask_truncated", None, ""),

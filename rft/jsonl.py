@@ -8,6 +8,7 @@ appending) is left out. Torch-free, so that reports and monitors stay light.
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +35,10 @@ class JSONLine:
 
 
 def json_lines(path: Path) -> Iterator[JSONLine]:
-    """Every non-blank line of `path`, in order; invalid UTF-8 and invalid JSON come back as errors."""
-    with Path(path).open("rb") as handle:
+    """Every non-blank line of `path` (gzipped when it ends in .gz), in order; invalid UTF-8 and invalid JSON
+    come back as errors."""
+    # Bedrock delivers invocation logs gzipped; line numbers are those of the decompressed text.
+    with (gzip.open(path, "rb") if Path(path).suffix == ".gz" else Path(path).open("rb")) as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")

@@ -42,7 +42,8 @@ _HEADER_FORMATS = (
         r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n*(.*?)(?:<\|eot_id\|>|\Z)", re.S)),
     _HeaderFormat("Llama 4", "<|begin_of_text|>", "<|header_start|>", re.compile(
         r"<\|header_start\|>(\w+)<\|header_end\|>\n*(.*?)(?:<\|eot\|>|\Z)", re.S)),
-    _HeaderFormat("ChatML", "", "<|im_start|>", re.compile(r"<\|im_start\|>(\w+)\n?(.*?)(?:<\|im_end\|>|\Z)", re.S)),
+    _HeaderFormat("ChatML", "", "<|im_start|>", re.compile(
+        r"<\|im_start\|>(\w+)\n?(.*?)(?:<\|im_end\|>|\Z)", re.S)),
 )
 _INST = re.compile(r"\[INST\](.*?)\[/INST\]((?:(?!\[INST\]).)*)", re.S)
 _SYS = re.compile(r"\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.S)
@@ -56,7 +57,8 @@ def _header_turns(prompt: str, spec: _HeaderFormat) -> list[dict[str, str]]:
         match = spec.turn.match(prompt, position)
         if match is None:
             if prompt[position:].strip():
-                raise ValueError(f"{spec.name} prompt: unexpected text at character {position}: {prompt[position:position + 30]!r}")
+                raise ValueError(f"{spec.name} prompt: unexpected text at character {position}: "
+                                 f"{prompt[position:position + 30]!r}")
             break
         turns.append({"role": match.group(1), "content": match.group(2).strip()})
         position = match.end()
@@ -103,18 +105,20 @@ def unrender(prompt: str, model_id: str | None = None) -> list[dict[str, str]] |
         turns = _header_turns(stripped, spec)
     if turns is None and "[INST]" in stripped:
         turns = _inst_turns(stripped)
-    if turns is None and "anthropic." in (model_id or "") and "Human:" in stripped:  # also us.anthropic.* profiles
+    # "anthropic." also matches the cross-region profiles (us.anthropic.*).
+    if turns is None and "anthropic." in (model_id or "") and "Human:" in stripped:
         turns = _human_turns(prompt)
     if turns is None:
         token = _CONTROL_TOKEN.search(prompt)
         if token:
-            raise ValueError(f"prompt holds the chat-template token {token.group()!r} of no format rft reads; "
-                             "give the conversation as messages instead")
+            raise ValueError(f"prompt holds the chat-template token {token.group()!r} of no format rft "
+                             "reads; give the conversation as messages instead")
         return None
     if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
         turns.pop()  # the generation prompt
     for turn in turns:
         token = _CONTROL_TOKEN.search(turn["content"])
         if token:
-            raise ValueError(f"rendered prompt: {token.group()!r} inside a {turn['role']} turn (a broken template)")
+            raise ValueError(f"rendered prompt: {token.group()!r} inside a {turn['role']} turn (a broken "
+                             "template)")
     return turns

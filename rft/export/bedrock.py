@@ -81,8 +81,11 @@ def validate_import_request(job_name: str, model_name: str, role_arn: str) -> No
     """
     import botocore.session
 
-    shape = botocore.session.get_session().get_service_model("bedrock").operation_model("CreateModelImportJob").input_shape
-    for flag, field, value in (("--job-name", "jobName", job_name), ("--model-name", "importedModelName", model_name), ("--role-arn", "roleArn", role_arn)):
+    service = botocore.session.get_session().get_service_model("bedrock")
+    shape = service.operation_model("CreateModelImportJob").input_shape
+    named = (("--job-name", "jobName", job_name), ("--model-name", "importedModelName", model_name),
+             ("--role-arn", "roleArn", role_arn))
+    for flag, field, value in named:
         rules = shape.members[field].metadata
         if not rules.get("min", 0) <= len(value) <= rules.get("max", len(value)):
             raise ExportError(f"{flag} {value!r}: length must be {rules.get('min', 0)}..{rules.get('max')}")
@@ -99,8 +102,9 @@ def estimate_weight_bytes(config: Any, dtype: torch.dtype, trust_remote_code: bo
     return sum(parameter.numel() for parameter in model.parameters()) * dtype.itemsize
 
 
-def check_bedrock_limits(config: Any, dtype: torch.dtype, source: str, trust_remote_code: bool = False) -> int:
-    """Refuse, with the reason, what Bedrock would reject or what rft cannot write correctly; returns the size."""
+def check_bedrock_limits(config: Any, dtype: torch.dtype, source: str,
+                         trust_remote_code: bool = False) -> int:
+    """Refuse, with the reason, what Bedrock would reject or rft cannot write correctly; returns the size."""
     architectures = list(getattr(config, "architectures", None) or [])
     if len(architectures) != 1:
         raise ExportError(f"{source}/config.json: architectures: expected exactly one, got {architectures}")
@@ -108,14 +112,14 @@ def check_bedrock_limits(config: Any, dtype: torch.dtype, source: str, trust_rem
     if architecture not in BEDROCK_ARCHITECTURES:
         supported = ", ".join(f"{name} ({label})" for name, label in BEDROCK_ARCHITECTURES.items())
         raise ExportError(
-            f"{source}/config.json: architecture {architecture} is not supported by Bedrock Custom Model Import "
-            f"(supported: {supported})"
+            f"{source}/config.json: architecture {architecture} is not supported by Bedrock Custom Model "
+            f"Import (supported: {supported})"
         )
     if architecture not in TRANSFORMERS4_ARCHITECTURES:
         raise ExportError(
-            f"{source}/config.json: Bedrock accepts {architecture}, but rft has no checkpoint layout verified to "
-            f"load correctly under transformers {TRANSFORMERS4_VERSION} for it "
-            f"(verified: {', '.join(sorted(TRANSFORMERS4_ARCHITECTURES))})"
+            f"{source}/config.json: Bedrock accepts {architecture}, but rft has no checkpoint layout "
+            f"verified to load correctly under transformers {TRANSFORMERS4_VERSION} for it (verified: "
+            f"{', '.join(sorted(TRANSFORMERS4_ARCHITECTURES))})"
         )
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and context > BEDROCK_MAX_CONTEXT_TOKENS:
@@ -142,7 +146,8 @@ def upload_folder(s3_client: Any, folder: Path, location: S3Location) -> list[st
     return keys
 
 
-def create_import_job(bedrock_client: Any, *, job_name: str, model_name: str, role_arn: str, s3_uri: str) -> str:
+def create_import_job(bedrock_client: Any, *, job_name: str, model_name: str, role_arn: str,
+                      s3_uri: str) -> str:
     """Register the uploaded folder with Bedrock; returns the import job's ARN."""
     response = bedrock_client.create_model_import_job(
         jobName=job_name,
@@ -153,14 +158,16 @@ def create_import_job(bedrock_client: Any, *, job_name: str, model_name: str, ro
     return response["jobArn"]
 
 
-def export_bedrock(source: PolicySource, out_dir: Path, dtype: torch.dtype, max_shard_size: str = BEDROCK_MAX_SHARD_SIZE) -> list[Path]:
+def export_bedrock(source: PolicySource, out_dir: Path, dtype: torch.dtype,
+                   max_shard_size: str = BEDROCK_MAX_SHARD_SIZE) -> list[Path]:
     """Check, merge and write; returns the files written."""
     config = load_base_config(source)
     check_bedrock_limits(config, dtype, str(source.base_model), source.trust_remote_code)
     ensure_empty_dir(out_dir)
     tokenizer = load_tokenizer(source)
     if not tokenizer.chat_template:
-        print(f"note: the tokenizer in {source.tokenizer_dir} has no chat template; Bedrock will see raw prompts", file=sys.stderr)
+        print(f"note: the tokenizer in {source.tokenizer_dir} has no chat template; Bedrock will see raw "
+              "prompts", file=sys.stderr)
     model = merge_policy(source, dtype)
     return write_transformers4_checkpoint(
         model,
@@ -178,18 +185,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="New (or empty) folder for the merged model.")
     parser.add_argument(
         "--checkpoint", type=Path, default=None,
-        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead of RUN_DIR/final.",
+        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead "
+             "of RUN_DIR/final.",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="Weights dtype (default bfloat16).")
-    parser.add_argument("--max-shard-size", default=BEDROCK_MAX_SHARD_SIZE, help="Largest safetensors shard (default 5GB).")
-    parser.add_argument("--s3-uri", default=None, help="Upload the folder to this S3 prefix (s3://BUCKET/PREFIX/).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="Weights dtype (default bfloat16).")
+    parser.add_argument("--max-shard-size", default=BEDROCK_MAX_SHARD_SIZE,
+                        help="Largest safetensors shard (default 5GB).")
+    parser.add_argument("--s3-uri", default=None,
+                        help="Upload the folder to this S3 prefix (s3://BUCKET/PREFIX/).")
     parser.add_argument(
         "--import", dest="do_import", action="store_true",
         help="Start a Bedrock Custom Model Import job from --s3-uri (needs --role-arn and --model-name).",
     )
     parser.add_argument("--role-arn", default=None, help="IAM role Bedrock assumes to read the S3 prefix.")
     parser.add_argument("--model-name", default=None, help="Name of the imported model in Bedrock.")
-    parser.add_argument("--job-name", default=None, help="Import job name (default: MODEL_NAME-YYYYMMDD-HHMMSS).")
+    parser.add_argument("--job-name", default=None,
+                        help="Import job name (default: MODEL_NAME-YYYYMMDD-HHMMSS).")
     parser.add_argument("--region", default=None, help="AWS region (default: the AWS configuration's).")
 
 
@@ -203,7 +215,7 @@ def _boto3_client(service: str, region: str | None) -> Any:
 
 
 def run(args: argparse.Namespace, client_factory: ClientFactory = _boto3_client) -> int:
-    """Run `rft export bedrock`; `client_factory(service, region)` makes the AWS clients (tests pass stubbed ones)."""
+    """Run `rft export bedrock`; `client_factory(service, region)` makes the AWS clients (stubs in tests)."""
     try:
         location = parse_s3_uri(args.s3_uri) if args.s3_uri else None
         job_name = None
@@ -227,7 +239,8 @@ def run(args: argparse.Namespace, client_factory: ClientFactory = _boto3_client)
         print(f"uploaded {len(keys)} files to {location.uri}")
     if args.do_import:
         job_arn = create_import_job(
-            bedrock_client, job_name=job_name, model_name=args.model_name, role_arn=args.role_arn, s3_uri=location.uri
+            bedrock_client, job_name=job_name, model_name=args.model_name, role_arn=args.role_arn,
+            s3_uri=location.uri,
         )
         region = f" --region {args.region}" if args.region else ""
         print(f"import job started: {job_arn}")

@@ -45,7 +45,8 @@ class PolicySource:
     """The adapter folder (is_adapter) or the full model folder."""
     is_adapter: bool
     base_model: str
-    """What `from_pretrained` loads as the base: local directory or hub id (the checkpoint itself without LoRA)."""
+    """What `from_pretrained` loads as the base: local directory or hub id (the checkpoint itself without
+    LoRA)."""
     base_model_name: str
     """The base as the recipe names it (hub id, directory or `embedded:...`)."""
     tokenizer_dir: Path | str
@@ -57,7 +58,8 @@ class PolicySource:
         """The adapter's largest rank (rank_pattern may raise it for some modules)."""
         if self.adapter_config is None:
             return None
-        ranks = [int(self.adapter_config["r"]), *(int(r) for r in (self.adapter_config.get("rank_pattern") or {}).values())]
+        per_module = (self.adapter_config.get("rank_pattern") or {}).values()
+        ranks = [int(self.adapter_config["r"]), *(int(r) for r in per_module)]
         return max(ranks)
 
     @property
@@ -97,7 +99,8 @@ def _policy_dir(run_dir: Path, checkpoint: Path | None) -> Path:
         candidate = candidate / "policy"
     if not (candidate / ADAPTER_CONFIG_FILE).exists() and not (candidate / MODEL_CONFIG_FILE).exists():
         raise ExportError(
-            f"{candidate}: holds neither a peft adapter ({ADAPTER_CONFIG_FILE}) nor a model ({MODEL_CONFIG_FILE})"
+            f"{candidate}: holds neither a peft adapter ({ADAPTER_CONFIG_FILE}) nor a model "
+            f"({MODEL_CONFIG_FILE})"
         )
     return candidate
 
@@ -127,7 +130,8 @@ def locate_policy(run_dir: str | Path, checkpoint: str | Path | None = None) -> 
         adapter_config = _read_json(policy_dir / ADAPTER_CONFIG_FILE)
         if adapter_config.get("peft_type") != "LORA":
             raise ExportError(
-                f"{policy_dir / ADAPTER_CONFIG_FILE}: peft_type: {adapter_config.get('peft_type')!r}; only LORA adapters export"
+                f"{policy_dir / ADAPTER_CONFIG_FILE}: peft_type: {adapter_config.get('peft_type')!r}; only "
+                "LORA adapters export"
             )
         if recipe is not None:
             base_name = recipe.model.name_or_path
@@ -192,7 +196,8 @@ def load_tokenizer(source: PolicySource) -> Any:
     """The tokenizer saved with the policy (the base model's when the checkpoint has none)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(source.tokenizer_dir), trust_remote_code=source.trust_remote_code)
+    return AutoTokenizer.from_pretrained(str(source.tokenizer_dir),
+                                         trust_remote_code=source.trust_remote_code)
 
 
 def ensure_empty_dir(out_dir: Path) -> None:

@@ -44,7 +44,8 @@ def vllm_max_lora_rank(rank: int) -> int:
     for allowed in VLLM_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise ExportError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}; use --merged")
+    raise ExportError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}; use "
+                      "--merged")
 
 
 def check_adapter_servable(source: PolicySource) -> None:
@@ -60,8 +61,8 @@ def check_adapter_servable(source: PolicySource) -> None:
         )
     if config.get("modules_to_save"):
         raise ExportError(
-            f"{where}: modules_to_save: {config['modules_to_save']}: vLLM loads only LoRA weights, these full "
-            "modules would be dropped; use --merged"
+            f"{where}: modules_to_save: {config['modules_to_save']}: vLLM loads only LoRA weights, these "
+            "full modules would be dropped; use --merged"
         )
 
 
@@ -90,12 +91,15 @@ def read_serving_properties(path: Path) -> dict[str, str]:
 
 
 def write_adapter(source: PolicySource, adapters_dir: Path, name: str, base_model_id: str) -> Path:
-    """Copy the peft adapter to adapters/<name>/, its base_model_name_or_path set to what the endpoint loads."""
+    """Copy the peft adapter to adapters/<name>/, its base_model_name_or_path set to what the endpoint
+    loads."""
     target = adapters_dir / name
     target.mkdir(parents=True)
-    weights = [source.checkpoint_dir / file for file in ADAPTER_WEIGHT_FILES if (source.checkpoint_dir / file).exists()]
+    weights = [source.checkpoint_dir / file for file in ADAPTER_WEIGHT_FILES
+               if (source.checkpoint_dir / file).exists()]
     if not weights:
-        raise ExportError(f"{source.checkpoint_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)})")
+        raise ExportError(f"{source.checkpoint_dir}: no adapter weights "
+                          f"({' or '.join(ADAPTER_WEIGHT_FILES)})")
     shutil.copyfile(weights[0], target / weights[0].name)
     adapter_config = dict(source.adapter_config or {})
     adapter_config["base_model_name_or_path"] = base_model_id
@@ -104,7 +108,8 @@ def write_adapter(source: PolicySource, adapters_dir: Path, name: str, base_mode
 
 
 def write_model_tar(out_dir: Path) -> Path:
-    """model.tar.gz with the folder's contents at the archive root, as SageMaker unpacks into /opt/ml/model."""
+    """model.tar.gz with the folder's contents at the archive root, as SageMaker unpacks it into
+    /opt/ml/model."""
     archive = out_dir / "model.tar.gz"
     members = sorted(path for path in out_dir.rglob("*") if path.is_file() and path != archive)
     with tarfile.open(archive, "w:gz") as tar:
@@ -138,7 +143,8 @@ def export_sagemaker(
         tokenizer = load_tokenizer(source)
         model = merge_policy(source, dtype)
         write_transformers4_checkpoint(
-            model, tokenizer, out_dir, dtype=dtype, tokenizer_source_dirs=[source.checkpoint_dir, Path(source.base_model)]
+            model, tokenizer, out_dir, dtype=dtype,
+            tokenizer_source_dirs=[source.checkpoint_dir, Path(source.base_model)],
         )
         # No option.model_id: LMI serves the model files found in /opt/ml/model itself.
         options.update({"rolling_batch": "vllm", "tensor_parallel_degree": tensor_parallel_degree})
@@ -177,21 +183,28 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="New (or empty) folder for the deployment.")
     parser.add_argument(
         "--checkpoint", type=Path, default=None,
-        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead of RUN_DIR/final.",
+        help="Export this checkpoint (RUN_DIR/checkpoints/step-NNNNNN or any adapter/model folder) instead "
+             "of RUN_DIR/final.",
     )
     parser.add_argument(
         "--adapter-name", default=None,
         help="Adapter name in adapters/<name>/ and in requests (default: the run directory's name).",
     )
-    parser.add_argument("--merged", action="store_true", help="Write the merged model instead of base + adapter.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="Merged weights dtype (with --merged).")
+    parser.add_argument("--merged", action="store_true",
+                        help="Write the merged model instead of base + adapter.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="Merged weights dtype (with --merged).")
     parser.add_argument(
         "--base-model-id", default=None,
-        help="option.model_id: the base model the endpoint loads (hub id or s3:// prefix). Default: the recipe's hub id.",
+        help="option.model_id: the base model the endpoint loads (hub id or s3:// prefix). Default: the "
+             "recipe's hub id.",
     )
-    parser.add_argument("--tensor-parallel-degree", default="max", help="option.tensor_parallel_degree (default max: all GPUs).")
-    parser.add_argument("--max-model-len", type=int, default=None, help="option.max_model_len (default: the model's).")
-    parser.add_argument("--tar", action="store_true", help="Also write model.tar.gz (for model_data=s3://.../model.tar.gz).")
+    parser.add_argument("--tensor-parallel-degree", default="max",
+                        help="option.tensor_parallel_degree (default max: all GPUs).")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="option.max_model_len (default: the model's).")
+    parser.add_argument("--tar", action="store_true",
+                        help="Also write model.tar.gz (for model_data=s3://.../model.tar.gz).")
 
 
 def _adapter_name(args: argparse.Namespace) -> str:
@@ -203,7 +216,7 @@ def _adapter_name(args: argparse.Namespace) -> str:
 
 
 def _trained_template_kwargs(run_dir: Path) -> dict[str, Any]:
-    """The run's `data.chat_template_kwargs` (empty when the folder has no config.yaml, e.g. a checkpoint's)."""
+    """The run's `data.chat_template_kwargs` (empty when the folder has no config.yaml, as a checkpoint's)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         return {}
@@ -230,18 +243,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if options.get("enable_lora") == "true":
-        print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to {args.out}; "
-              "the endpoint loads the base model itself")
+        print(f"wrote adapter {adapter_name} (rank {source.lora_rank}) for base {options['model_id']} to "
+              f"{args.out}; the endpoint loads the base model itself")
         print(f'requests select it with "adapters": "{adapter_name}"')
         template_kwargs = _trained_template_kwargs(Path(args.run_dir))
         if template_kwargs:
-            # The merged export's template defaults to them (rft/data.py template_with_defaults); the base's cannot.
-            print(f"note: the policy was trained with data.chat_template_kwargs {template_kwargs}, but the endpoint "
-                  "renders the base model's chat template without them: send them as \"chat_template_kwargs\" in "
-                  "each request, or export --merged, whose template defaults to them")
+            # The merged export's template defaults to them (rft/data.py template_with_defaults); the base's
+            # cannot.
+            print(f"note: the policy was trained with data.chat_template_kwargs {template_kwargs}, but the "
+                  "endpoint renders the base model's chat template without them: send them as "
+                  "\"chat_template_kwargs\" in each request, or export --merged, whose template defaults to "
+                  "them")
     else:
         print(f"wrote the merged model ({args.dtype}) to {args.out}")
     if args.tar:
-        print(f"packed {args.out / 'model.tar.gz'}: " + ", ".join(sorted(tar_members(args.out / "model.tar.gz"))))
+        archive = args.out / "model.tar.gz"
+        print(f"packed {archive}: " + ", ".join(sorted(tar_members(archive))))
     print(f"serving.properties: {args.out / 'serving.properties'}; deploy: docs/deploy.md")
     return 0

@@ -63,7 +63,8 @@ def transformers4_config(config: Any, dtype: torch.dtype) -> dict[str, Any]:
         if "rope_theta" not in rope:
             # Per-layer-type rope ({"full_attention": {...}, ...}) has no 4.x spelling for these models.
             raise ExportError(
-                f"config.json: rope_parameters {rope} has no transformers 4.x equivalent (expected one rope_theta)"
+                f"config.json: rope_parameters {rope} has no transformers 4.x equivalent (expected one "
+                "rope_theta)"
             )
         layout["rope_theta"] = rope.pop("rope_theta")
         if "partial_rotary_factor" in rope:
@@ -126,10 +127,13 @@ def write_transformers4_checkpoint(
         )
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ExportError(f"tokenizer in {tokenizer_source_dirs[0]}: no tokenizer.json (fast tokenizer) to export")
+        raise ExportError(
+            f"tokenizer in {tokenizer_source_dirs[0]}: no tokenizer.json (fast tokenizer) to export"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    (out_dir / "config.json").write_text(json.dumps(transformers4_config(model.config, dtype), indent=2) + "\n")
+    config = transformers4_config(model.config, dtype)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation_config = out_dir / "generation_config.json"
     if generation_config.exists():
         fields = json.loads(generation_config.read_text())
@@ -138,12 +142,17 @@ def write_transformers4_checkpoint(
 
     backend.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = transformers4_tokenizer_config(tokenizer)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
-    special_tokens = {key: value for key, value in tokenizer_config.items() if key.endswith("_token") or key == "additional_special_tokens"}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_tokens, indent=2, ensure_ascii=False) + "\n")
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
+    special_tokens = {key: value for key, value in tokenizer_config.items()
+                      if key.endswith("_token") or key == "additional_special_tokens"}
+    _write_json(out_dir / "special_tokens_map.json", special_tokens)
     for source in tokenizer_source_dirs:
         sentencepiece_model = Path(source) / "tokenizer.model"
         if sentencepiece_model.is_file():
             shutil.copyfile(sentencepiece_model, out_dir / "tokenizer.model")
             break
     return sorted(path for path in out_dir.iterdir() if path.is_file())
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

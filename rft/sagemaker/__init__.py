@@ -1,1 +1,2 @@
-"""SageMaker Training jobs: `launcher` packs a recipe and starts the job; `entry` runs it inside the container."""
+"""SageMaker Training jobs: `launcher` packs a recipe (`sourcedir`) and starts the job; `entry` runs it inside
+the container."""

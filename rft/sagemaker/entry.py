@@ -102,7 +102,8 @@ class SageMakerEnvironment:
         if current_host not in hosts:
             raise EntryError(f"SM_CURRENT_HOST {current_host!r} is not in SM_HOSTS {hosts}")
         channels = {
-            key[len("SM_CHANNEL_") :].lower(): Path(value) for key, value in environ.items() if key.startswith("SM_CHANNEL_")
+            key[len("SM_CHANNEL_") :].lower(): Path(value)
+            for key, value in environ.items() if key.startswith("SM_CHANNEL_")
         }
         return cls(
             model_dir=model_dir,
@@ -125,7 +126,8 @@ class SageMakerEnvironment:
 
     @property
     def checkpoint_dir(self) -> Path:
-        """CheckpointConfig.LocalPath: /opt/ml/checkpoints unless the `checkpoint_dir` hyperparameter says otherwise."""
+        """CheckpointConfig.LocalPath: /opt/ml/checkpoints unless the `checkpoint_dir` hyperparameter says
+        otherwise."""
         return Path(self.hyperparameters.get("checkpoint_dir") or self.model_dir.parent / "checkpoints")
 
 
@@ -143,7 +145,8 @@ def channel_source(channel: Path, name: str) -> str:
     files = sorted(p for p in channel.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json"))
     if len(files) != 1:
         found = sorted(str(p.relative_to(channel)) for p in channel.rglob("*") if p.is_file())
-        raise EntryError(f"channel {name}: expected one .jsonl/.json file or a saved dataset in {channel}, found {found}")
+        raise EntryError(f"channel {name}: expected one .jsonl/.json file or a saved dataset in {channel}, "
+                         f"found {found}")
     return str(files[0])
 
 
@@ -158,7 +161,8 @@ class RunPlan:
 
 
 def plan_run(environment: SageMakerEnvironment, code_dir: Path) -> RunPlan:
-    """Recipe, overrides (channels, run directory, hyperparameters), resume or not; the recipe is validated here."""
+    """Recipe, overrides (channels, run directory, hyperparameters), resume or not; the recipe is validated
+    here."""
     hyperparameters = environment.hyperparameters
     if "recipe" not in hyperparameters:
         raise EntryError("hyperparameter 'recipe' (the recipe's path in the source directory) is missing")
@@ -172,7 +176,8 @@ def plan_run(environment: SageMakerEnvironment, code_dir: Path) -> RunPlan:
     run_dir = environment.checkpoint_dir / RUN_NAME
     # SM_HPS holds decoded JSON values; JSON is YAML, which is how overrides are parsed.
     overrides = [
-        f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in hyperparameters.items() if "." in key
+        f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in hyperparameters.items() if "." in key
     ]
     for channel, field_name in (("train", "data.train"), ("eval", "data.eval")):
         if channel in environment.channels:
@@ -192,28 +197,33 @@ def plan_run(environment: SageMakerEnvironment, code_dir: Path) -> RunPlan:
 
 
 def launch_command(plan: RunPlan, environment: SageMakerEnvironment) -> list[str]:
-    """torchrun (or `accelerate launch`) of `python -m rft train` over this host's GPUs, joined to the other hosts."""
+    """torchrun (or `accelerate launch`) of `python -m rft train` over this host's GPUs, joined to the other
+    hosts."""
     nodes = len(environment.hosts)
     node_rank = environment.hosts.index(environment.current_host)
     # One host: the loopback interface, so the job does not depend on resolving its own host name.
     master = environment.hosts[0] if nodes > 1 else "127.0.0.1"
     per_host = environment.processes_per_host
     # Always --resume: every process then checks that it sees the checkpoint the others see (or none).
-    train = ["rft", "train", str(plan.recipe), *[arg for o in plan.overrides for arg in ("--set", o)], "--resume"]
+    overrides = [arg for override in plan.overrides for arg in ("--set", override)]
+    train = ["rft", "train", str(plan.recipe), *overrides, "--resume"]
     if plan.launcher == "accelerate":
         return [
             "accelerate", "launch", "--config_file", str(plan.accelerate_config),
-            "--num_machines", str(nodes), "--machine_rank", str(node_rank), "--num_processes", str(nodes * per_host),
+            "--num_machines", str(nodes), "--machine_rank", str(node_rank),
+            "--num_processes", str(nodes * per_host),
             "--main_process_ip", master, "--main_process_port", str(MASTER_PORT), "-m", *train,
         ]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(node_rank),
-        "--nproc_per_node", str(per_host), "--master_addr", master, "--master_port", str(MASTER_PORT), "-m", *train,
+        "--nproc_per_node", str(per_host), "--master_addr", master, "--master_port", str(MASTER_PORT),
+        "-m", *train,
     ]
 
 
 def run_processes(command: list[str], code_dir: Path) -> None:
-    """Run the launcher, passing its output through (and a SIGTERM on), keeping the tail for the failure reason."""
+    """Run the launcher, passing its output through (and a SIGTERM on), keeping the tail for the failure
+    reason."""
     environment = {
         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": SHUTDOWN_TIMEOUT_S, **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")])),
@@ -222,7 +232,8 @@ def run_processes(command: list[str], code_dir: Path) -> None:
     tail: collections.deque[str] = collections.deque(maxlen=20)
     received: list[int] = []
     with subprocess.Popen(
-        command, cwd=code_dir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, cwd=code_dir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        bufsize=1,
     ) as process:
         def forward(signum: int, _frame: object) -> None:
             received.append(signum)
@@ -240,21 +251,23 @@ def run_processes(command: list[str], code_dir: Path) -> None:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
     if received:
-        raise TrainingInterrupted(received[0], f"{signal_name(received[0])}: passed on to the training processes, "
-                                               f"which exited with code {process.returncode}")
+        raise TrainingInterrupted(received[0], f"{signal_name(received[0])}: passed on to the training "
+                                               f"processes, which exited with code {process.returncode}")
     if process.returncode != 0:
         errors = [line for line in tail if "Error" in line or "error" in line] or list(tail)
-        raise RuntimeError(f"{command[0]} exited with code {process.returncode}: {errors[-1] if errors else ''}")
+        raise RuntimeError(f"{command[0]} exited with code {process.returncode}: "
+                           f"{errors[-1] if errors else ''}")
 
 
 def train_here(plan: RunPlan) -> None:
-    from rft.trainer import Trainer
+    from rft.trainer import Trainer  # heavy import (torch): several-process jobs never need it here
 
     Trainer(load_config(plan.recipe, plan.overrides), resume=True).train()
 
 
 def export_outputs(plan: RunPlan, environment: SageMakerEnvironment) -> None:
-    """The final model to SM_MODEL_DIR (SageMaker uploads it as model.tar.gz), the records to SM_OUTPUT_DATA_DIR."""
+    """The final model to SM_MODEL_DIR (SageMaker uploads it as model.tar.gz), the records to
+    SM_OUTPUT_DATA_DIR."""
     final = plan.run_dir / "final"
     if not final.is_dir():
         raise EntryError(f"training ended without a final model in {final}")
@@ -283,6 +296,7 @@ def read_secrets(environ: Mapping[str, str], client: Any = None) -> dict[str, st
         names = None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise EntryError(f"{SECRETS_VARIABLE}={wanted!r}: expected a JSON object of NAME: secret id")
+    # Imported here: boto3 is the optional `aws` extra, needed only when --secret was given.
     if client is None:
         import boto3
 
@@ -298,7 +312,8 @@ def read_secrets(environ: Mapping[str, str], client: Any = None) -> dict[str, st
     return values
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, code_dir: Path | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+         code_dir: Path | None = None) -> int:
     environ = os.environ if environ is None else environ
     code_dir = code_dir or Path.cwd()
     configure_logging()
@@ -311,8 +326,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         environment = SageMakerEnvironment.from_environ(environ, sys.argv[1:] if argv is None else argv)
         plan = plan_run(environment, code_dir)
         logger.info(
-            "host %s of %s, %d process(es) each; run directory %s%s", environment.current_host, environment.hosts,
-            environment.processes_per_host, plan.run_dir, " (resuming)" if plan.found_checkpoint else "",
+            "host %s of %s, %d process(es) each; run directory %s%s", environment.current_host,
+            environment.hosts, environment.processes_per_host, plan.run_dir,
+            " (resuming)" if plan.found_checkpoint else "",
         )
         if len(environment.hosts) * environment.processes_per_host == 1:
             train_here(plan)

@@ -27,25 +27,20 @@ boto3 makes directly. `--dry-run` prints the request and needs no credentials.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
-import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rft.config import EMBEDDED_MODEL, RecipeConfig, dump_config, load_config
+from rft.config import RecipeConfig
 from rft.log_lines import EVAL_MODES, held_out_regex, line_metric_names, step_metric_regex
 from rft.sagemaker.entry import ENTRY_SCRIPT, SECRETS_VARIABLE
+from rft.sagemaker.sourcedir import LaunchError, SourcePackage, pack, stage
 
-PROJECT = "rft-trainer"
-PACKAGES = ("rft", "rewards")
 # The Hugging Face PyTorch training container (torch 2.9, CUDA 13, Python 3.12); requirements.txt
 # brings transformers and the rest up to this project's versions. Account 763104351884 serves most
 # regions; elsewhere pass --image-uri.
@@ -58,20 +53,8 @@ DRY_RUN_ROLE = "arn:aws:iam::111122223333:role/REPLACE-WITH-YOUR-SAGEMAKER-EXECU
 DRY_RUN_S3_PREFIX = "s3://REPLACE-WITH-YOUR-BUCKET/rft"
 # CreateTrainingJob accepts at most 40 metric definitions.
 MAX_METRIC_DEFINITIONS = 40
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE)
-ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in rft/sagemaker/entry.py."""
-
-import sys
-
-from rft.sagemaker.entry import main
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
-
-
-class LaunchError(ValueError):
-    """The job cannot be launched as asked (one line, naming the option)."""
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL",
+                         re.IGNORECASE)
 
 
 @dataclass
@@ -94,113 +77,9 @@ class LaunchOptions:
     secrets: dict[str, str] = field(default_factory=dict)  # variable name -> Secrets Manager secret id
 
 
-@dataclass
-class SourcePackage:
-    """A staged source directory and the local data / model to upload as channels."""
-
-    directory: Path
-    channels: dict[str, Path]
-    config: RecipeConfig
-
-
-def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def requirements(config: RecipeConfig) -> list[str]:
-    """This project's dependencies for the container: without torch (the container's CUDA build stays),
-    with vLLM when the recipe samples with it."""
-    try:
-        declared = metadata.requires(PROJECT) or []
-    except metadata.PackageNotFoundError:
-        raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies are unknown") from None
-    lines = []
-    for requirement in declared:
-        spec, _, marker = requirement.partition(";")
-        name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        wanted = extra is None or (extra.group(1) == "vllm" and config.rollout.engine == "vllm")
-        if wanted and name != "torch":
-            lines.append(spec.strip())
-    return lines
-
-
-def _carry_file(source: Path, directory: Path, carried: dict[Path, str]) -> str:
-    """Copy a local file the recipe names into recipe_files/; its path relative to the source directory."""
-    if source not in carried:
-        target = Path("recipe_files") / f"{len(carried)}_{source.name}"
-        (directory / target).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, directory / target)
-        carried[source] = str(target)
-    return carried[source]
-
-
-def _carry_reward_files(config: RecipeConfig, directory: Path) -> None:
-    """Point reward specs and file-valued kwargs at copies inside the source directory."""
-    carried: dict[Path, str] = {}
-    for reward in config.rewards:
-        target, _, name = reward.fn.rpartition(":")
-        if target.endswith(".py"):
-            reward.fn = f"{_carry_file(Path(target).resolve(), directory, carried)}:{name}"
-        reward.kwargs = _carry_values(reward.kwargs, directory, carried)
-        if reward.build is not None:  # a factory's arguments may name files too
-            reward.build = _carry_values(reward.build, directory, carried)
-
-
-def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, str]) -> dict[str, Any]:
-    return {
-        key: _carry_file(Path(value).resolve(), directory, carried) if isinstance(value, str) and Path(value).is_file() else value
-        for key, value in values.items()
-    }
-
-
 def stage_source(options: LaunchOptions, directory: Path) -> SourcePackage:
-    """Validate the recipe and lay out the source directory; nothing leaves this machine here."""
-    config = load_config(options.recipe, options.overrides)
-    packaged = copy.deepcopy(config)
-    root = project_root()
-    for package in PACKAGES:
-        shutil.copytree(root / package, directory / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    _carry_reward_files(packaged, directory)
-    channels: dict[str, Path] = {}
-    for channel, source in (("train", config.data.train), ("eval", config.data.eval)):
-        if source and not source.startswith("hf:"):
-            path = Path(source)
-            if not path.exists():
-                raise LaunchError(f"{options.recipe}: data.{channel}: {source} not found")
-            channels[channel] = path
-    if config.model.name_or_path == EMBEDDED_MODEL or Path(config.model.name_or_path).is_dir():
-        from rft.models import resolve_model_path
-
-        channels["model"] = Path(resolve_model_path(config.model.name_or_path))
-    # The entry point replaces these with the channel paths; the names say what the channels hold.
-    if "train" in channels:
-        packaged.data.train = f"channel:train/{channels['train'].name}"
-    if "eval" in channels:
-        packaged.data.eval = f"channel:eval/{channels['eval'].name}"
-    if "model" in channels:
-        packaged.model.name_or_path = "channel:model"
-    # The console's curves come from the job's log lines (`metric_definitions`).
-    packaged.output.log_every = packaged.output.log_every or 1
-    (directory / "recipe.yaml").write_text(
-        f"# {options.recipe.name} as launched, every setting resolved (rft sagemaker launch)\n"
-        + dump_config(packaged)
-    )
-    (directory / "requirements.txt").write_text("\n".join(requirements(config)) + "\n")
-    (directory / ENTRY_SCRIPT).write_text(ENTRY_SHIM)
-    if options.accelerate_config is not None:
-        if not options.accelerate_config.is_file():
-            raise LaunchError(f"--accelerate-config {options.accelerate_config}: file not found")
-        shutil.copy2(options.accelerate_config, directory / "accelerate_config.yaml")
-    return SourcePackage(directory=directory, channels=channels, config=config)
-
-
-def pack(directory: Path, archive: Path) -> Path:
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                tar.add(path, arcname=str(path.relative_to(directory)))
-    return archive
+    """Validate the recipe and lay out the source directory (`rft.sagemaker.sourcedir`)."""
+    return stage(options.recipe, options.overrides, directory, accelerate_config=options.accelerate_config)
 
 
 def default_job_name(config: RecipeConfig) -> str:
@@ -223,7 +102,8 @@ def job_prefix(s3_prefix: str, job_name: str) -> str:
 def metric_definitions(config: RecipeConfig) -> list[dict[str, str]]:
     """Regexes that read the step lines and held-out lines the job prints (`rft.log_lines`)."""
     reward_names = [reward.name or reward.fn.rpartition(":")[2] for reward in config.rewards]
-    definitions = [{"Name": f"train:{name}", "Regex": step_metric_regex(name)} for name in line_metric_names(reward_names)]
+    definitions = [{"Name": f"train:{name}", "Regex": step_metric_regex(name)}
+                   for name in line_metric_names(reward_names)]
     definitions += [{"Name": f"held-out:{mode}:reward", "Regex": held_out_regex(mode)} for mode in EVAL_MODES]
     # Past the limit, the per-reward means go first (they sit after reward/std).
     excess = max(0, len(definitions) - MAX_METRIC_DEFINITIONS)
@@ -244,8 +124,38 @@ def _secrets_environment(options: LaunchOptions) -> dict[str, str]:
 
 def build_request(options: LaunchOptions, package: SourcePackage, job_name: str) -> dict[str, Any]:
     """The CreateTrainingJob request (botocore's shape); S3 locations under <s3 prefix>/<job name>/."""
-    s3_prefix = options.s3_prefix or DRY_RUN_S3_PREFIX
-    base = job_prefix(s3_prefix, job_name)
+    base = job_prefix(options.s3_prefix or DRY_RUN_S3_PREFIX, job_name)
+    request: dict[str, Any] = {
+        "TrainingJobName": job_name,
+        # The SDK's convention, which the toolkit decodes: every hyperparameter value JSON-encoded.
+        "HyperParameters": {
+            key: json.dumps(value) for key, value in _hyperparameters(options, base, job_name).items()
+        },
+        "AlgorithmSpecification": {
+            "TrainingImage": options.image_uri or DEFAULT_IMAGE.format(region=options.region),
+            "TrainingInputMode": "File",
+            "MetricDefinitions": metric_definitions(package.config),
+        },
+        "RoleArn": options.role or DRY_RUN_ROLE,
+        "InputDataConfig": _input_channels(package.channels, base),
+        "OutputDataConfig": {"S3OutputPath": f"{base}/output"},
+        "ResourceConfig": {
+            "InstanceType": options.instance_type, "InstanceCount": options.instance_count,
+            "VolumeSizeInGB": options.volume_gb,
+        },
+        "StoppingCondition": _stopping_condition(options),
+        "EnableManagedSpotTraining": options.spot,
+        "CheckpointConfig": {"S3Uri": f"{base}/checkpoints", "LocalPath": CHECKPOINT_LOCAL_PATH},
+        "Environment": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **options.environment,
+                        **_secrets_environment(options)},
+        "Tags": [{"Key": "rft-recipe", "Value": options.recipe.stem[:256]}],
+    }
+    if not request["InputDataConfig"]:
+        del request["InputDataConfig"]
+    return request
+
+
+def _hyperparameters(options: LaunchOptions, base: str, job_name: str) -> dict[str, Any]:
     launcher = "accelerate" if options.accelerate_config is not None else "torchrun"
     hyperparameters = {
         # The training toolkit's own settings: what to download and run.
@@ -260,56 +170,41 @@ def build_request(options: LaunchOptions, package: SourcePackage, job_name: str)
     }
     if options.accelerate_config is not None:
         hyperparameters["accelerate_config"] = "accelerate_config.yaml"
+    return hyperparameters
+
+
+def _stopping_condition(options: LaunchOptions) -> dict[str, int]:
     max_run = int(options.max_run_hours * 3600)
     stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_run}
     if options.spot:
         max_wait = int((options.max_wait_hours or 2 * options.max_run_hours) * 3600)
         if max_wait < max_run:
-            raise LaunchError(f"--max-wait-hours ({options.max_wait_hours}) must be at least --max-run-hours ({options.max_run_hours})")
+            raise LaunchError(f"--max-wait-hours ({options.max_wait_hours}) must be at least --max-run-hours "
+                              f"({options.max_run_hours})")
         stopping["MaxWaitTimeInSeconds"] = max_wait
-    request: dict[str, Any] = {
-        "TrainingJobName": job_name,
-        # The SDK's convention, which the toolkit decodes: every hyperparameter value JSON-encoded.
-        "HyperParameters": {key: json.dumps(value) for key, value in hyperparameters.items()},
-        "AlgorithmSpecification": {
-            "TrainingImage": options.image_uri or DEFAULT_IMAGE.format(region=options.region),
-            "TrainingInputMode": "File",
-            "MetricDefinitions": metric_definitions(package.config),
-        },
-        "RoleArn": options.role or DRY_RUN_ROLE,
-        "InputDataConfig": [
-            {
-                "ChannelName": channel,
-                "DataSource": {
-                    "S3DataSource": {
-                        "S3DataType": "S3Prefix", "S3Uri": f"{base}/data/{channel}/",
-                        "S3DataDistributionType": "FullyReplicated",
-                    }
-                },
-            }
-            for channel in sorted(package.channels)
-        ],
-        "OutputDataConfig": {"S3OutputPath": f"{base}/output"},
-        "ResourceConfig": {
-            "InstanceType": options.instance_type, "InstanceCount": options.instance_count,
-            "VolumeSizeInGB": options.volume_gb,
-        },
-        "StoppingCondition": stopping,
-        "EnableManagedSpotTraining": options.spot,
-        "CheckpointConfig": {"S3Uri": f"{base}/checkpoints", "LocalPath": CHECKPOINT_LOCAL_PATH},
-        "Environment": {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **options.environment,
-                        **_secrets_environment(options)},
-        "Tags": [{"Key": "rft-recipe", "Value": options.recipe.stem[:256]}],
-    }
-    if not request["InputDataConfig"]:
-        del request["InputDataConfig"]
-    return request
+    return stopping
+
+
+def _input_channels(channels: dict[str, Path], base: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "ChannelName": channel,
+            "DataSource": {
+                "S3DataSource": {
+                    "S3DataType": "S3Prefix", "S3Uri": f"{base}/data/{channel}/",
+                    "S3DataDistributionType": "FullyReplicated",
+                }
+            },
+        }
+        for channel in sorted(channels)
+    ]
 
 
 def uploads(package: SourcePackage, archive: Path, request: dict[str, Any]) -> list[tuple[Path, str]]:
     """(local file, s3 uri) for the source archive and every file of every channel."""
     pairs = [(archive, json.loads(request["HyperParameters"]["sagemaker_submit_directory"]))]
-    channel_uris = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request.get("InputDataConfig", [])}
+    channel_uris = {channel["ChannelName"]: channel["DataSource"]["S3DataSource"]["S3Uri"]
+                    for channel in request.get("InputDataConfig", [])}
     for channel, source in sorted(package.channels.items()):
         files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
         for path in files:
@@ -333,10 +228,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="override a recipe field (repeatable), as in rft train")
     parser.add_argument("--instance-type", required=True, help="e.g. ml.g5.2xlarge, ml.p4d.24xlarge")
     parser.add_argument("--instance-count", type=int, default=1, help="hosts; all their GPUs train together")
-    parser.add_argument("--spot", action="store_true", help="managed spot training (resumes from checkpoints)")
+    parser.add_argument("--spot", action="store_true",
+                        help="managed spot training (resumes from checkpoints)")
     parser.add_argument("--max-run-hours", type=float, default=24.0, help="stop the job after this long")
     parser.add_argument("--max-wait-hours", type=float, default=None,
-                        help="spot: give up waiting for capacity after this long (default twice --max-run-hours)")
+                        help="spot: give up waiting for capacity after this long (default twice "
+                             "--max-run-hours)")
     parser.add_argument("--s3-prefix", help="s3://bucket/prefix for code, data, checkpoints and output")
     parser.add_argument("--role", help="the SageMaker execution role ARN")
     parser.add_argument("--region", help="AWS region (default: your AWS configuration, else us-east-1)")
@@ -344,14 +241,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-name", help="default: rft-<output.name>-<UTC time>")
     parser.add_argument("--volume-gb", type=int, default=200, help="EBS volume per host")
     parser.add_argument("--accelerate-config", type=Path,
-                        help="launch with accelerate and this config (e.g. recipes/accelerate/fsdp2.yaml); default torchrun")
+                        help="launch with accelerate and this config (e.g. recipes/accelerate/fsdp2.yaml); "
+                             "default torchrun")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable for the job (repeatable); stored in plain text in the job's "
+                        help="environment variable for the job (repeatable); stored in plain text in the "
+                             "job's "
                         "description: pass secrets with --secret")
     parser.add_argument("--secret", action="append", default=[], metavar="NAME=SECRET_ID",
-                        help="environment variable the job reads from AWS Secrets Manager at start (repeatable), "
+                        help="environment variable the job reads from AWS Secrets Manager at start "
+                             "(repeatable), "
                         "e.g. HF_TOKEN=rft/hf-token; the role needs secretsmanager:GetSecretValue on it")
-    parser.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; upload and start nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the CreateTrainingJob request; upload and start nothing")
 
 
 def _boto3() -> Any:
@@ -398,14 +299,25 @@ def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     )
 
 
+def _print_dry_run(options: LaunchOptions, package: SourcePackage, request: dict[str, Any],
+                   files: list[tuple[Path, str]]) -> None:
+    print(json.dumps(request, indent=2))
+    names = sorted(str(p.relative_to(package.directory)) for p in package.directory.iterdir())
+    print(f"would upload the source directory ({', '.join(names)}) -> {files[0][1]}", file=sys.stderr)
+    for path, uri in files[1:]:
+        print(f"would upload {path} -> {uri}", file=sys.stderr)
+    if not options.role or not options.s3_prefix:
+        print("placeholders stand in for --role / --s3-prefix", file=sys.stderr)
+
+
 def run(args: argparse.Namespace, session: Any = None) -> int:
     """`rft sagemaker launch`; `session` (a boto3 Session) is for tests."""
     try:
         options = options_from_args(args)
         if secrets := secret_like(options.environment):
-            print(f"warning: --env {', '.join(secrets)}: stored in plain text in the job's description (console, "
-                  "DescribeTrainingJob); keep secrets in AWS Secrets Manager and pass --secret NAME=SECRET_ID "
-                  "(docs/sagemaker.md)", file=sys.stderr)
+            print(f"warning: --env {', '.join(secrets)}: stored in plain text in the job's description "
+                  "(console, DescribeTrainingJob); keep secrets in AWS Secrets Manager and pass --secret "
+                  "NAME=SECRET_ID (docs/sagemaker.md)", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="rft-sagemaker-") as staging:
             package = stage_source(options, Path(staging) / "source")
             job_name = options.job_name or default_job_name(package.config)
@@ -413,13 +325,7 @@ def run(args: argparse.Namespace, session: Any = None) -> int:
             archive = pack(package.directory, Path(staging) / "sourcedir.tar.gz")
             files = uploads(package, archive, request)
             if args.dry_run:
-                print(json.dumps(request, indent=2))
-                names = sorted(str(p.relative_to(package.directory)) for p in package.directory.iterdir())
-                print(f"would upload the source directory ({', '.join(names)}) -> {files[0][1]}", file=sys.stderr)
-                for path, uri in files[1:]:
-                    print(f"would upload {path} -> {uri}", file=sys.stderr)
-                if not options.role or not options.s3_prefix:
-                    print("placeholders stand in for --role / --s3-prefix", file=sys.stderr)
+                _print_dry_run(options, package, request, files)
                 return 0
             if session is None:
                 session = _boto3().session.Session(region_name=options.region)
@@ -427,6 +333,7 @@ def run(args: argparse.Namespace, session: Any = None) -> int:
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    console = f"https://{options.region}.console.aws.amazon.com/sagemaker/home?region={options.region}"
     print(f"started {arn}")
-    print(f"https://{options.region}.console.aws.amazon.com/sagemaker/home?region={options.region}#/jobs/{job_name}")
+    print(f"{console}#/jobs/{job_name}")
     return 0

@@ -1,0 +1,166 @@
+"""The source directory a SageMaker job runs (`sourcedir.tar.gz` on S3, unpacked to /opt/ml/code).
+
+It holds the `rft` and `rewards` packages, the recipe with every setting resolved (`recipe.yaml`),
+the reward files and other files it names (`recipe_files/`), `requirements.txt` (installed by the
+container before the entry point runs) and `rft_sagemaker_entry.py` (see `rft.sagemaker.entry`).
+Local data files and a local model directory become input channels `train`, `eval`, `model`.
+Nothing leaves this machine here.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import tarfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rft.config import EMBEDDED_MODEL, RecipeConfig, dump_config, load_config
+from rft.sagemaker.entry import ENTRY_SCRIPT
+
+PROJECT = "rft-trainer"
+PACKAGES = ("rft", "rewards")
+ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in
+rft/sagemaker/entry.py."""
+
+import sys
+
+from rft.sagemaker.entry import main
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
+class LaunchError(ValueError):
+    """The job cannot be launched as asked (one line, naming the option)."""
+
+
+@dataclass
+class SourcePackage:
+    """A staged source directory and the local data / model to upload as channels."""
+
+    directory: Path
+    channels: dict[str, Path]
+    config: RecipeConfig
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def requirements(config: RecipeConfig) -> list[str]:
+    """This project's dependencies for the container: without torch (the container's CUDA build stays),
+    with vLLM when the recipe samples with it."""
+    try:
+        declared = metadata.requires(PROJECT) or []
+    except metadata.PackageNotFoundError:
+        raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies "
+                          "are unknown") from None
+    lines = []
+    for requirement in declared:
+        spec, _, marker = requirement.partition(";")
+        name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        wanted = extra is None or (extra.group(1) == "vllm" and config.rollout.engine == "vllm")
+        if wanted and name != "torch":
+            lines.append(spec.strip())
+    return lines
+
+
+def _carry_file(source: Path, directory: Path, carried: dict[Path, str]) -> str:
+    """Copy a local file the recipe names into recipe_files/; its path relative to the source directory."""
+    if source not in carried:
+        target = Path("recipe_files") / f"{len(carried)}_{source.name}"
+        (directory / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, directory / target)
+        carried[source] = str(target)
+    return carried[source]
+
+
+def _carry_reward_files(config: RecipeConfig, directory: Path) -> None:
+    """Point reward specs and file-valued kwargs at copies inside the source directory."""
+    carried: dict[Path, str] = {}
+    for reward in config.rewards:
+        target, _, name = reward.fn.rpartition(":")
+        if target.endswith(".py"):
+            reward.fn = f"{_carry_file(Path(target).resolve(), directory, carried)}:{name}"
+        reward.kwargs = _carry_values(reward.kwargs, directory, carried)
+        if reward.build is not None:  # a factory's arguments may name files too
+            reward.build = _carry_values(reward.build, directory, carried)
+
+
+def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, str]) -> dict[str, Any]:
+    return {
+        key: _carry_file(Path(value).resolve(), directory, carried)
+        if isinstance(value, str) and Path(value).is_file() else value
+        for key, value in values.items()
+    }
+
+
+def stage(recipe: Path, overrides: list[str], directory: Path, *,
+          accelerate_config: Path | None = None) -> SourcePackage:
+    """Validate the recipe and lay out the source directory; nothing leaves this machine here."""
+    config = load_config(recipe, overrides)
+    packaged = copy.deepcopy(config)
+    root = project_root()
+    for package in PACKAGES:
+        shutil.copytree(root / package, directory / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _carry_reward_files(packaged, directory)
+    channels = local_channels(config, recipe)
+    _point_at_channels(packaged, channels)
+    # The console's curves come from the job's log lines (`metric_definitions`).
+    packaged.output.log_every = packaged.output.log_every or 1
+    (directory / "recipe.yaml").write_text(
+        f"# {recipe.name} as launched, every setting resolved (rft sagemaker launch)\n"
+        + dump_config(packaged)
+    )
+    (directory / "requirements.txt").write_text("\n".join(requirements(config)) + "\n")
+    (directory / ENTRY_SCRIPT).write_text(ENTRY_SHIM)
+    if accelerate_config is not None:
+        if not accelerate_config.is_file():
+            raise LaunchError(f"--accelerate-config {accelerate_config}: file not found")
+        shutil.copy2(accelerate_config, directory / "accelerate_config.yaml")
+    return SourcePackage(directory=directory, channels=channels, config=config)
+
+
+def local_channels(config: RecipeConfig, recipe: Path) -> dict[str, Path]:
+    """The local data files and model folder that go up as input channels (hub ones are fetched in the
+    job)."""
+    channels: dict[str, Path] = {}
+    for channel, source in (("train", config.data.train), ("eval", config.data.eval)):
+        if source and not source.startswith("hf:"):
+            path = Path(source)
+            if not path.exists():
+                raise LaunchError(f"{recipe}: data.{channel}: {source} not found")
+            channels[channel] = path
+    if config.model.name_or_path == EMBEDDED_MODEL or Path(config.model.name_or_path).is_dir():
+        # Imported here: it loads torch and transformers, which only a local model needs.
+        from rft.models import resolve_model_path
+
+        channels["model"] = Path(resolve_model_path(config.model.name_or_path))
+    return channels
+
+
+def _point_at_channels(packaged: RecipeConfig, channels: dict[str, Path]) -> None:
+    # The entry point replaces these with the channel paths; the names say what the channels hold.
+    if "train" in channels:
+        packaged.data.train = f"channel:train/{channels['train'].name}"
+    if "eval" in channels:
+        packaged.data.eval = f"channel:eval/{channels['eval'].name}"
+    if "model" in channels:
+        packaged.model.name_or_path = "channel:model"
+
+
+def pack(directory: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(directory)))
+    return archive
+
+
