@@ -159,7 +159,8 @@ def _explicit_checkpoint(checkpoint: Path, run_dir: Path, run_id: str | None) ->
         what = "does not exist" if not checkpoint.exists() else f"holds no {INFO_NAME}"
         raise RunDirError(
             f"--resume {checkpoint}: not a checkpoint ({what}); give a folder "
-            "RUN_DIR/checkpoints/step-NNNNNN written by this rft, or --resume alone for the run folder's latest"
+            "RUN_DIR/checkpoints/step-NNNNNN written by this rft, or --resume alone for the run folder's "
+            "latest"
         )
     if info.get("run_id") != run_id:
         raise RunDirError(
