@@ -60,6 +60,8 @@ __all__ = ["Batch", "Trainer"]
 
 
 class Trainer:
+    """One run of a recipe: `train()` runs it to the end; `collect_batch` and `update` are a step's halves."""
+
     def __init__(
         self, config: RecipeConfig, resume: bool | str = False, *, allow_recipe_change: bool = False,
         overwrite: bool = False,
