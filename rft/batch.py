@@ -115,16 +115,19 @@ def dynamic_sampling_metrics(rounds: int, generated: int, zero_variance: int, ke
 class Collector:
     """Samples, scores and gathers the groups of each step (`collect`)."""
 
+    # The engine is handed to each `collect`: the trainer's may be replaced (wrapped) after set-up.
+
     def __init__(
-        self, config: RecipeConfig, accelerator: Accelerator, engine: RolloutEngine, model: torch.nn.Module,
-        tokenizer: Any, scorer: RewardScorer, sampler: PromptSampler, on_scored: CompletionSink,
+        self, config: RecipeConfig, accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any,
+        scorer: RewardScorer, sampler: PromptSampler, on_scored: CompletionSink,
     ):
-        self.config, self.accelerator, self.engine, self.model = config, accelerator, engine, model
+        self.config, self.accelerator, self.model = config, accelerator, model
         self.tokenizer, self.scorer, self.sampler, self.on_scored = tokenizer, scorer, sampler, on_scored
         self.sampling = config.rollout.sampling()
 
-    def collect(self) -> Batch:
-        """Sample groups, score them, and (DAPO dynamic sampling) keep only groups that teach something."""
+    def collect(self, engine: RolloutEngine) -> Batch:
+        """Sample groups with `engine`, score them, and (DAPO dynamic sampling) keep only groups that teach
+        something."""
         algorithm, wanted = self.config.algorithm, self.config.training.prompts_per_step
         rounds = 1 if not algorithm.dynamic_sampling else algorithm.max_gen_batches
         kept: list[Group] = []
@@ -134,7 +137,7 @@ class Collector:
         score_metrics = ScoreMetrics()
         for _ in range(rounds):
             rounds_used += 1
-            groups, round_metrics = self._round(wanted, timings)
+            groups, round_metrics = self._round(engine, wanted, timings)
             score_metrics = score_metrics.then(round_metrics)
             generated += len(groups)
             zero_variance += sum(g.zero_variance for g in groups)
@@ -154,13 +157,15 @@ class Collector:
         metrics[ZERO_VARIANCE_SHARE] = zero_variance / max(1, generated)
         return assemble(kept, algorithm, metrics)
 
-    def _round(self, wanted: int, timings: dict[str, float]) -> tuple[list[Group], ScoreMetrics]:
+    def _round(
+        self, engine: RolloutEngine, wanted: int, timings: dict[str, float]
+    ) -> tuple[list[Group], ScoreMetrics]:
         """One round: this process's share of `wanted` prompts sampled and scored, then every process's."""
         accelerator = self.accelerator
         share = distributed.process_share(wanted, accelerator.process_index, accelerator.num_processes)
         examples = self.sampler.take(wanted)[share]
         with marked_timer(TIME_GENERATION, timings), distributed.full_weights(accelerator, self.model):
-            rollout = self.engine.generate(
+            rollout = engine.generate(
                 [e.prompt_ids for e in examples], self.config.rollout.group_size, self.sampling
             )
         with marked_timer(TIME_REWARD, timings):

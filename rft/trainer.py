@@ -95,8 +95,8 @@ class Trainer:
         self.sampler = PromptSampler(self.train_examples, config.training.seed, config.data.shuffle)
         self._load_models(self.run_start.checkpoint)
         self.runlog = RunLog(config, self.accelerator, self.scorer.names)
-        self.collector = Collector(config, self.accelerator, self.engine, self.model, self.tokenizer,
-                                   self.scorer, self.sampler, self._log_completions)
+        self.collector = Collector(config, self.accelerator, self.model, self.tokenizer, self.scorer,
+                                   self.sampler, self._log_completions)
         self.updater = Updater(config, self.accelerator, self.model, self.policy, self.reference,
                                self.optimizer, self.scheduler, self.tokenizer.pad_token_id)
         self.sampling = self.collector.sampling  # what the engine samples with (tests sample with it too)
@@ -242,7 +242,7 @@ class Trainer:
 
     def collect_batch(self) -> Batch:
         """Sample groups, score them, and (DAPO dynamic sampling) keep only groups that teach something."""
-        return self.collector.collect()
+        return self.collector.collect(self.engine)
 
     def update(self, batch: Batch) -> dict[str, float]:
         """The update on `batch` (`rft.update.Updater`); its metrics."""
