@@ -160,6 +160,7 @@ class Updater:
     def update(self, batch: Batch) -> dict[str, float]:
         """`num_iterations` passes over the batch, one optimizer update per mini-batch; the step's metrics."""
         algorithm, accelerator = self.config.algorithm, self.accelerator
+        # 1. partition and collate
         minis = self.partition(len(batch))
         micro_batches = [
             collate(batch, indices, pad_token_id=self.pad_token_id, mask_truncated=algorithm.mask_truncated)
@@ -171,15 +172,17 @@ class Updater:
         # (Unless the loss's mask depends on the sampling policy: see `objective.loss_masks`.)
         reuse_current = (algorithm.num_iterations == 1 and len(minis) == 1
                          and not objective.needs_sampling_policy_pass(algorithm))
+        # 2. fixed log-probs
         timings: dict[str, float] = {}
         with marked_timer(TIME_LOGPROBS, timings):
             fixed = self._fixed_logprobs(micro_batches, reuse_current)
+        # 3. the step's loss masks
         masks = objective.loss_masks(
             algorithm, accelerator, [m.mask for m in micro_batches], [m.rollout_logp for m in micro_batches],
             fixed.old,
             [None if m.padding else e for m, e in zip(micro_batches, fixed.old_entropy, strict=True)],
         )
-        # Parts of the step's metrics, kept as tensors and reduced once at the end (see `rft.step_metrics`).
+        # 4. the updates. Parts of the step's metrics, kept as tensors and reduced once at the end.
         sums = Accumulator()
         for _ in range(algorithm.num_iterations):
             first = 0
