@@ -1,4 +1,5 @@
-"""Save and resume everything a run needs: weights (adapter or model), optimizer, scheduler, RNG, data position.
+"""Save and resume everything a run needs: weights (adapter or model), optimizer, scheduler, RNG, data
+position.
 
 A checkpoint is written to a temporary folder and renamed into place, so a run killed while saving
 leaves the previous checkpoint intact and never a half one. Its `checkpoint.json` says whose it is
@@ -9,6 +10,7 @@ and what it computed: the run id, the step, the resolved recipe and the recipe c
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import dataclass
@@ -17,9 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+
+from rft import distributed
 
 CHECKPOINT_PREFIX = "step-"
 INFO_NAME = "checkpoint.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +82,8 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint; `state_dict` / `optimizer_state` stand in for sharded live ones (see `save_policy`).
+    """Write a checkpoint; `state_dict` / `optimizer_state` stand in for sharded live ones (see
+    `save_policy`).
 
     `info` (run id, recipe, recipe changes) goes to `checkpoint.json` with the step. Of this run's own
     checkpoints the newest `keep` by step stay; other runs' are not this run's to delete.
@@ -109,7 +117,8 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def checkpoint_info(checkpoint: Path) -> dict[str, Any] | None:
-    """The checkpoint's `checkpoint.json`; None where there is none (not a checkpoint, or one written before it)."""
+    """The checkpoint's `checkpoint.json`; None where there is none (not a checkpoint, or one written
+    before it)."""
     try:
         return json.loads((checkpoint / INFO_NAME).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
@@ -125,20 +134,6 @@ def list_checkpoints(run_dir: Path, run_id: str | None = None) -> list[Path]:
     if run_id is not None:
         found = [p for p in found if (checkpoint_info(p) or {}).get("run_id") == run_id]
     return sorted(found, key=checkpoint_step)
-
-
-def load_checkpoint(
-    checkpoint: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG from `checkpoint` into live objects."""
-    load_policy_weights(checkpoint, model)
-    payload = load_training_state(checkpoint)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    return TrainerState(**payload["state"])
 
 
 def load_policy_weights(checkpoint: Path, model: torch.nn.Module) -> None:
@@ -159,7 +154,8 @@ def load_policy_weights(checkpoint: Path, model: torch.nn.Module) -> None:
 def apply_optimizer_settings(
     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, training: Any
 ) -> None:
-    """Put the recipe's optimizer settings into a restored optimizer and scheduler (a recipe change on resume).
+    """Put the recipe's optimizer settings into a restored optimizer and scheduler (a recipe change on
+    resume).
 
     Loading their state dicts brings back the old learning rate, betas and weight decay, whatever the
     recipe says now. The scheduler (a LambdaLR, as every transformers schedule offered here) keeps its
@@ -170,7 +166,8 @@ def apply_optimizer_settings(
         group["weight_decay"] = training.weight_decay
         group["initial_lr"] = training.learning_rate
     scheduler.base_lrs = [training.learning_rate] * len(optimizer.param_groups)
-    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    schedule = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    rates = [base * rate(scheduler.last_epoch) for base, rate in schedule]
     for group, rate in zip(optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() (the logged learning_rate) reads
@@ -181,3 +178,20 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
     payload = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     restore_rng_states(payload["rng"])
     return payload
+
+
+def restore_training_state(
+    checkpoint: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR, training: Any, *, recipe_changed: bool,
+) -> TrainerState:
+    """Everything but the weights (loaded before `prepare`) into the live (prepared) objects: optimizer,
+    scheduler, RNG; returns the trainer state. `recipe_changed`: the recipe's optimizer settings win."""
+    payload = load_training_state(checkpoint)
+    if not distributed.load_optimizer_state(accelerator, model, optimizer, payload["optimizer"]):
+        logger.warning("%s holds no optimizer state (DeepSpeed ZeRO-3): the optimizer moments restart",
+                       checkpoint)
+    scheduler.load_state_dict(payload["scheduler"])
+    if recipe_changed:
+        # The checkpoint's optimizer and scheduler carry the old settings; a changed recipe must reach them.
+        apply_optimizer_settings(optimizer, scheduler, training)
+    return TrainerState(**payload["state"])

@@ -79,7 +79,8 @@ def shards_parameters(accelerator: Accelerator) -> bool:
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
     plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    return deepspeed and plugin is not None and plugin.zero_stage == 3
 
 
 @contextmanager
@@ -156,7 +157,9 @@ def fsdp2_full_weights(model: torch.nn.Module, reshard_after_forward: bool) -> I
             unit.reshard()
 
 
-def full_state_dict(accelerator: Accelerator, model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor] | None:
+def full_state_dict(
+    accelerator: Accelerator, model: torch.nn.Module, prefix: str
+) -> dict[str, torch.Tensor] | None:
     """The full state dict of a sharded model (keys under `prefix`, prefix removed), else None.
 
     A collective under FSDP / ZeRO-3: every process must call it; the main process gets the tensors.
@@ -187,7 +190,9 @@ def optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer:
     return optimizer.state_dict()
 
 
-def load_optimizer_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]) -> bool:
+def load_optimizer_state(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, state: dict[str, Any]
+) -> bool:
     """Restore what `optimizer_state` kept; False when there was nothing to restore (DeepSpeed ZeRO-3)."""
     if not state:
         return False
@@ -209,7 +214,9 @@ def configure_strategy(accelerator: Accelerator, micro_batch_size: int, max_grad
     own accumulation count must stay 1: above 1 it would also divide every loss by it.
     """
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise ValueError("FSDP: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/fsdp2.yaml)")
+        raise ValueError(
+            "FSDP: set fsdp_version: 2 in the accelerate config (see recipes/accelerate/fsdp2.yaml)"
+        )
     plugin = accelerator.state.deepspeed_plugin
     if accelerator.distributed_type != DistributedType.DEEPSPEED or plugin is None:
         return

@@ -52,7 +52,8 @@ def raise_on_sigterm(signum: int, _frame: FrameType | None) -> None:
 
 
 class StopOnSignal:
-    """Iterate the training steps through `steps`: SIGTERM / SIGINT then end the loop after the current step."""
+    """Iterate the training steps through `steps`: SIGTERM / SIGINT then end the loop after the current
+    step."""
 
     def __init__(self, accelerator: Any):
         self.accelerator = accelerator
@@ -83,13 +84,18 @@ class StopOnSignal:
         if self.received is not None:
             if time.monotonic() - self._received_at < REPEAT_GRACE_S:
                 return
-            raise TrainingInterrupted(signum, f"{signal_name(signum)} again: stopped at once, without a checkpoint of "
-                                              "this step; --resume continues from the last checkpoint")
+            raise TrainingInterrupted(
+                signum, f"{signal_name(signum)} again: stopped at once, without a checkpoint of this step; "
+                "--resume continues from the last checkpoint",
+            )
         self.received, self._received_at = signum, time.monotonic()
-        logger.warning("%s: finishing this step, then saving a checkpoint and stopping (send it again to stop at once)",
-                       signal_name(signum))
+        logger.warning(
+            "%s: finishing this step, then saving a checkpoint and stopping (send it again to stop at once)",
+            signal_name(signum),
+        )
 
     def agreed(self) -> int | None:
-        """The signal some process received, the same answer everywhere: every process stops after the same step."""
+        """The signal some process received, the same answer everywhere: every process stops after the
+        same step."""
         seen = distributed.gather_from_processes(self.accelerator, self.received)
         return next((signum for signum in seen if signum is not None), None)

@@ -31,16 +31,19 @@ def line_metric_names(reward_names: Sequence[str]) -> list[str]:
 
 
 def step_line(step: int, total: int, metrics: Mapping[str, float], reward_names: Sequence[str]) -> str:
-    values = " ".join(f"{name}={metrics[name]:.6g}" for name in line_metric_names(reward_names) if name in metrics)
+    names = [name for name in line_metric_names(reward_names) if name in metrics]
+    values = " ".join(f"{name}={metrics[name]:.6g}" for name in names)
     return f"step {step}/{total}: {values}"
 
 
 def held_out_line(label: str, mode: str, mean: float, stderr: float, count: int, cached: bool) -> str:
-    return f"held-out [{label}, {mode}] mean reward {mean:.3f} ± {stderr:.3f} (n={count}){' (cached baseline)' if cached else ''}"
+    cached_note = " (cached baseline)" if cached else ""
+    return f"held-out [{label}, {mode}] mean reward {mean:.3f} ± {stderr:.3f} (n={count}){cached_note}"
 
 
 def step_metric_regex(name: str) -> str:
-    """Matches `name`'s value in a step line (the space before it keeps `reward/mean` from `x/reward/mean`)."""
+    """Matches `name`'s value in a step line (the space before it keeps `reward/mean` from
+    `x/reward/mean`)."""
     return rf"step [0-9]+/[0-9]+:.* {re.escape(name)}={_NUMBER}"
 
 

@@ -148,7 +148,8 @@ def model_fingerprint(name_or_path: str) -> dict[str, Any]:
             directory = Path(snapshot_download(resolved, local_files_only=True))
         except Exception:  # not in the local hub cache: the id is all there is to record
             return {"name_or_path": name_or_path, "resolved": resolved, "weights_sha256": None}
-    return {"name_or_path": name_or_path, "resolved": str(directory), "weights_sha256": weights_fingerprint(directory)}
+    return {"name_or_path": name_or_path, "resolved": str(directory),
+            "weights_sha256": weights_fingerprint(directory)}
 
 
 def package_versions() -> dict[str, str]:

@@ -10,8 +10,9 @@
   the run executes or is recorded (`FREE_FIELDS`) may change; any other change is refused unless the
   user forces it, and every change is recorded with its step (`recipe_changes` in the manifest and in
   each later checkpoint).
-- The run's logs are JSON lines. Resuming trims them to the checkpoint's step; a torn last line (a
-  run killed mid-write) is dropped and said so, a broken line elsewhere is an error naming file and line.
+- The run's logs are JSON lines (`rft.runlog`). Resuming cuts them back to the checkpoint's step; a torn
+  last line (a run killed mid-write) is dropped and said so, a broken line elsewhere is an error naming
+  file and line.
 
 Everything here reads only small files, so all of it happens before a model loads.
 """
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +33,11 @@ from typing import Any
 from rft.checkpoint import INFO_NAME, checkpoint_info, checkpoint_step, list_checkpoints
 from rft.config import ConfigError, RecipeConfig
 from rft.manifest import MANIFEST_NAME, read_manifest
-from rft.monitors import ALERTS_NAME
+from rft.runlog import LOG_NAMES, check_logs, cut_back
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-LOG_NAMES = ("metrics.jsonl", "evaluations.jsonl", "completions.jsonl", ALERTS_NAME)
 # What a run writes: a folder holding any of these holds a run.
 RECORD_NAMES = (MANIFEST_NAME, "config.yaml", *LOG_NAMES, "results.json", "checkpoints", "final")
 # Recipe fields that cannot change what the run computes, only how long it runs, how it executes
@@ -44,11 +45,13 @@ RECORD_NAMES = (MANIFEST_NAME, "config.yaml", *LOG_NAMES, "results.json", "check
 FREE_FIELDS = (
     "training.steps", "training.threads", "training.micro_batch_size", "training.logprob_chunk_size",
     "model.gradient_checkpointing", "model.attn_implementation",
-    "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep_mode", "rollout.vllm_max_model_len",
+    "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep_mode",
+    "rollout.vllm_max_model_len",
     # The engines sample the same distribution from the same weights: another engine is another kernel.
     "rollout.engine", "scoring.concurrency", "scoring.isolation", "scoring.memory_mb", "output.", "monitors.",
     "eval.every", "eval.before_training", "eval.after_training", "eval.keep_samples", "eval.batch_size",
-    "eval.baseline_cache", "eval.noise_sigmas", "eval.early_stopping", "eval.patience", "bedrock_hyperparameters",
+    "eval.baseline_cache", "eval.noise_sigmas", "eval.early_stopping", "eval.patience",
+    "bedrock_hyperparameters",
 )
 ABSENT = "(absent)"
 
@@ -127,15 +130,16 @@ def plan_start(
     if not resume:
         if records and not overwrite:
             raise RunDirError(
-                f"{run_dir} already holds a run ({', '.join(records)}); continue it with --resume, choose another "
-                "output.name (--set output.name=...), or pass --overwrite to delete it"
+                f"{run_dir} already holds a run ({', '.join(records)}); continue it with --resume, choose "
+                "another output.name (--set output.name=...), or pass --overwrite to delete it"
             )
         return RunStart(new_run_id(), overwrite=bool(records))
     run_id = folder_run_id(run_dir)
     if run_id is None and records:
         raise RunDirError(
-            f"{run_dir} holds records of a run without a run id (from an older rft, or its {MANIFEST_NAME} is "
-            "gone), so --resume cannot tell its checkpoints; choose another output.name or pass --overwrite instead"
+            f"{run_dir} holds records of a run without a run id (from an older rft, or its {MANIFEST_NAME} "
+            "is gone), so --resume cannot tell its checkpoints; choose another output.name or pass "
+            "--overwrite instead"
         )
     checkpoint = _explicit_checkpoint(Path(resume), run_dir, run_id) if isinstance(resume, str) else None
     if checkpoint is None and not isinstance(resume, str):
@@ -154,8 +158,9 @@ def _explicit_checkpoint(checkpoint: Path, run_dir: Path, run_id: str | None) ->
     if info is None:
         what = "does not exist" if not checkpoint.exists() else f"holds no {INFO_NAME}"
         raise RunDirError(
-            f"--resume {checkpoint}: not a checkpoint ({what}); give a folder RUN_DIR/checkpoints/step-NNNNNN "
-            "written by this rft, or --resume alone for the run folder's latest"
+            f"--resume {checkpoint}: not a checkpoint ({what}); give a folder "
+            "RUN_DIR/checkpoints/step-NNNNNN written by this rft, or --resume alone for the run folder's "
+            "latest"
         )
     if info.get("run_id") != run_id:
         raise RunDirError(
@@ -173,7 +178,8 @@ def _resume_start(config: RecipeConfig, checkpoint: Path, run_id: str, allow_rec
     listed = "; ".join(f"{c['field']} {_show(c['old'])} -> {_show(c['new'])}" for c in meaningful)
     if meaningful and not allow_recipe_change:
         raise RunDirError(
-            f"--resume {checkpoint.name}: the recipe differs from the checkpoint's in what the run computes: {listed}; "
+            f"--resume {checkpoint.name}: the recipe differs from the checkpoint's in what the run computes: "
+            f"{listed}; "
             "resume with the checkpoint's values, or pass --allow-recipe-change to apply them from step "
             f"{step} (recorded in the manifest)"
         )
@@ -218,43 +224,11 @@ def is_free_field(name: str) -> bool:
     return any(name.startswith(free) if free.endswith(".") else name == free for free in FREE_FIELDS)
 
 
-# ---------------------------------------------------------------------------------------------- the logs
-def _log_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
-    """A JSON-lines log's lines with their rows, and whether its last line was torn (and left out).
-
-    Only the last line can be torn by a kill (rows are appended whole); a broken line elsewhere
-    means the file was damaged some other way, so it is an error naming the file and the line.
-    """
-    if not path.exists():
-        return [], False
-    lines = path.read_text().splitlines()
-    parsed: list[tuple[str, dict[str, Any]]] = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            parsed.append((line, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                return parsed, True
-            raise RunDirError(f"{path}:{number}: not a JSON line ({exc.msg}); repair or delete that line") from None
-    return parsed, False
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The rows of a run log (none if it does not exist), a torn last line left out."""
-    return [row for _, row in _log_lines(path)[0]]
-
-
-def check_logs(run_dir: Path) -> None:
-    """Fail now, before a model loads, on a log that resuming could not trim."""
-    for name in LOG_NAMES:
-        _log_lines(run_dir / name)
-
-
 def apply_start(run_dir: Path, start: RunStart) -> list[str]:
-    """The main process's changes to the folder once every process agrees: empty it, or trim its logs.
+    """The main process's changes to the folder once every process agrees: empty it, or cut its logs back.
 
     A new run (or one restarting from scratch) starts with empty logs; a resumed one keeps what happened
-    up to its checkpoint, not what the killed run did after it. Returns the lines to tell the user.
+    up to its checkpoint (`rft.runlog.cut_back`). Returns the lines to tell the user.
     """
     notes = list(start.notes)
     if start.overwrite:
@@ -262,14 +236,52 @@ def apply_start(run_dir: Path, start: RunStart) -> list[str]:
             if path.name != LOCK_NAME:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         notes.append(f"--overwrite: deleted the previous run in {run_dir}")
-    for name in LOG_NAMES:
-        path = run_dir / name
-        if start.step == 0:
-            path.unlink(missing_ok=True)
-            continue
-        lines, torn = _log_lines(path)
-        if torn:
-            notes.append(f"{path}: dropped a torn last line (the previous run was stopped while writing it)")
-        if path.exists():
-            path.write_text("".join(line + "\n" for line, row in lines if row["step"] <= start.step))
-    return notes
+    return notes + cut_back(run_dir, start.step)
+
+
+def decide_start(
+    config: RecipeConfig, resume: bool | str, *, allow_recipe_change: bool, overwrite: bool, main: bool,
+    gather: Callable[[Any], list[Any]], lock: RunLock | None,
+) -> RunStart:
+    """Decide (before any model loads) the run id and checkpoint, the same in every process; the main
+    process then applies it to the folder (`apply_start`). `gather`: one value from every process."""
+    try:
+        local: RunStart | str = plan_start(
+            config, resume, allow_recipe_change=allow_recipe_change, overwrite=overwrite, main=main
+        )
+    except RunDirError as exc:
+        local = str(exc)
+    start = agree_start(local, gather, lock, config.run_dir / "checkpoints")
+    if main:
+        for note in apply_start(config.run_dir, start):
+            logger.warning(note)
+    return start
+
+
+def agree_start(
+    local: RunStart | str, gather: Callable[[Any], list[Any]], lock: RunLock | None, checkpoints: Path
+) -> RunStart:
+    """Every process's start (or refusal, as its text) made one decision, the same in every process.
+
+    `gather` collects one value from every process, in process order (the main one first).
+    """
+    plans = gather(local)
+    seen = [plan.checkpoint.name if plan.checkpoint else None for plan in plans if not isinstance(plan, str)]
+    errors = [plan for plan in plans if isinstance(plan, str)]
+    if (errors or len(set(seen)) > 1) and lock is not None:
+        lock.release()  # this start ends here; the folder is free for the next
+    # A refusal anywhere stops every process, or the others would wait for it in the next collective.
+    if errors:
+        raise RunDirError(errors[0])
+    # Each machine reads its own copy of the run directory; a process that saw another checkpoint (or
+    # none) would train from a different step and leave the others waiting in a collective.
+    if len(set(seen)) > 1:
+        raise RuntimeError(
+            f"--resume: the processes see different checkpoints in {checkpoints} (by process: {seen}); "
+            "every machine needs the same run directory (shared, or synced as SageMaker does with "
+            "/opt/ml/checkpoints)"
+        )
+    assert not isinstance(local, str)
+    # The main process's run id is the run's: only it writes the manifest and checkpoints.
+    local.run_id = plans[0].run_id
+    return local

@@ -27,7 +27,10 @@ def check_trackers(names: list[str]) -> None:
     missing = [name for name in names if name not in available]
     if missing:
         packages = " ".join(TRACKER_PACKAGES[name] for name in missing)
-        raise ConfigError(f"output.trackers: {missing} not installed (pip install {packages}); installed: {sorted(available)}")
+        raise ConfigError(
+            f"output.trackers: {missing} not installed (pip install {packages}); "
+            f"installed: {sorted(available)}"
+        )
 
 
 def flat_config(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -17,8 +17,8 @@ from rft.algorithms import (
     top_entropy_threshold,
 )
 from rft.config import AlgorithmConfig, ConfigError, load_config
-from rft.metrics import Accumulator
 from rft.objective import MicroInputs, Normalizers, micro_batch_loss
+from rft.step_metrics import Accumulator
 
 F64 = torch.float64
 

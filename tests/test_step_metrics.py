@@ -12,18 +12,11 @@ import pytest
 import torch
 
 from rft import algorithms
+from rft.batch import Batch
 from rft.config import load_config
-from rft.metrics import (
-    CLIP_REGION,
-    COMPLETION_TOKENS,
-    RATIO_MAX,
-    Accumulator,
-    Metric,
-    Reduction,
-    add_policy_stats,
-    merged,
-)
-from rft.trainer import Batch, Trainer
+from rft.metrics import CLIP_REGION, COMPLETION_TOKENS, RATIO_MAX, Metric, Reduction
+from rft.step_metrics import Accumulator, add_policy_stats, merged
+from rft.trainer import Trainer
 from tests.conftest import tiny_recipe
 
 F64 = torch.float64

@@ -36,6 +36,6 @@ def test_gradient_checkpointing_recomputes_each_layer(
 
     monkeypatch.setattr(layer, "forward", counting_forward)
     trainer.update(batch)
-    micro_batches = sum(len(mini) for mini in trainer._partition(len(batch)))
+    micro_batches = sum(len(mini) for mini in trainer.updater.partition(len(batch)))
     # One forward per micro-batch; with checkpointing the backward runs the layer once more.
     assert len(calls) == micro_batches * (2 if checkpointing else 1)

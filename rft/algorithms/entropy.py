@@ -25,11 +25,14 @@ def top_entropy_threshold(entropies: torch.Tensor, quantile: float) -> torch.Ten
     position = (1.0 - quantile) * (values.numel() - 1)
     below = int(position)
     above = min(below + 1, values.numel() - 1)
-    # a + (b - a) * f is exactly a when a == b or f == 0: ties and the endpoints are never crossed by rounding.
+    # a + (b - a) * f is exactly a when a == b or f == 0: ties and the endpoints are never crossed
+    # by rounding.
     return values[below] + (values[above] - values[below]) * (position - below)
 
 
-def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+def top_entropy_mask(
+    entropy: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor | float
+) -> torch.Tensor:
     """Bool (B, T): the counted tokens whose entropy is >= `threshold` (see `top_entropy_threshold`).
 
     "Beyond the 80/20 Rule" (Wang et al. 2025, arXiv 2506.01939): the policy gradient counts only

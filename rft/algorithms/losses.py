@@ -7,6 +7,7 @@ completion, shape (B,), broadcast to its tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal, get_args
 
@@ -33,19 +34,37 @@ def _gspo_token_ratio(log_ratio: torch.Tensor, logp: torch.Tensor, mask: torch.T
     return torch.exp(log_s.detach() + own_logp)
 
 
+def _token_ratio(log_ratio: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The token ratio r_i,t = pi_theta(o_i,t) / pi_old(o_i,t)."""
+    return torch.exp(log_ratio)
+
+
+# importance_sampling_level -> the ratio each token's surrogate sees
+_RATIOS = {"token": _token_ratio, "sequence": _gspo_token_ratio}
+
+
+def _check_inputs(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, level: str
+) -> None:
+    if level not in get_args(ImportanceSamplingLevel):
+        expected = get_args(ImportanceSamplingLevel)
+        raise ValueError(f"importance_sampling_level {level!r}: expected one of {expected}")
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(
+            f"logp, old_logp and mask must share one (B, T) shape, got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(
+            f"advantages must have shape (B,) = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}"
+        )
+
+
 def policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    eps_low: float,
-    eps_high: float,
-    delta: float | None = None,
-    importance_sampling_level: ImportanceSamplingLevel = "token",
-    is_weights: torch.Tensor | None = None,
-    loss: PolicyLossName = "ppo_clip",
-    settings: SurrogateSettings | None = None,
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    eps_low: float, eps_high: float, delta: float | None = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token", is_weights: torch.Tensor | None = None,
+    loss: PolicyLossName = "ppo_clip", settings: SurrogateSettings | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token surrogate loss, (B, T), already multiplied by `mask`, and its statistics.
 
@@ -75,28 +94,11 @@ def policy_loss(
     clip counts are the tokens whose IS weight is clipped (whatever the sign of A: their gradient is
     scaled, not removed); SAPO clips nothing.
     """
-    if importance_sampling_level not in get_args(ImportanceSamplingLevel):
-        raise ValueError(
-            f"importance_sampling_level {importance_sampling_level!r}: "
-            f"expected one of {get_args(ImportanceSamplingLevel)}"
-        )
-    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
-        raise ValueError(
-            f"logp, old_logp and mask must share one (B, T) shape, got {tuple(logp.shape)}, "
-            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
-        )
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(
-            f"advantages must have shape (B,) = {tuple(logp.shape[:1])}, got {tuple(advantages.shape)}"
-        )
-
+    _check_inputs(logp, old_logp, advantages, mask, importance_sampling_level)
     counted = mask.bool()
     # The old policy and the advantages are constants of the objective.
     log_ratio = torch.where(counted, logp - old_logp.detach(), 0.0)
-    if importance_sampling_level == "token":
-        ratio = torch.exp(log_ratio)
-    else:
-        ratio = _gspo_token_ratio(log_ratio, logp, counted)
+    ratio = _RATIOS[importance_sampling_level](log_ratio, logp, counted)
     adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
 
     settings = replace(settings or SurrogateSettings(), eps_low=eps_low, eps_high=eps_high, delta=delta)
@@ -132,13 +134,7 @@ def loss_normalizer(mask: torch.Tensor, *, loss_agg: LossAggregation) -> torch.T
     """
     _check_aggregation(loss_agg)
     counted = mask.bool()
-    if loss_agg == "token-mean":
-        count = counted.sum()
-    elif loss_agg == "seq-mean-token-mean":
-        count = counted.any(dim=-1).sum()
-    else:
-        count = torch.tensor(counted.shape[0], device=mask.device)
-    return count.to(torch.float64)
+    return _NORMALIZERS[loss_agg](counted).to(torch.float64)
 
 
 def aggregate_loss(
@@ -183,13 +179,24 @@ def aggregate_loss(
     divisor = torch.as_tensor(normalizer, dtype=dtype, device=per_token_loss.device).clamp(min=1)
     counted = mask.bool()
     loss = torch.where(counted, per_token_loss, 0.0)
-    if loss_agg == "token-mean":
-        return loss.sum() / divisor
-    if loss_agg == "seq-mean-token-mean":
-        per_sequence = loss.sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)
-    else:
-        per_sequence = loss.sum(dim=-1) / max_completion_length
-    return per_sequence.sum() / divisor
+    return _NUMERATORS[loss_agg](loss, counted, max_completion_length) / divisor
+
+
+# loss_agg -> the count it divides by (`loss_normalizer`), from the counted-token mask
+_NORMALIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "token-mean": lambda counted: counted.sum(),
+    "seq-mean-token-mean": lambda counted: counted.any(dim=-1).sum(),
+    "seq-mean-token-sum-norm": lambda counted: torch.tensor(counted.shape[0], device=counted.device),
+}
+
+# loss_agg -> the sum it divides by its normaliser, from the masked per-token loss
+_NUMERATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "token-mean": lambda loss, counted, _: loss.sum(),
+    "seq-mean-token-mean": lambda loss, counted, _: (
+        loss.sum(dim=-1) / counted.sum(dim=-1).clamp(min=1)
+    ).sum(),
+    "seq-mean-token-sum-norm": lambda loss, counted, length: (loss.sum(dim=-1) / length).sum(),
+}
 
 
 def _check_aggregation(loss_agg: str) -> None:

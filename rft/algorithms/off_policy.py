@@ -54,13 +54,15 @@ def truncated_importance_weights(
     """
     if cap <= 0:
         raise ValueError(f"cap must be > 0, got {cap}")
-    weights, _, stats = rollout_correction(trainer_logp, rollout_logp, mask, mode="token_truncate", low=None, high=cap)
+    weights, _, stats = rollout_correction(
+        trainer_logp, rollout_logp, mask, mode="token_truncate", low=None, high=cap
+    )
     return weights, stats
 
 
 RolloutCorrection = Literal[
-    "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "geometric_truncate", "geometric_mask",
-    "icepop",
+    "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "geometric_truncate",
+    "geometric_mask", "icepop",
 ]
 
 
@@ -95,7 +97,8 @@ ICEPOP_BOUNDS = (0.5, 5.0)
 
 
 def is_masking(mode: RolloutCorrection) -> bool:
-    """True where `mode` drops tokens from the loss (its mask depends on the log-probs, not only the batch)."""
+    """True where `mode` drops tokens from the loss (its mask depends on the log-probs, not only the
+    batch)."""
     _check_mode(mode)
     return _CORRECTIONS[mode][1]
 
@@ -132,19 +135,7 @@ def rollout_correction(
     modes: the counted tokens dropped) or `tis_capped_tokens` (truncate modes: the tokens whose weight
     the bounds changed).
     """
-    _check_mode(mode)
-    if mode == "icepop":
-        low = ICEPOP_BOUNDS[0] if low is None else low
-        high = ICEPOP_BOUNDS[1] if high is None else high
-    if low is None and high is None:
-        raise ValueError(f"rollout correction {mode!r} needs a bound (low, high or both)")
-    if mode.startswith("sequence") and high is None:
-        # A product of hundreds of ratios overflows (e^89 is inf in float32): its weight needs a ceiling.
-        raise ValueError(f"rollout correction {mode!r} needs an upper bound (high)")
-    if (low is not None and low < 0) or (high is not None and high <= 0) or (
-        low is not None and high is not None and low > high
-    ):
-        raise ValueError(f"rollout correction bounds must satisfy 0 <= low <= high, 0 < high; got {low}, {high}")
+    low, high = _bounds(mode, low, high)
     level, masks = _CORRECTIONS[mode]
     counted = mask.bool()
     token_log_ratio = _log_ratio(trainer_logp, rollout_logp, counted)
@@ -161,6 +152,28 @@ def rollout_correction(
     stats = rollout_mismatch(trainer_logp, rollout_logp, mask)
     stats["masked_tokens" if masks else "tis_capped_tokens"] = masked_sum(outside.to(ratio.dtype), counted)
     return weights, kept, stats
+
+
+def _bounds(
+    mode: RolloutCorrection, low: float | None, high: float | None
+) -> tuple[float | None, float | None]:
+    """The bounds `mode` uses (IcePop's defaults filled in), refused where they cannot work."""
+    _check_mode(mode)
+    if mode == "icepop":
+        low = ICEPOP_BOUNDS[0] if low is None else low
+        high = ICEPOP_BOUNDS[1] if high is None else high
+    if low is None and high is None:
+        raise ValueError(f"rollout correction {mode!r} needs a bound (low, high or both)")
+    if mode.startswith("sequence") and high is None:
+        # A product of hundreds of ratios overflows (e^89 is inf in float32): its weight needs a ceiling.
+        raise ValueError(f"rollout correction {mode!r} needs an upper bound (high)")
+    if (low is not None and low < 0) or (high is not None and high <= 0) or (
+        low is not None and high is not None and low > high
+    ):
+        raise ValueError(
+            f"rollout correction bounds must satisfy 0 <= low <= high, 0 < high; got {low}, {high}"
+        )
+    return low, high
 
 
 def _check_mode(mode: str) -> None:

@@ -30,7 +30,8 @@ class SurrogateSettings:
 
 
 Surrogate = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, SurrogateSettings], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    [torch.Tensor, torch.Tensor, torch.Tensor, SurrogateSettings],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ]
 
 
