@@ -19,7 +19,6 @@ from accelerate import Accelerator
 from rft import algorithms, distributed
 from rft.config import AlgorithmConfig, RecipeConfig
 from rft.data import Example, PromptSampler
-from rft.evaluation import decode_completions
 from rft.metrics import (
     ADVANTAGE_PREFIX,
     COMPLETION_TOKENS,
@@ -35,7 +34,7 @@ from rft.metrics import (
     ZERO_VARIANCE_SHARE,
 )
 from rft.rollout.base import RolloutEngine, RolloutOutput
-from rft.scoring import RewardScorer, ScoreMetrics
+from rft.scoring import RewardScorer, ScoreMetrics, score_groups
 from rft.step_metrics import Accumulator
 from rft.timing import marked_timer
 
@@ -183,12 +182,8 @@ class Collector:
     def _score(self, examples: list[Example], rollout: RolloutOutput) -> tuple[list[Group], ScoreMetrics]:
         config, group_size = self.config, self.config.rollout.group_size
         completion_ids = rollout.completion_ids
-        completions = decode_completions(self.tokenizer, examples, completion_ids, group_size)
-        rows = [examples[i // group_size] for i in range(len(completion_ids))]
-        scores = self.scorer.score(
-            [e.prompt for e in rows], completions, completion_ids, [e.row for e in rows],
-            group_size=group_size,
-        )
+        scored = score_groups(self.scorer, self.tokenizer, examples, completion_ids, group_size)
+        rows, completions, scores = scored.rows, scored.completions, scored.scores
         for error in scores.errors:
             logger.warning("reward: %s", error)
         rewards = torch.tensor(scores.total, dtype=torch.float64)

@@ -33,7 +33,6 @@ from rft.eval_results import EvalResult, summarise
 from rft.reward_context import completion_text
 from rft.rollout.base import RolloutEngine
 from rft.scoring import RewardScorer, ScoreOutput, score_groups
-from rft.stats import compare as compare_rows
 from rft.stats import pass_at_k
 
 
@@ -161,24 +160,3 @@ class Evaluator:
             }
             for i, example in enumerate(chunk.examples[: max(room, 0)])
         ]
-
-
-# ---------------------------------------------------------------------------- transitional
-# rft/trainer.py's imports before it holds an `Evaluator` (issue 12); remove once it does.
-def run_plans(
-    label: str, engine: RolloutEngine, tokenizer: Any, examples: list[Example], scorer: RewardScorer,
-    plans: Sequence[EvalPlan], slices: Sequence[str], metric_scorer: RewardScorer | None = None,
-) -> list[EvalResult]:
-    return Evaluator(engine, tokenizer, examples, scorer, plans, slices, metric_scorer).run(label)
-
-
-def baseline_results(
-    config: RecipeConfig, engine: RolloutEngine, tokenizer: Any, examples: list[Example],
-    scorer: RewardScorer,
-    plans: Sequence[EvalPlan], slices: Sequence[str], metric_scorer: RewardScorer | None = None,
-) -> list[EvalResult]:
-    return Evaluator(engine, tokenizer, examples, scorer, plans, slices, metric_scorer).baseline(config)
-
-
-def compare(before: dict[str, Any], after: dict[str, Any], sigmas: float) -> list[dict[str, Any]]:
-    return [row.to_dict() for row in compare_rows(before, after, sigmas)]

@@ -131,12 +131,3 @@ def finish(kind: Reduction, part: Sequence[float]) -> float | None:
         return None  # nothing was counted in any part
     return part[0] if kind is Reduction.MAX else -part[0]
 
-
-def __getattr__(name: str) -> Any:
-    # The tensor side lives in `rft.step_metrics` (it imports torch); its names stay reachable from here
-    # for `rft.scoring`, imported on first use so that this module imports without torch.
-    if name in ("Accumulator", "merged"):
-        from rft import step_metrics  # heavy import (torch), only when a caller asks for it
-
-        return getattr(step_metrics, name)
-    raise AttributeError(f"module 'rft.metrics' has no attribute {name!r}")

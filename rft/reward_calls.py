@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rft.metrics import Accumulator, Metric, Reduction
+from rft.metrics import Metric, Reduction
 from rft.reward_context import RewardLog, RewardState, call_reward
 from rft.reward_loading import RewardContractError, RewardError, RewardFunction, RewardValues
 from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, WorkerTimeout
+from rft.step_metrics import Accumulator
 
 # Larger magnitudes overflow squares in float64 (the std of a group) and swamp every other reward.
 MAX_ABS_REWARD = 1e12

@@ -42,7 +42,6 @@ from typing import Any
 
 from rft.config import DataConfig, RewardConfig, ScoringConfig
 from rft.data import Example
-from rft.metrics import Accumulator, merged
 from rft.reward_calls import Call, Outcome, Reward, Spread, run_calls
 from rft.reward_context import RewardState, accepted_context
 from rft.reward_loading import (
@@ -53,6 +52,7 @@ from rft.reward_loading import (
     declared_columns,
 )
 from rft.reward_workers import WorkerPool
+from rft.step_metrics import Accumulator, merged
 
 __all__ = ["RewardError", "RewardScorer", "ScoreMetrics", "ScoreOutput", "ScoredGroups", "decode_completions",
            "score_groups"]

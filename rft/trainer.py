@@ -29,7 +29,8 @@ from rft.checkpoint import (
 from rft.config import ConfigError, RecipeConfig, eval_interval, recipe_warnings
 from rft.data import Example, PromptSampler, load_splits
 from rft.early_stopping import EarlyStopping
-from rft.evaluation import EvalResult, baseline_results, check_held_out, compare, eval_plans, run_plans
+from rft.eval_results import EvalResult
+from rft.evaluation import Evaluator
 from rft.interrupt import StopOnSignal, TrainingInterrupted, signal_name
 from rft.manifest import read_manifest, record_evaluation
 from rft.metrics import (
@@ -50,6 +51,7 @@ from rft.reward_context import RewardState
 from rft.rollout import make_engine, require_vllm
 from rft.runlog import RunLog
 from rft.scoring import RewardScorer
+from rft.stats import compare
 from rft.timing import marked_timer, peak_memory_mb
 from rft.tracking import check_trackers
 from rft.update import Updater, logprob_model
@@ -108,10 +110,7 @@ class Trainer:
         """The train and held-out splits, checked against the rewards' columns and the tokenizer."""
         config = self.config
         train, held_out = load_splits(config.data, None, config.training.seed)
-        self.scorer.check_columns({
-            f"data.train ({config.data.train})": [e.row for e in train],
-            f"the held-out rows ({config.data.eval or config.data.train})": [e.row for e in held_out],
-        })
+        self.scorer.check_splits(config.data, train, held_out)
         # One process per machine converts or downloads the model; the others then read it from the cache.
         with self.accelerator.local_main_process_first():
             model_path = resolve_model_path(config.model.name_or_path)
@@ -169,7 +168,7 @@ class Trainer:
         replayed = self.runlog.start(
             self.train_examples, self.eval_examples, self.engine.name, run_id=self.run_start.run_id,
             recipe_changes=self.run_start.recipe_changes, start_step=self.start_step,
-            main_mode=self.eval_plans[0].mode,
+            main_mode=self.evaluator.main_mode,
         )
         if self.early_stopping is not None:
             # The plateau count goes on from the checkpoint, as it would have without the interruption.
@@ -279,8 +278,8 @@ class Trainer:
     def _close(self) -> None:
         self.engine.close()
         self.scorer.close()
-        if self.eval_metric_scorer is not None:
-            self.eval_metric_scorer.close()
+        if self.evaluator.metric_scorer is not None:
+            self.evaluator.metric_scorer.close()
         self.accelerator.end_training()
         if self.run_lock is not None:
             self.run_lock.release()
@@ -294,7 +293,7 @@ class Trainer:
         """What rewards see as `trainer_state` (rft.reward_context) from now on: `completed` steps done."""
         state = RewardState(global_step=completed, max_steps=self.config.training.steps,
                             epoch=self.sampler.position / len(self.train_examples))
-        for scorer in (self.scorer, self.eval_metric_scorer):
+        for scorer in (self.scorer, self.evaluator.metric_scorer):
             if scorer is not None:
                 scorer.state = state
 
@@ -302,9 +301,7 @@ class Trainer:
     def _set_up_evaluation(self) -> None:
         """Evaluation inputs are resolved (and bad ones rejected) before the first rollout."""
         config = self.config
-        self.eval_plans = eval_plans(config)
-        self.eval_slices = check_held_out(self.eval_examples, config.eval) if self.eval_examples else []
-        self.eval_metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
+        self.evaluator = Evaluator.from_recipe(config, self.engine, self.tokenizer, self.eval_examples, self.scorer)
         self._last_evaluation: tuple[int, list[EvalResult]] | None = None
         self.early_stopping = (EarlyStopping(config.eval.patience, config.eval.noise_sigmas)
                                if config.eval.early_stopping else None)
@@ -316,18 +313,16 @@ class Trainer:
             results = self._last_evaluation[1]
             self.runlog.record_evaluation(label, results)
             return results[0]
-        args = (self.engine, self.tokenizer, self.eval_examples, self.scorer, self.eval_plans,
-                self.eval_slices, self.eval_metric_scorer)
         with distributed.full_weights(self.accelerator, self.model):
-            results = baseline_results(self.config, *args) if label == "base" else run_plans(label, *args)
+            results = self.evaluator.baseline(self.config) if label == "base" else self.evaluator.run(label)
         self._last_evaluation = (step, results)
         self.runlog.evaluation(step, label, results)
         return results[0]
 
     def _compare_before_after(self, results: dict[str, Any]) -> None:
         if "before" in results and "after" in results:
-            comparison = compare(results["before"], results["after"], self.config.eval.noise_sigmas)
-            record_evaluation(self.run_dir, "before_after", comparison)
+            rows = compare(results["before"], results["after"], self.config.eval.noise_sigmas)
+            record_evaluation(self.run_dir, "before_after", [row.to_dict() for row in rows])
 
     # ------------------------------------------------------------------ checkpoints
     def _saves_at(self, step: int) -> bool:

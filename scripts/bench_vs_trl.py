@@ -153,7 +153,8 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
         return None
     from rft.config import load_config
     from rft.data import load_splits
-    from rft.evaluation import Evaluator, eval_plans
+    from rft.eval_plans import eval_plans
+    from rft.evaluation import Evaluator
     from rft.models import load_tokenizer
     from rft.rollout.hf import TransformersEngine
     from rft.scoring import RewardScorer
