@@ -16,10 +16,26 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+from rft.metrics import (
+    ENTROPY,
+    GRAD_NORM,
+    KL_OLD,
+    KL_REF,
+    LEARNING_RATE,
+    LENGTH_MEAN,
+    LOSS,
+    REWARD_MEAN,
+    REWARD_STD,
+    TIME_STEP,
+    TRUNCATED_SHARE,
+    ZERO_VARIANCE_SHARE,
+    reward_key,
+)
+
 # The step metrics a line carries (when the step has them), with each reward's mean after reward/std.
 STEP_LINE_METRICS = (
-    "reward/mean", "reward/std", "loss", "kl/old", "kl/ref", "entropy", "grad_norm", "learning_rate",
-    "completion/length/mean", "completion/truncated_share", "groups/zero_variance_share", "time/step",
+    REWARD_MEAN, REWARD_STD, LOSS.name, KL_OLD.name, KL_REF.name, ENTROPY.name, GRAD_NORM.name,
+    LEARNING_RATE.name, LENGTH_MEAN, TRUNCATED_SHARE.name, ZERO_VARIANCE_SHARE, TIME_STEP,
 )
 EVAL_MODES = ("greedy", "sampled")
 _NUMBER = r"(-?[0-9.]+(?:e[-+]?[0-9]+)?)"
@@ -27,7 +43,8 @@ _NUMBER = r"(-?[0-9.]+(?:e[-+]?[0-9]+)?)"
 
 def line_metric_names(reward_names: Sequence[str]) -> list[str]:
     """The metric names of a step line, in their order, for rewards with these names."""
-    return [*STEP_LINE_METRICS[:2], *(f"reward/{name}/mean" for name in reward_names), *STEP_LINE_METRICS[2:]]
+    components = [reward_key(name, "mean") for name in reward_names]
+    return [*STEP_LINE_METRICS[:2], *components, *STEP_LINE_METRICS[2:]]
 
 
 def step_line(step: int, total: int, metrics: Mapping[str, float], reward_names: Sequence[str]) -> str:

@@ -50,6 +50,9 @@ OVERLONG_PENALTY = Metric("reward/overlong/mean", Reduction.MEAN)
 ADVANTAGE_PREFIX = "advantage"
 LENGTH_PREFIX = "completion/length"
 LENGTH_MEAN = "completion/length/mean"
+LENGTH_STD = "completion/length/std"
+LENGTH_MIN = "completion/length/min"
+LENGTH_MAX = "completion/length/max"
 ZERO_VARIANCE_SHARE = "groups/zero_variance_share"
 DYNAMIC_ROUNDS = "dynamic_sampling/rounds"
 DYNAMIC_PASS_RATE = "dynamic_sampling/pass_rate"
@@ -74,6 +77,8 @@ TIS_CAPPED_SHARE = Metric("rollout/tis_capped_share", Reduction.MEAN)  # weight 
 ROLLOUT_MASKED_SHARE = Metric("rollout/masked_share", Reduction.MEAN)  # dropped by a *_mask / icepop mode
 ROLLOUT_KL = Metric("rollout/kl", Reduction.MEAN)  # k3 estimate of KL(pi_rollout || pi_trainer)
 ENTROPY_KEPT_SHARE = Metric("entropy/kept_share", Reduction.MEAN)  # kept by algorithm.top_entropy_quantile
+CLIP_PREFIX = "clip"
+KL_PREFIX = "kl"
 UPDATE_SKIPPED = "update/skipped"
 # The step (`rft.trainer`): phases timed by `rft.timing.marked_timer`, and the machine.
 TIME_GENERATION = "time/generation"
@@ -84,6 +89,19 @@ TIME_WEIGHT_SYNC = "time/weight_sync"
 TIME_STEP = "time/step"
 TOKENS_PER_S = "throughput/tokens_per_s"
 PEAK_MEMORY_MB = "memory/peak_mb"
+
+
+def reward_key(name: str, *parts: str) -> str:
+    """A reward function's metric name: `reward/<name>/<part>` (mean, std, none_share, failures_total...)."""
+    return "/".join((REWARD_PREFIX, name, *parts))
+
+
+def reward_name(key: str) -> str | None:
+    """The reward function whose mean `key` is (`reward/<name>/mean`), or None for any other metric."""
+    prefix, suffix = f"{REWARD_PREFIX}/", "/mean"
+    if key == REWARD_MEAN or not (key.startswith(prefix) and key.endswith(suffix)):
+        return None
+    return key.removeprefix(prefix).removesuffix(suffix)
 
 
 def described(prefix: str, *, extremes: bool = True, std: bool = True) -> tuple[Metric, ...]:

@@ -40,6 +40,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rft import metrics as names
 from rft.config import MonitorConfig, RecipeConfig
 from rft.jsonl import read_log
 from rft.stats import Comparison, Stat, compare, compare_stats, overall
@@ -47,11 +48,11 @@ from rft.stats import Comparison, Stat, compare, compare_stats, overall
 logger = logging.getLogger(__name__)
 
 ALERTS_NAME = "alerts.jsonl"
-TRAIN_REWARD = "reward/mean"
-ENTROPY = "entropy"
-TRUNCATED = "completion/truncated_share"
-LENGTH = "completion/length/mean"
-ZERO_VARIANCE = "groups/zero_variance_share"
+TRAIN_REWARD = names.REWARD_MEAN
+ENTROPY = names.ENTROPY.name
+TRUNCATED = names.TRUNCATED_SHARE.name
+LENGTH = names.LENGTH_MEAN
+ZERO_VARIANCE = names.ZERO_VARIANCE_SHARE
 
 
 @dataclass
@@ -101,14 +102,14 @@ class Monitors:
         self.window_steps = window_steps
         self.sigmas = sigmas
         self.max_new_tokens = max_new_tokens
-        self.components = [f"reward/{name}/mean" for name in reward_names]
+        self.components = [names.reward_key(name, "mean") for name in reward_names]
         judges = config.judge_rewards
         if judges is None:
             judges = [name for name in reward_names if "judge" in name.lower()]
-        self.judges = {f"reward/{name}/mean" for name in judges}
+        self.judges = {names.reward_key(name, "mean") for name in judges}
         self.watched = [TRAIN_REWARD, ENTROPY, TRUNCATED, LENGTH, *self.components]
         self.alerts_path = alerts_path
-        self.none_shares = {name: f"reward/{name}/none_share" for name in reward_names}
+        self.none_shares = {name: names.reward_key(name, "none_share") for name in reward_names}
         self.recent: list[tuple[int, dict[str, float]]] = []
         self.pending: list[dict[str, float]] = []
         self.pending_steps: list[int] = []
@@ -257,9 +258,10 @@ class Monitors:
                 f"{monitor}:{rising}>{falling}", up.better and down.worse,
                 lambda r=rising, f=falling, u=up, d=down, m=monitor: Alert(
                     m, step,
-                    f"reward {_name(r)} rose {u.change:+.3f} while {_name(f)} fell {d.change:+.3f} "
-                    f"(both beyond {self.sigmas:g} s.e.): is one being gamed at the other's expense?",
-                    {"rising": _name(r), "falling": _name(f), "rise": u.change, "fall": d.change},
+                    f"reward {names.reward_name(r)} rose {u.change:+.3f} while {names.reward_name(f)} fell "
+                    f"{d.change:+.3f} (both beyond {self.sigmas:g} s.e.): is one being gamed at the other's expense?",
+                    {"rising": names.reward_name(r), "falling": names.reward_name(f), "rise": u.change,
+                     "fall": d.change},
                 ),
             )
         return alerts
@@ -317,7 +319,7 @@ class Monitors:
         component_trends = self._component_trends(self.config.window)
         if train is not None:
             change = train[2].change
-            rising = [_name(key) for key, found in component_trends.items() if found.better]
+            rising = [names.reward_name(key) for key, found in component_trends.items() if found.better]
             alerts += self._fire("overfitting", train_up and held_out.worse, lambda: Alert(
                 "overfitting", step,
                 f"training reward rose {change:+.3f} while held-out reward fell {held_out.change:+.3f} "
@@ -335,9 +337,9 @@ class Monitors:
                 f"component_vs_held_out:{key}", component.better and held_out.worse,
                 lambda k=key, c=component: Alert(
                     "component_divergence", step,
-                    f"reward {_name(k)} rose {c.change:+.3f} in training while the held-out reward fell "
-                    f"{held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
-                    {"rising": _name(k), "rise": c.change, "held_out_change": held_out.change},
+                    f"reward {names.reward_name(k)} rose {c.change:+.3f} in training while the held-out reward "
+                    f"fell {held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
+                    {"rising": names.reward_name(k), "rise": c.change, "held_out_change": held_out.change},
                 ),
             )
         return alerts
@@ -377,9 +379,6 @@ class Monitors:
                     handle.write(json.dumps(alert.to_dict(), default=str) + "\n")
         return alerts
 
-
-def _name(metric_key: str) -> str:
-    return metric_key.removeprefix("reward/").removesuffix("/mean")
 
 
 def read_alerts(run_dir: Path) -> list[dict[str, Any]]:

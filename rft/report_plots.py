@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from rft import metrics as names
+
 
 class RunLogs(Protocol):
     """What the plots read of a run (`rft.report.Run` provides it)."""
@@ -62,7 +64,7 @@ def _rolling(values: list[float], width: int) -> list[float]:
 
 
 def plot_reward(run: RunLogs) -> bytes | None:
-    steps, rewards = run.series("reward/mean")
+    steps, rewards = run.series(names.REWARD_MEAN)
     evaluations = [e for e in run.evaluations if "mean" in e]
     if not steps and not evaluations:
         return None
@@ -87,15 +89,14 @@ def plot_reward(run: RunLogs) -> bytes | None:
 
 
 def plot_components(run: RunLogs) -> bytes | None:
-    keys = [k for k in run.metric_keys()
-            if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean"]
+    keys = [k for k in run.metric_keys() if names.reward_name(k) is not None]
     if not keys:
         return None
     figure, (ax,) = _new_figure()
     for index, key in enumerate(keys):
-        name = key.removeprefix("reward/").removesuffix("/mean")
+        name = names.reward_name(key)
         ax.plot(*run.series(key), color=f"C{index}", label=f"train {name}")
-        held_out_key = f"reward/{name}"
+        held_out_key = names.reward_key(name)
         held_out = [(e["step"], e["stats"][held_out_key]["mean"]) for e in run.evaluations_of(run.main_mode)
                     if held_out_key in e.get("stats", {})]
         if held_out:
@@ -108,13 +109,13 @@ def plot_components(run: RunLogs) -> bytes | None:
 
 
 def plot_lengths(run: RunLogs) -> bytes | None:
-    steps, means = run.series("completion/length/mean")
+    steps, means = run.series(names.LENGTH_MEAN)
     if not steps:
         return None
     figure, (ax, ax_truncated) = _new_figure(width=10, columns=2)
-    _, stds = run.series("completion/length/std")
-    _, lows = run.series("completion/length/min")
-    _, highs = run.series("completion/length/max")
+    _, stds = run.series(names.LENGTH_STD)
+    _, lows = run.series(names.LENGTH_MIN)
+    _, highs = run.series(names.LENGTH_MAX)
     if len(stds) == len(means):
         # The band stays within the observed range: lengths are bounded by 0 and the token limit.
         if not len(lows) == len(highs) == len(means):
@@ -124,7 +125,7 @@ def plot_lengths(run: RunLogs) -> bytes | None:
             [min(m + s, hi) for m, s, hi in zip(means, stds, highs, strict=True)], color="C0", alpha=0.2,
             label="mean ± std",
         )
-    for key, style in (("completion/length/min", ":"), ("completion/length/max", ":")):
+    for key, style in ((names.LENGTH_MIN, ":"), (names.LENGTH_MAX, ":")):
         xs, ys = run.series(key)
         if xs:
             ax.plot(xs, ys, color="C0", ls=style, lw=1, label=key.rsplit("/", 1)[1])
@@ -135,7 +136,7 @@ def plot_lengths(run: RunLogs) -> bytes | None:
     ax.set_ylabel("completion tokens")
     ax.set_title("Completion length distribution")
     ax.legend(fontsize=8)
-    xs, ys = run.series("completion/truncated_share")
+    xs, ys = run.series(names.TRUNCATED_SHARE.name)
     if xs:
         ax_truncated.plot(xs, ys, color="C3")
     ax_truncated.set_ylim(-0.02, 1.02)
@@ -145,12 +146,12 @@ def plot_lengths(run: RunLogs) -> bytes | None:
 
 
 def plot_clip(run: RunLogs) -> bytes | None:
-    keys = [k for k in run.metric_keys() if k.startswith("clip/")]
+    keys = [k for k in run.metric_keys() if k.startswith(f"{names.CLIP_PREFIX}/")]
     if not keys:
         return None
     figure, (ax,) = _new_figure()
     for key in keys:
-        ax.plot(*run.series(key), label=key.removeprefix("clip/"))
+        ax.plot(*run.series(key), label=key.removeprefix(f"{names.CLIP_PREFIX}/"))
     ax.set_ylabel("share of tokens")
     ax.set_title("Clip fractions")
     ax.legend(fontsize=8)
@@ -158,8 +159,8 @@ def plot_clip(run: RunLogs) -> bytes | None:
 
 
 def plot_kl_entropy(run: RunLogs) -> bytes | None:
-    kl_keys = [k for k in run.metric_keys() if k.startswith("kl/")]
-    entropy = run.series("entropy")
+    kl_keys = [k for k in run.metric_keys() if k.startswith(f"{names.KL_PREFIX}/")]
+    entropy = run.series(names.ENTROPY.name)
     if not kl_keys and not entropy[0]:
         return None
     figure, (ax_kl, ax_entropy) = _new_figure(width=10, columns=2)
@@ -176,23 +177,26 @@ def plot_kl_entropy(run: RunLogs) -> bytes | None:
 
 # Parts of a step, in the order they happen. Log-prob time is spent inside the update.
 TIME_PARTS = (
-    ("time/generation", "generation"), ("time/reward", "reward"), ("time/logprobs", "old/ref log-probs"),
+    (names.TIME_GENERATION, "generation"), (names.TIME_REWARD, "reward"),
+    (names.TIME_LOGPROBS, "old/ref log-probs"),
 )
 
 
 def plot_time(run: RunLogs) -> bytes | None:
-    rows = [row for row in run.metrics if "time/step" in row]
+    rows = [row for row in run.metrics if names.TIME_STEP in row]
     if not rows:
         return None
     figure, (ax,) = _new_figure()
     steps = [row["step"] for row in rows]
     bottom = [0.0] * len(rows)
     parts = [(key, label, [row.get(key, 0.0) for row in rows]) for key, label in TIME_PARTS]
-    parts.append(("", "policy update",
-                  [max(0.0, row.get("time/update", 0.0) - row.get("time/logprobs", 0.0)) for row in rows]))
-    parts.append(("time/weight_sync", "weight sync", [row.get("time/weight_sync", 0.0) for row in rows]))
+    update_only = [max(0.0, row.get(names.TIME_UPDATE, 0.0) - row.get(names.TIME_LOGPROBS, 0.0))
+                   for row in rows]
+    parts.append(("", "policy update", update_only))
+    sync = [row.get(names.TIME_WEIGHT_SYNC, 0.0) for row in rows]
+    parts.append((names.TIME_WEIGHT_SYNC, "weight sync", sync))
     accounted = [sum(p[2][i] for p in parts) for i in range(len(rows))]
-    parts.append(("", "other", [max(0.0, row["time/step"] - accounted[i]) for i, row in enumerate(rows)]))
+    parts.append(("", "other", [max(0.0, row[names.TIME_STEP] - accounted[i]) for i, row in enumerate(rows)]))
     for index, (_, label, values) in enumerate(parts):
         if any(values):
             ax.bar(steps, values, bottom=bottom, color=f"C{index}", label=label, width=0.8)

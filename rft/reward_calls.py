@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rft.metrics import Metric, Reduction
+from rft.metrics import Metric, Reduction, reward_key
 from rft.reward_context import RewardLog, RewardState, call_reward
 from rft.reward_loading import RewardContractError, RewardError, RewardFunction, RewardValues
 from rft.reward_workers import START_TIMEOUT_S, WorkerPool, WorkerStartError, WorkerTimeout
@@ -256,7 +256,8 @@ class Spread:
         for key, series in outcome.components.items():
             self.components.setdefault(f"{name}/{key}", [None] * self.count)[span] = series
         for key, value in outcome.counters.items():
-            self.counters[f"reward/{name}/{key}"] = self.counters.get(f"reward/{name}/{key}", 0.0) + value
+            counter = reward_key(name, key)
+            self.counters[counter] = self.counters.get(counter, 0.0) + value
         if outcome.log is not None:
             for key, values in outcome.log.metrics.items():
                 self.logged.setdefault(key, []).extend(values)
@@ -268,13 +269,13 @@ class Spread:
         sums = Accumulator()
         for reward in rewards:
             values = self.per_function[reward.name]
-            _add_present(sums, f"reward/{reward.name}", values)
-            none_share = Metric(f"reward/{reward.name}/none_share", Reduction.MEAN)
+            _add_present(sums, reward_key(reward.name), values)
+            none_share = Metric(reward_key(reward.name, "none_share"), Reduction.MEAN)
             sums.add(none_share, values.count(None), self.count)
             for kind, number in self.failures[reward.name].items():
-                sums.add(Metric(f"reward/{reward.name}/{kind}s", Reduction.SUM), number)
+                sums.add(Metric(reward_key(reward.name, f"{kind}s"), Reduction.SUM), number)
         for key, series in self.components.items():
-            _add_present(sums, f"reward/{key}", series, std=False)
+            _add_present(sums, reward_key(key), series, std=False)
         for key, value in self.counters.items():
             sums.add(Metric(key, Reduction.SUM), value)
         # log_metric: TRL's mean over every value logged in the step, under the name as given.

@@ -42,6 +42,7 @@ from typing import Any
 
 from rft.config import DataConfig, RewardConfig, ScoringConfig
 from rft.data import Example
+from rft.metrics import reward_key
 from rft.reward_calls import Call, Outcome, Reward, Spread, run_calls
 from rft.reward_context import RewardState, accepted_context
 from rft.reward_loading import (
@@ -94,7 +95,7 @@ class ScoreMetrics:
 
     def result(self) -> dict[str, float]:
         totals = {
-            f"reward/{name}/failures_total": float(count) for name, count in self.failures_total.items()
+            reward_key(name, "failures_total"): float(count) for name, count in self.failures_total.items()
         }
         return {**self.sums.result(), **totals, "time/reward_functions": self.seconds}
 
