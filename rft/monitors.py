@@ -258,8 +258,9 @@ class Monitors:
                 f"{monitor}:{rising}>{falling}", up.better and down.worse,
                 lambda r=rising, f=falling, u=up, d=down, m=monitor: Alert(
                     m, step,
-                    f"reward {names.reward_name(r)} rose {u.change:+.3f} while {names.reward_name(f)} fell "
-                    f"{d.change:+.3f} (both beyond {self.sigmas:g} s.e.): is one being gamed at the other's expense?",
+                    f"reward {names.reward_name(r)} rose {u.change:+.3f} while {names.reward_name(f)} "
+                    f"fell {d.change:+.3f} (both beyond {self.sigmas:g} s.e.): is one being gamed at the "
+                    "other's expense?",
                     {"rising": names.reward_name(r), "falling": names.reward_name(f), "rise": u.change,
                      "fall": d.change},
                 ),
@@ -337,8 +338,8 @@ class Monitors:
                 f"component_vs_held_out:{key}", component.better and held_out.worse,
                 lambda k=key, c=component: Alert(
                     "component_divergence", step,
-                    f"reward {names.reward_name(k)} rose {c.change:+.3f} in training while the held-out reward "
-                    f"fell {held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
+                    f"reward {names.reward_name(k)} rose {c.change:+.3f} in training while the held-out "
+                    f"reward fell {held_out.change:+.3f} (both beyond {self.sigmas:g} s.e.)",
                     {"rising": names.reward_name(k), "rise": c.change, "held_out_change": held_out.change},
                 ),
             )
