@@ -66,11 +66,8 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
-    if "before" in results and "after" in results:
-        from rft.stats import overall_change
-
-        print(f"held-out mean reward, base -> trained: "
-              f"{overall_change(results['before'], results['after'], config.eval.noise_sigmas)}")
+    if "held_out_change" in results:
+        print(f"held-out mean reward, base -> trained: {results['held_out_change']}")
     return 0
 
 

@@ -51,7 +51,7 @@ from rft.reward_context import RewardState
 from rft.rollout import make_engine, require_vllm
 from rft.runlog import RunLog
 from rft.scoring import RewardScorer
-from rft.stats import compare
+from rft.stats import compare, overall_change
 from rft.timing import marked_timer, peak_memory_mb
 from rft.tracking import check_trackers
 from rft.update import Updater, logprob_model
@@ -189,6 +189,10 @@ class Trainer:
         self._save_final()
         if config.eval.after_training and self.eval_examples:
             results["after"] = self._evaluate("trained", step=self.step).summary()
+        if "before" in results and "after" in results:
+            # The headline `rft train` prints last: before -> after with the noise rule's verdict.
+            results["held_out_change"] = overall_change(results["before"], results["after"],
+                                                        config.eval.noise_sigmas)
         self._finish(results)
         self._close()
         return results
