@@ -12,7 +12,9 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["RecipeConfig", "Trainer", "load_config", "train"]
 
-_LAZY = {"train": "rft.api", "RecipeConfig": "rft.config", "load_config": "rft.config", "Trainer": "rft.trainer"}
+_LAZY = {
+    "train": "rft.api", "RecipeConfig": "rft.config", "load_config": "rft.config", "Trainer": "rft.trainer",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -59,7 +59,9 @@ def read_objects(path: Path) -> list[JSONLine]:
     lines = []
     for line in json_lines(path):
         if line.error is None and not isinstance(line.value, dict):
-            line = JSONLine(line.path, line.number, error=f"expected a JSON object, got {type(line.value).__name__}")
+            line = JSONLine(
+                line.path, line.number, error=f"expected a JSON object, got {type(line.value).__name__}"
+            )
         if line.error is not None:
             raise JSONLError(f"{line.where}: {line.error}")
         lines.append(line)

