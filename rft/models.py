@@ -199,10 +199,12 @@ class LogProbModel(torch.nn.Module):
         attention_mask: torch.Tensor,
         completion_start: torch.Tensor,
         completion_lengths: torch.Tensor,
+        prompt_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logprobs(
             self.policy, input_ids, attention_mask, completion_start, completion_lengths,
             temperature=self.temperature, chunk_size=self.chunk_size, entropy_grad=self.entropy_grad,
+            prompt_rows=prompt_rows,
         )
 
 
@@ -217,6 +219,62 @@ def _chunk_logprobs(
     return token_logp, entropy if entropy_grad else entropy.detach()
 
 
+def shares_prompts(model: torch.nn.Module) -> bool:
+    """Whether `completion_logprobs` can run each shared prompt once on `model`.
+
+    Not under gradient checkpointing in training mode: transformers then drops the key/value cache
+    that the completions attend to (`GradientCheckpointingLayer`).
+    """
+    lm = causal_lm(model)
+    return not (getattr(lm, "is_gradient_checkpointing", False) and lm.training)
+
+
+def _full_sequence_hidden(
+    lm: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    completion_start: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+) -> torch.Tensor:
+    """Each row's prompt + completion in one forward: the hidden states that predict the completion tokens."""
+    hidden_states = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # The hidden state at position p predicts token p + 1.
+    return hidden_states.last_hidden_state[rows, completion_start[rows] + offsets - 1]
+
+
+def _shared_prompt_hidden(
+    lm: PreTrainedModel, input_ids: torch.Tensor, completion_start: torch.Tensor,
+    completion_lengths: torch.Tensor, prompt_rows: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+) -> torch.Tensor:
+    """`_full_sequence_hidden`, each distinct prompt computed once.
+
+    One forward over the distinct prompts (right-padded) fills a key/value cache; each row selects
+    its prompt's keys and values (an index, so the backward adds the gradients of all the rows that
+    share a prompt into that prompt's activations) and its completion runs on top, at positions
+    continuing its prompt's. The prompt's last hidden state predicts the first completion token.
+    """
+    firsts = torch.unique(prompt_rows)  # sorted: the row holding each distinct prompt
+    slot = torch.searchsorted(firsts, prompt_rows)  # each row's prompt among `firsts`
+    prompt_lengths = completion_start[firsts]
+    prompt_steps = torch.arange(int(prompt_lengths.max()), device=input_ids.device)
+    prompt_mask = (prompt_steps < prompt_lengths[:, None]).long()
+    prefix = lm.base_model(
+        input_ids=input_ids[firsts, : prompt_steps.numel()], attention_mask=prompt_mask, use_cache=True
+    )
+    hidden = prefix.last_hidden_state[slot, completion_start - 1].unsqueeze(1)  # [b, 1, H]
+    width = int(completion_lengths.max())
+    if width > 1:
+        cache = prefix.past_key_values
+        cache.batch_select_indices(slot)
+        # Completion tokens 0 .. width - 2 predict tokens 1 .. width - 1; padding keys are masked.
+        steps = torch.arange(width - 1, device=input_ids.device)
+        source = (completion_start[:, None] + steps).clamp(max=input_ids.shape[1] - 1)
+        mask = torch.cat([prompt_mask[slot], (steps < completion_lengths[:, None]).long()], dim=1)
+        completions = lm.base_model(
+            input_ids=input_ids.gather(1, source), attention_mask=mask, past_key_values=cache,
+            position_ids=completion_start[:, None] + steps, use_cache=True,
+        )
+        hidden = torch.cat([hidden, completions.last_hidden_state], dim=1)
+    return hidden[rows, offsets]
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -227,12 +285,16 @@ def completion_logprobs(
     temperature: float,
     chunk_size: int,
     entropy_grad: bool = False,
+    prompt_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of the completion tokens, shape (B, max completion length).
 
     The entropies are detached unless `entropy_grad` (an entropy bonus in the loss needs their gradient).
 
     `input_ids` holds prompt + completion, right-padded; completion i starts at `completion_start[i]`.
+    `prompt_rows[i]`, when given, is the first row whose prompt equals row i's: each distinct prompt
+    then runs once and the completions attend to its keys and values (`_shared_prompt_hidden`; the
+    same values up to float32 rounding), unless `shares_prompts(model)` is false.
     Only hidden states at completion positions go through the LM head, `chunk_size` tokens at a
     time, each chunk under activation checkpointing: neither the forward nor the backward pass ever
     holds float32 logits for more than `chunk_size` tokens. For 16 completions of 256 tokens and a
@@ -242,16 +304,17 @@ def completion_logprobs(
     or ZeRO-3 call it through `LogProbModel`, the module that gets prepared.
     """
     lm = causal_lm(model)
-    outputs = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden_states = outputs.last_hidden_state
     batch, max_len = completion_lengths.shape[0], int(completion_lengths.max().item())
     positions = torch.arange(max_len, device=input_ids.device)
     valid = positions.unsqueeze(0) < completion_lengths.unsqueeze(1)
     rows, offsets = valid.nonzero(as_tuple=True)
-    # The hidden state at position p predicts token p + 1.
-    source = completion_start[rows] + offsets - 1
-    flat_hidden = hidden_states[rows, source]
-    flat_targets = input_ids[rows, source + 1]
+    if prompt_rows is not None and shares_prompts(model):
+        flat_hidden = _shared_prompt_hidden(
+            lm, input_ids, completion_start, completion_lengths, prompt_rows, rows, offsets
+        )
+    else:
+        flat_hidden = _full_sequence_hidden(lm, input_ids, attention_mask, completion_start, rows, offsets)
+    flat_targets = input_ids[rows, completion_start[rows] + offsets]
     head = lm.get_output_embeddings()
     logps, entropies = [], []
     for start in range(0, flat_hidden.shape[0], chunk_size):
@@ -266,7 +329,7 @@ def completion_logprobs(
             logp, entropy = _chunk_logprobs(hidden_chunk, target_chunk, head, temperature)
         logps.append(logp)
         entropies.append(entropy)
-    logp_out = hidden_states.new_zeros((batch, max_len), dtype=torch.float32)
+    logp_out = flat_hidden.new_zeros((batch, max_len), dtype=torch.float32)
     entropy_out = torch.zeros_like(logp_out)
     logp_out = logp_out.index_put((rows, offsets), torch.cat(logps))
     entropy_out = entropy_out.index_put((rows, offsets), torch.cat(entropies))

@@ -46,6 +46,9 @@ class MicroBatch:
     rollout_logp: torch.Tensor | None  # [b, T] the sampler's log-probs, 0 on padding
     # A stand-in with nothing to learn from, run so that this process joins every collective of the update.
     padding: bool = False
+    # [b] the first row whose prompt equals each row's: each distinct prompt then runs once in the
+    # forward (`rft.models.completion_logprobs`); None: every row runs its own prompt.
+    prompt_rows: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> MicroBatch:
         moved = {name: value.to(device) if isinstance(value, torch.Tensor) else value
@@ -80,8 +83,18 @@ def _pad(rows: list[list[float]], width: int, value: float, dtype: torch.dtype) 
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=dtype)
 
 
-def collate(batch: Batch, indices: list[int], *, pad_token_id: int, mask_truncated: bool) -> MicroBatch:
-    """The sequences `indices` of `batch` as one padded micro-batch (on the CPU); none: a padding one."""
+def first_rows_with_same_prompt(prompts: list[list[int]]) -> torch.Tensor:
+    """For each prompt, the position of the first equal one (a group's G rows point at its first)."""
+    first: dict[tuple[int, ...], int] = {}
+    return torch.tensor([first.setdefault(tuple(prompt), row) for row, prompt in enumerate(prompts)])
+
+
+def collate(
+    batch: Batch, indices: list[int], *, pad_token_id: int, mask_truncated: bool, share_prompts: bool = False
+) -> MicroBatch:
+    """The sequences `indices` of `batch` as one padded micro-batch (on the CPU); none: a padding one.
+
+    `share_prompts`: mark the rows that share a prompt (`MicroBatch.prompt_rows`)."""
     if not indices:
         return padding_micro_batch(pad_token_id, with_rollout_logp=batch.rollout_logprobs is not None)
     sequences = [batch.prompt_ids[i] + batch.completion_ids[i] for i in indices]
@@ -101,6 +114,8 @@ def collate(batch: Batch, indices: list[int], *, pad_token_id: int, mask_truncat
         completion_start=torch.tensor([len(batch.prompt_ids[i]) for i in indices]),
         completion_lengths=torch.tensor(lengths),
         mask=mask, advantages=batch.advantages[indices], rollout_logp=rollout_logp,
+        prompt_rows=first_rows_with_same_prompt([batch.prompt_ids[i] for i in indices]) if share_prompts
+        else None,
     )
 
 
@@ -126,7 +141,10 @@ def logprob_model(policy: torch.nn.Module, config: RecipeConfig) -> LogProbModel
 
 
 def _logprobs(model: torch.nn.Module, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    return model(micro.input_ids, micro.attention_mask, micro.completion_start, micro.completion_lengths)
+    return model(
+        micro.input_ids, micro.attention_mask, micro.completion_start, micro.completion_lengths,
+        micro.prompt_rows,
+    )
 
 
 @dataclass
@@ -148,6 +166,9 @@ class Updater:
         self.config, self.accelerator, self.model, self.policy = config, accelerator, model, policy
         self.reference, self.optimizer, self.scheduler = reference, optimizer, scheduler
         self.pad_token_id = pad_token_id
+        # Each distinct prompt of a micro-batch computed once. Not under FSDP / ZeRO-3, whose
+        # per-block parameter gathers expect one forward of each block per backward.
+        self.share_prompts = config.training.share_prompts and not distributed.shards_parameters(accelerator)
 
     def partition(self, size: int) -> Partition:
         """This process's micro-batches of each mini-batch of a batch of `size` sequences."""
@@ -163,8 +184,10 @@ class Updater:
         # 1. partition and collate
         minis = self.partition(len(batch))
         micro_batches = [
-            collate(batch, indices, pad_token_id=self.pad_token_id, mask_truncated=algorithm.mask_truncated)
-            .to(accelerator.device)
+            collate(
+                batch, indices, pad_token_id=self.pad_token_id, mask_truncated=algorithm.mask_truncated,
+                share_prompts=self.share_prompts,
+            ).to(accelerator.device)
             for mini in minis for indices in mini
         ]
         # With one update per batch the policy that sampled is the one being updated: old log-probs

@@ -221,6 +221,11 @@ class TrainingConfig(Section):
         1024, ge=1, description="Tokens per chunk when turning hidden states into log-probs (bounds logits "
         "memory).",
     )
+    share_prompts: bool = Field(
+        True, description="Compute each distinct prompt of a micro-batch once in the update, its G "
+        "completions attending to its keys and values (the same log-probs and gradients, up to float32 "
+        "rounding). Off under FSDP / DeepSpeed and, in effect, under model.gradient_checkpointing.",
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default.")
 
 
