@@ -1,12 +1,13 @@
-"""How much a shared-prompt forward would save in the update (a measurement, not a trainer feature).
+"""The update's shared-prompt forward against one forward per sequence: time, log-probs, LoRA gradients.
 
-The G completions of a group share their prompt, yet the update runs prompt + completion for each
-of them: with the quickstart's shapes (41 prompt tokens, 16 completion tokens) about 70% of the
-positions it computes are prompt. This probe computes the same completion log-probs both ways on
-the embedded SmolLM2 with a LoRA adapter:
+The G completions of a group share their prompt; with the quickstart's shapes (41 prompt tokens, 16
+completion tokens) about 70% of the positions a forward over prompt + completion computes are
+prompt. `rft.models.completion_logprobs` computes each distinct prompt once when given `prompt_rows`
+(the update's default, `training.share_prompts`). This probe runs it both ways on the embedded
+SmolLM2 with a LoRA adapter:
 
-- full:   every sequence is prompt + completion (what `rft.models.completion_logprobs` does);
-- shared: each prompt once, its key/value cache repeated G times, then the completions on top;
+- full:   every sequence is prompt + completion (`prompt_rows=None`);
+- shared: each prompt once, the completions on its keys and values;
 
 and prints the seconds of a forward + backward for each, and how far apart the log-probs and the
 LoRA gradients are (they should agree to float32 rounding).
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from rft.config import EMBEDDED_MODEL
-    from rft.models import causal_lm, resolve_model_path
+    from rft.models import completion_logprobs, resolve_model_path
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(EMBEDDED_MODEL), dtype=torch.float32)
@@ -52,34 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
-    lm = causal_lm(model)
     prompts_n, group, prompt_len, completion_len = (
         args.prompts, args.group_size, args.prompt_tokens, args.completion_tokens
     )
-    prompts = torch.randint(100, 40000, (prompts_n, prompt_len))
-    completions = torch.randint(100, 40000, (prompts_n * group, completion_len))
-
-    def token_logprobs(hidden: torch.Tensor) -> torch.Tensor:
-        logits = lm.get_output_embeddings()(hidden).float()
-        return torch.log_softmax(logits, dim=-1).gather(-1, completions[..., None]).squeeze(-1)
+    rows = prompts_n * group
+    prompts = torch.randint(100, 40000, (prompts_n, prompt_len)).repeat_interleave(group, dim=0)
+    input_ids = torch.cat([prompts, torch.randint(100, 40000, (rows, completion_len))], dim=1)
+    arguments = (
+        model, input_ids, torch.ones_like(input_ids), torch.full((rows,), prompt_len),
+        torch.full((rows,), completion_len),
+    )
+    first_rows = torch.arange(rows) // group * group
 
     def full() -> torch.Tensor:
-        sequences = torch.cat([prompts.repeat_interleave(group, dim=0), completions], dim=1)
-        hidden = lm.base_model(input_ids=sequences).last_hidden_state
-        return token_logprobs(hidden[:, prompt_len - 1 : -1])
+        return completion_logprobs(*arguments, temperature=1.0, chunk_size=1024)[0]
 
     def shared() -> torch.Tensor:
-        prefix = lm.base_model(input_ids=prompts, use_cache=True)
-        cache = prefix.past_key_values
-        cache.batch_repeat_interleave(group)
-        positions = torch.arange(prompt_len, prompt_len + completion_len).expand(prompts_n * group, -1)
-        mask = torch.ones(prompts_n * group, prompt_len + completion_len, dtype=torch.long)
-        hidden = lm.base_model(
-            input_ids=completions, past_key_values=cache, position_ids=positions, attention_mask=mask
-        ).last_hidden_state
-        # The prompt's last position predicts the first completion token.
-        first = prefix.last_hidden_state[:, -1:].repeat_interleave(group, dim=0)
-        return token_logprobs(torch.cat([first, hidden[:, :-1]], dim=1))
+        return completion_logprobs(*arguments, temperature=1.0, chunk_size=1024, prompt_rows=first_rows)[0]
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     results: dict[str, tuple[torch.Tensor, list[torch.Tensor], float]] = {}
