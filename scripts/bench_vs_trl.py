@@ -4,6 +4,11 @@ Every (setting, engine) pair trains in its own child process, one after another 
 once), so each side's peak resident memory is its own. The parent prints one table and the ratios
 ours / TRL, and with `--out DIR` writes `bench_vs_trl.json` and `bench_vs_trl.md` there.
 
+`--repeats N` runs every engine N times, interleaved: round r runs the engines in order, round
+r + 1 in reverse (ours, TRL, TRL, ours, ...), so that a machine that slows down or speeds up over the
+run cannot fake a ratio. The table gives each engine's medians over its runs (peak memory: the
+largest), and each ratio ours / TRL as the median of the rounds' ratios with their range.
+
 What both sides share: the model, the prompts (through the tokenizer's chat template), the reward
 (`rewards/arithmetic.py:final_number_correct`), G, prompts per step, maximum completion tokens,
 temperature 1.0, learning rate (constant, no warm-up), AdamW betas (0.9, 0.99), no weight decay,
@@ -435,8 +440,7 @@ def build_random_qwen(target: Path, tokenizer_source: str) -> str:
     return str(target)
 
 
-def run_child(job: Job, scratch: Path) -> dict[str, Any]:
-    name = f"{job.setting.name}-{job.engine}"
+def run_child(job: Job, scratch: Path, name: str) -> dict[str, Any]:
     job_path, result_path, log_path = (
         scratch / f"{name}.job.json", scratch / f"{name}.result.json", scratch / f"{name}.log"
     )
@@ -482,52 +486,83 @@ def _cell(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _median(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [row[key] for row in rows if row[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else "-"
+
+
+def _engine_row(engine: str, runs: list[dict[str, Any]]) -> str:
+    """One engine's runs as one table row: medians (peak memory: the largest), tokens/s with its range."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return f"| {engine} | {runs[0]['status']} |" + " |" * 10
+    peak_gpu = [r["peak_gpu_mb"] for r in ok if r["peak_gpu_mb"] is not None]
+    return (
+        f"| {engine} | {_cell(_median(ok, 'step_s'))} | {_cell(_median(ok, 'tokens_per_s'), 1)} "
+        f"| {_spread([r['tokens_per_s'] for r in ok])} "
+        f"| {_cell(_median(ok, 'mean_completion_tokens'), 1)} | {_cell(_median(ok, 'generation_share'))} "
+        f"| {_cell(max(r['peak_rss_mb'] for r in ok), 0)} | {_cell(max(peak_gpu) if peak_gpu else None, 0)} "
+        f"| {_cell(_median(ok, 'train_reward_last'), 3)} | "
+        f"{_cell(_median(ok, 'held_out_reward'), 3)} | {_cell(_median(ok, 'startup_s'), 1)} |"
+        + ("" if len(ok) == len(runs) else f" {len(runs) - len(ok)} of {len(runs)} runs failed |")
+    )
+
+
+def _ratio_row(ours: str, trl: str, by_engine: dict[str, list[dict[str, Any]]]) -> str | None:
+    """Ratios ours / TRL of the rounds where both ran: the median, and the range of tokens/s ratios."""
+    rounds = [
+        (a, b) for a in by_engine[ours] for b in by_engine[trl]
+        if a["repeat"] == b["repeat"] and a["status"] == b["status"] == "ok"
+    ]
+    if not rounds:
+        return None
+    tokens = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in rounds]
+    gpu = [a["peak_gpu_mb"] / b["peak_gpu_mb"] for a, b in rounds if a["peak_gpu_mb"] and b["peak_gpu_mb"]]
+    reward = [
+        a["held_out_reward"] - b["held_out_reward"] for a, b in rounds
+        if a["held_out_reward"] is not None and b["held_out_reward"] is not None
+    ]
+    return (
+        f"| {ours} / {trl} | {statistics.median(tokens):.2f} | {_spread(tokens)} "
+        f"| {statistics.median(a['step_s'] / b['step_s'] for a, b in rounds):.2f} "
+        f"| {max(a['peak_rss_mb'] for a, _ in rounds) / max(b['peak_rss_mb'] for _, b in rounds):.2f} "
+        f"| {_cell(statistics.median(gpu) if gpu else None)} "
+        f"| {_cell(statistics.median(reward) if reward else None, 3)} |"
+    )
+
+
 def format_results(results: list[dict[str, Any]], settings: dict[str, Setting], header: str) -> str:
     lines = [header, ""]
     for name, setting in settings.items():
-        rows = [r for r in results if r["setting"] == name]
+        by_engine: dict[str, list[dict[str, Any]]] = {}
+        for row in results:
+            if row["setting"] == name:
+                by_engine.setdefault(row["engine"], []).append({"repeat": 0, **row})
         lines += [
             f"### {name}: {setting.prompts_per_step} prompts x {setting.group_size} completions, up to "
             f"{setting.max_new_tokens} tokens, {setting.steps} steps "
             f"(median over steps {setting.warmup + 1}-{setting.steps})",
             "",
-            "| engine | s/step | completion tokens/s | mean "
+            "| engine | s/step | completion tokens/s | tokens/s range | mean "
             "completion tokens | generation share | peak RSS MB "
             "| peak GPU MB | train reward (last steps) | held-out greedy reward | start-up s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for row in rows:
-            if row["status"] != "ok":
-                lines.append(f"| {row['engine']} | {row['status']} |" + " |" * 9)
-                continue
-            lines.append(
-                f"| {row['engine']} | {_cell(row['step_s'])} | {_cell(row['tokens_per_s'], 1)} "
-                f"| {_cell(row['mean_completion_tokens'], 1)} | {_cell(row['generation_share'])} "
-                f"| {_cell(row['peak_rss_mb'], 0)} | {_cell(row['peak_gpu_mb'], 0)} "
-                f"| {_cell(row['train_reward_last'], 3)} | "
-                f"{_cell(row['held_out_reward'], 3)} | {_cell(row['startup_s'], 1)} |"
-            )
-        ok = {r["engine"]: r for r in rows if r["status"] == "ok"}
-        pairs = [(o, t) for o in OURS for t in TRL if o in ok and t in ok]
-        if pairs:
+        lines += [_engine_row(engine, runs) for engine, runs in by_engine.items()]
+        pairs = [(o, t) for o in OURS for t in TRL if o in by_engine and t in by_engine]
+        ratios = [row for row in (_ratio_row(o, t, by_engine) for o, t in pairs) if row]
+        if ratios:
             lines += [
                 "",
-                "| ours / TRL | tokens/s ratio | s/step ratio | peak RSS "
+                "| ours / TRL | tokens/s ratio | tokens/s ratio range | s/step ratio | peak RSS "
                 "ratio | peak GPU ratio | held-out reward ours - TRL |",
-                "|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|",
+                *ratios,
             ]
-            for ours, trl in pairs:
-                a, b = ok[ours], ok[trl]
-                gpu = a["peak_gpu_mb"] / b["peak_gpu_mb"] if a["peak_gpu_mb"] and b["peak_gpu_mb"] else None
-                reward = (
-                    a["held_out_reward"] - b["held_out_reward"]
-                    if a["held_out_reward"] is not None and b["held_out_reward"] is not None else None
-                )
-                lines.append(
-                    f"| {ours} / {trl} | {a['tokens_per_s'] / b['tokens_per_s']:.2f} "
-                    f"| {a['step_s'] / b['step_s']:.2f} "
-                    f"| {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} | {_cell(gpu)} | {_cell(reward, 3)} |"
-                )
         lines.append("")
     return "\n".join(lines)
 
@@ -633,6 +668,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--repeats", type=positive_int, default=1,
+        help="runs per engine, interleaved (engine order reversed every other round); medians reported",
+    )
+    parser.add_argument(
         "--vllm-memory", type=memory_share, default=0.3,
         help="vLLM memory share for ours-vllm and trl-vllm (of GPU memory; of RAM on CPU); default 0.3",
     )
@@ -681,21 +720,26 @@ def main(argv: list[str] | None = None) -> int:
             model_label = "random-init Qwen2.5-0.5B shape (SmolLM2 tokenizer, vocabulary 49152)"
         results = []
         for setting in settings.values():
-            for engine in (args.long_engines or args.engines) if setting.name == "long" else args.engines:
-                job = Job(
-                    engine=engine, setting=setting, model=model, lora=args.lora, dtype=args.dtype,
-                    learning_rate=learning_rate,
-                    gradient_checkpointing=args.gradient_checkpointing, device=args.device, seed=args.seed,
-                    threads=args.threads,
-                    vllm_memory=args.vllm_memory, run_dir=str(scratch / f"{setting.name}-{engine}"),
-                )
-                results.append(run_child(job, scratch))
+            engines = (args.long_engines or args.engines) if setting.name == "long" else args.engines
+            for repeat in range(args.repeats):
+                # Reversed every other round: ours, TRL, TRL, ours, ... so that drift cannot fake a ratio.
+                for engine in engines if repeat % 2 == 0 else engines[::-1]:
+                    label = f"{setting.name}-{engine}" + (f"-{repeat}" if args.repeats > 1 else "")
+                    job = Job(
+                        engine=engine, setting=setting, model=model, lora=args.lora, dtype=args.dtype,
+                        learning_rate=learning_rate,
+                        gradient_checkpointing=args.gradient_checkpointing, device=args.device,
+                        seed=args.seed, threads=args.threads,
+                        vllm_memory=args.vllm_memory, run_dir=str(scratch / label),
+                    )
+                    results.append({**run_child(job, scratch, label), "repeat": repeat})
     header = (
         f"model {model_label}, {'LoRA r16' if args.lora else 'full fine-tuning'}, "
         f"lr {learning_rate:g}, device {args.device}, "
         f"weights {args.dtype}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides, "
-        f"{args.threads or 'default'} torch threads, seed {args.seed}"
+        f"{args.threads or 'default'} torch threads, seed {args.seed}, "
+        f"{args.repeats} interleaved run{'s' if args.repeats > 1 else ''} per engine"
     )
     table = format_results(results, settings, header)
     trl_runs = [r for r in results if "trl_settings" in r]
