@@ -44,7 +44,7 @@ RECORD_NAMES = (MANIFEST_NAME, "config.yaml", *LOG_NAMES, "results.json", "check
 # (same maths, other split or kernels) or what is recorded. A prefix ends with a dot.
 FREE_FIELDS = (
     "training.steps", "training.threads", "training.micro_batch_size", "training.logprob_chunk_size",
-    "training.share_prompts",
+    "training.share_prompts", "training.max_tokens_per_micro_batch",
     "model.gradient_checkpointing", "model.attn_implementation",
     "rollout.batch_size", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_sleep_mode",
     "rollout.vllm_max_model_len",

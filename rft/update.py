@@ -14,6 +14,7 @@ The step's metrics are kept as tensors and reduced once at the end (`rft.step_me
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +57,36 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
+# The tokens a micro-batch of these sequence indices computes, padding included.
+TokenCost = Callable[[list[int]], int]
+
+
+def _micro_batches(
+    share: list[int], micro_batch_size: int, max_tokens: int | None, cost: TokenCost | None
+) -> list[list[int]]:
+    """`share` cut in order into micro-batches of at most `micro_batch_size` sequences and, with a token
+    budget, at most `max_tokens` tokens by `cost` (a sequence over the budget alone gets its own)."""
+    micros: list[list[int]] = []
+    for index in share:
+        if micros and len(micros[-1]) < micro_batch_size and (
+            max_tokens is None or cost is None or cost([*micros[-1], index]) <= max_tokens
+        ):
+            micros[-1].append(index)
+        else:
+            micros.append([index])
+    return micros
+
+
 def partition(
-    size: int, *, mini_batches: int, micro_batch_size: int, process_index: int, processes: int
+    size: int, *, mini_batches: int, micro_batch_size: int, process_index: int, processes: int,
+    max_tokens: int | None = None, cost: TokenCost | None = None,
 ) -> Partition:
     """This process's micro-batches (one forward/backward each) of each mini-batch (one optimizer update).
 
     Mini-batches are cut from the global batch the same way in every process; each process takes
-    its share of every mini-batch. Shares may differ by a sequence or, under dynamic sampling, be
+    its share of every mini-batch. A micro-batch holds at most `micro_batch_size` sequences and, with
+    `max_tokens`, at most that many tokens by `cost`, so that long and short sequences cost what they
+    hold. Shares may differ by a sequence or, under dynamic sampling, be
     empty, so a process short of micro-batches gets padding ones (an empty index list): every
     process must run as many forward/backward passes as the others, since each pass holds
     collectives (DDP's gradient all-reduce and buffer broadcast, FSDP2 / ZeRO-3 parameter gathers).
@@ -72,11 +96,27 @@ def partition(
     for start in range(0, size, per_mini):
         mini = list(range(start, min(start + per_mini, size)))
         shares = [mini[distributed.process_share(len(mini), rank, processes)] for rank in range(processes)]
-        passes = max(math.ceil(len(share) / micro_batch_size) for share in shares)
-        own = shares[process_index]
-        micros = [own[s : s + micro_batch_size] for s in range(0, len(own), micro_batch_size)]
+        # Every process holds the global batch: each computes every process's count of passes.
+        micros_of = [_micro_batches(share, micro_batch_size, max_tokens, cost) for share in shares]
+        passes = max(len(micros) for micros in micros_of)
+        micros = micros_of[process_index]
         result.append(micros + [[]] * (passes - len(micros)))
     return result
+
+
+def padded_tokens(batch: Batch, share_prompts: bool) -> TokenCost:
+    """The tokens `collate` gives the forward of a micro-batch: each distinct prompt once (padded to the
+    longest) and each completion (padded to the longest) when prompts are shared, else each row padded
+    to the longest prompt + completion."""
+
+    def cost(indices: list[int]) -> int:
+        if not share_prompts:
+            return len(indices) * max(len(batch.prompt_ids[i] + batch.completion_ids[i]) for i in indices)
+        prompts = {tuple(batch.prompt_ids[i]) for i in indices}
+        return (len(prompts) * max(len(p) for p in prompts)
+                + len(indices) * max(len(batch.completion_ids[i]) for i in indices))
+
+    return cost
 
 
 def _pad(rows: list[list[float]], width: int, value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -170,19 +210,20 @@ class Updater:
         # per-block parameter gathers expect one forward of each block per backward.
         self.share_prompts = config.training.share_prompts and not distributed.shards_parameters(accelerator)
 
-    def partition(self, size: int) -> Partition:
-        """This process's micro-batches of each mini-batch of a batch of `size` sequences."""
+    def partition(self, batch: Batch) -> Partition:
+        """This process's micro-batches of each mini-batch of `batch`."""
         training, accelerator = self.config.training, self.accelerator
         return partition(
-            size, mini_batches=training.mini_batches, micro_batch_size=training.micro_batch_size,
+            len(batch), mini_batches=training.mini_batches, micro_batch_size=training.micro_batch_size,
             process_index=accelerator.process_index, processes=accelerator.num_processes,
+            max_tokens=training.max_tokens_per_micro_batch, cost=padded_tokens(batch, self.share_prompts),
         )
 
     def update(self, batch: Batch) -> dict[str, float]:
         """`num_iterations` passes over the batch, one optimizer update per mini-batch; the step's metrics."""
         algorithm, accelerator = self.config.algorithm, self.accelerator
         # 1. partition and collate
-        minis = self.partition(len(batch))
+        minis = self.partition(batch)
         micro_batches = [
             collate(
                 batch, indices, pad_token_id=self.pad_token_id, mask_truncated=algorithm.mask_truncated,

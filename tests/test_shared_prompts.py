@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from rft.batch import Batch
 from rft.models import completion_logprobs
 from rft.update import collate
+from tests.test_step_metrics import COMPARED_TOLERANCE, LENGTHS, update_once
 
 # Float32 rounding only: the two paths multiply the same numbers in differently shaped matmuls.
 # Measured 0 (log-probs) and up to 3.8e-7 (gradients, by norm) on an Intel Xeon, 1 and 2 threads; a
@@ -82,3 +83,29 @@ def test_shared_prompts_give_the_logprobs_and_gradients_of_full_sequences(
 def test_collate_marks_each_rows_first_row_with_the_same_prompt() -> None:
     micro = collate(shared_batch(), [1, 2, 3, 0], pad_token_id=0, mask_truncated=False, share_prompts=True)
     assert micro.prompt_rows is not None and micro.prompt_rows.tolist() == [0, 1, 0, 1]
+
+
+def test_the_update_is_the_same_with_shared_prompts_and_under_a_token_budget(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The trainer's update (two iterations, clipping, KL to the reference, rollout correction) on a
+    batch whose three prompts alternate: its metrics and first gradient with prompts shared (the
+    default) equal those without; under a token budget (several micro-batches) its metrics."""
+    everything = list(range(len(LENGTHS)))
+    shared, shared_gradient = update_once(tiny_model_dir, tmp_path / "shared", 9, everything)
+    unshared, unshared_gradient = update_once(
+        tiny_model_dir, tmp_path / "unshared", 9, everything, training={"share_prompts": False}
+    )
+    budget, _ = update_once(
+        tiny_model_dir, tmp_path / "budget", 9, everything, training={"max_tokens_per_micro_batch": 40}
+    )
+    compared = {key for key in shared if not key.startswith("time/")}
+    assert compared == {key for key in unshared if not key.startswith("time/")} and "grad_norm" in compared
+    for key in sorted(compared):
+        assert unshared[key] == pytest.approx(shared[key], **COMPARED_TOLERANCE), key
+        assert budget[key] == pytest.approx(shared[key], **COMPARED_TOLERANCE), f"budget: {key}"
+    # The adapter's B starts at zero (A's gradients are zero): relative to the largest gradient entry.
+    scale = max(g.abs().max().item() for g in unshared_gradient)
+    assert scale > 0 and len(shared_gradient) == len(unshared_gradient)
+    for got, expected in zip(shared_gradient, unshared_gradient, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)

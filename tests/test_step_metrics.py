@@ -111,7 +111,8 @@ def fixed_batch(trainer: Trainer, keep: list[int]) -> Batch:
 
 
 def update_once(
-    model_dir: Path, run_dir: Path, micro_batch_size: int, keep: list[int], options: dict | None = None
+    model_dir: Path, run_dir: Path, micro_batch_size: int, keep: list[int], options: dict | None = None,
+    training: dict | None = None,
 ) -> tuple[dict, list]:
     """The update's metrics and the gradient of its first optimizer update (before clipping)."""
     # Two updates on the batch: the second sees ratios away from 1, so the clip and ratio metrics move.
@@ -122,7 +123,9 @@ def update_once(
     recipe = tiny_recipe(
         model_dir, run_dir, algorithm=algorithm,
         rollout={"group_size": 3, "max_new_tokens": MAX_NEW_TOKENS},
-        training={"micro_batch_size": micro_batch_size, "learning_rate": 0.05, "threads": 1},
+        training={
+            "micro_batch_size": micro_batch_size, "learning_rate": 0.05, "threads": 1, **(training or {})
+        },
     )
     trainer = Trainer(load_config(raw=recipe))
     batch = fixed_batch(trainer, keep)

@@ -19,8 +19,10 @@ def test_gradient_checkpointing_recomputes_each_layer(
 ) -> None:
     from rft.trainer import Trainer
 
+    # Prompts not shared: a shared prompt runs each layer twice per micro-batch (prompt, then completions).
     recipe = tiny_recipe(
         tiny_model_dir, tmp_path, model={"gradient_checkpointing": checkpointing}, lora={"enabled": lora},
+        training={"share_prompts": False},
     )
     trainer = Trainer(load_config(raw=recipe))
     batch = trainer.collect_batch()  # the transformers engine samples in eval mode, then restores train mode
@@ -36,6 +38,6 @@ def test_gradient_checkpointing_recomputes_each_layer(
 
     monkeypatch.setattr(layer, "forward", counting_forward)
     trainer.update(batch)
-    micro_batches = sum(len(mini) for mini in trainer.updater.partition(len(batch)))
+    micro_batches = sum(len(mini) for mini in trainer.updater.partition(batch))
     # One forward per micro-batch; with checkpointing the backward runs the layer once more.
     assert len(calls) == micro_batches * (2 if checkpointing else 1)

@@ -15,7 +15,7 @@ from rft.config import ConfigError
 from rft.metrics import Reduction, finish, pool, sample_std
 from rft.runlog import LOG_NAMES, METRICS_NAME, check_logs, cut_back
 from rft.timing import marked_timer
-from rft.update import collate, partition
+from rft.update import collate, padded_tokens, partition
 
 
 # ---------------------------------------------------------------- partition
@@ -40,6 +40,36 @@ def test_partition_pads_a_process_without_sequences() -> None:
     assert partition(1, mini_batches=1, micro_batch_size=4, process_index=1, processes=2) == [[[]]]
     # 5 sequences over 2 processes, micro-batches of 1: 3 passes for the first, 2 + 1 padding for the second.
     assert partition(5, mini_batches=1, micro_batch_size=1, process_index=1, processes=2) == [[[3], [4], []]]
+
+
+def test_partition_under_a_token_budget() -> None:
+    lengths = [4, 4, 4, 12, 2]
+
+    def tokens(indices: list[int]) -> int:
+        return sum(lengths[i] for i in indices)
+
+    # At most 10 tokens and 4 rows; a sequence over the budget gets a micro-batch of its own.
+    assert partition(5, mini_batches=1, micro_batch_size=4, process_index=0, processes=1, max_tokens=10,
+                     cost=tokens) == [[[0, 1], [2], [3], [4]]]
+    assert partition(5, mini_batches=1, micro_batch_size=1, process_index=0, processes=1, max_tokens=100,
+                     cost=tokens) == [[[0], [1], [2], [3], [4]]]
+    # Two processes, shares [0, 1, 2] and [3, 4] of 8 tokens at most: [0, 1], [2] and [3, 4] -> 2 passes
+    # each, the second's last a padding one.
+    lengths[3] = 2
+    shares = [partition(5, mini_batches=1, micro_batch_size=4, process_index=rank, processes=2, max_tokens=8,
+                        cost=tokens) for rank in (0, 1)]
+    assert shares == [[[[0, 1], [2]]], [[[3, 4], []]]]
+
+
+def test_padded_tokens_counts_a_shared_prompt_once() -> None:
+    batch = Batch(
+        prompt_ids=[[1, 2], [1, 2], [7]], completion_ids=[[3, 4, 5], [6], [8, 9]], rollout_logprobs=None,
+        truncated=[False] * 3, rewards=torch.zeros(3), advantages=torch.zeros(3),
+    )
+    assert padded_tokens(batch, share_prompts=False)([0, 1, 2]) == 3 * 5
+    # Prompts [1, 2] and [7] padded to 2, three completions padded to 3.
+    assert padded_tokens(batch, share_prompts=True)([0, 1, 2]) == 2 * 2 + 3 * 3
+    assert padded_tokens(batch, share_prompts=True)([0, 1]) == 2 + 2 * 3
 
 
 # ---------------------------------------------------------------- collate

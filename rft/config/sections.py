@@ -221,6 +221,11 @@ class TrainingConfig(Section):
         1024, ge=1, description="Tokens per chunk when turning hidden states into log-probs (bounds logits "
         "memory).",
     )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="Token budget of a forward/backward: a micro-batch also ends before its "
+        "padded tokens (each shared prompt once, plus every completion) would pass this, so long and short "
+        "completions cost what they hold; None: training.micro_batch_size sequences alone decide.",
+    )
     share_prompts: bool = Field(
         True, description="Compute each distinct prompt of a micro-batch once in the update, its G "
         "completions attending to its keys and values (the same log-probs and gradients, up to float32 "
