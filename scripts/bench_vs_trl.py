@@ -745,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} interleaved run{'s' if args.repeats > 1 else ''} per engine"
     )
     table = format_results(results, settings, header)
-    trl_runs = [r for r in results if "trl_settings" in r]
+    # One line per (setting, engine): every repeat of an engine runs with the same arguments.
+    trl_runs = list({(r["setting"], r["engine"]): r for r in results if "trl_settings" in r}.values())
     if trl_runs:
         table += "\nTRL's GRPOConfig arguments (output_dir left out):\n\n" + "".join(
             f"- {r['setting']} {r['engine']}: `{json.dumps(r['trl_settings'], sort_keys=True)}`\n"
