@@ -30,7 +30,8 @@ LOGPROB_TOL = 1e-3
 @pytest.fixture(scope="module")
 def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
     return build_tiny_model(
-        tmp_path_factory.mktemp("tiny-vllm"), embedded_model_dir, hidden_size=128, num_attention_heads=2
+        tmp_path_factory.mktemp("tiny-vllm"), embedded_model_dir, hidden_size=128, num_attention_heads=2,
+        max_position_embeddings=1024,
     )
 
 

@@ -37,6 +37,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 import psutil
 import torch
@@ -53,6 +54,8 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import vllm
+import vllm.v1.engine.core as vllm_engine_core
+from vllm.distributed.parallel_state import destroy_model_parallel
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
@@ -208,6 +211,8 @@ class VLLMEngine:
         self.tensor_parallel_size = tensor_parallel_size
         self.weights_step = weights_step
         rank, _ = _process()
+        launcher_options = _launcher_options(tensor_parallel_size)
+        self.launched = bool(launcher_options)  # part of a torchrun / accelerate launch
         self.sleep_mode = sleep_mode
         self._asleep: set[str] = set()
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -217,7 +222,7 @@ class VLLMEngine:
         self.llm = _start_llm(
             model_path, dtype, memory, weight_bytes,
             seed=seed + rank // tensor_parallel_size, enable_sleep_mode=sleep_mode,
-            trust_remote_code=trust_remote_code, **_launcher_options(tensor_parallel_size),
+            trust_remote_code=trust_remote_code, **launcher_options,
         )
         # After the engine exists: starting it re-applies vLLM's logging configuration.
         for name in RELOAD_LOGGERS:
@@ -326,6 +331,12 @@ class VLLMEngine:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        llm.llm_engine.engine_core.shutdown()
+        if self.launched:
+            # vLLM's shutdown ends with `torch.distributed.destroy_process_group()`, the trainer's own
+            # group under a launcher: only the engine's groups (tensor parallel etc.) go.
+            with mock.patch.object(vllm_engine_core, "cleanup_dist_env_and_memory", destroy_model_parallel):
+                llm.llm_engine.engine_core.shutdown()
+        else:
+            llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
