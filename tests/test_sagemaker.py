@@ -224,11 +224,12 @@ def test_vllm_recipes_get_vllm_and_the_container_torch_on_gpu_instances(tmp_path
     assert launcher.container_torch("my-registry/custom:latest") is None
 
     cpu_options = launcher.LaunchOptions(recipe=quickstart, overrides=[], instance_type="ml.m5.xlarge")
-    lines = (launcher.stage_source(cpu_options, tmp_path / "cpu").directory / "requirements.txt").read_text().split()
+    cpu_package = launcher.stage_source(cpu_options, tmp_path / "cpu")
+    lines = (cpu_package.directory / "requirements.txt").read_text().split()
     assert not any(line.startswith(("vllm", "torch")) for line in lines), "auto on CPU: transformers"
     vllm_on_cpu = launcher.LaunchOptions(recipe=quickstart, overrides=["rollout.engine=vllm"],
                                          instance_type="ml.m5.xlarge")
-    with pytest.raises(sourcedir.LaunchError, match="rollout.engine: vllm needs a GPU instance"):
+    with pytest.raises(sourcedir.LaunchError, match=r"rollout\.engine: vllm needs a GPU instance"):
         launcher.stage_source(vllm_on_cpu, tmp_path / "vllm-cpu")
 
 
