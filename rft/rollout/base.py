@@ -77,7 +77,8 @@ class RolloutEngine(Protocol):
         ...
 
     def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
-        """Make the engine sample from `policy`'s current weights, those after step `step`'s update."""
+        """Make the engine sample from `policy`'s current weights, those after step `step`'s update (None:
+        a sync outside the training loop, the recorded step stays)."""
         ...
 
     def close(self) -> None:

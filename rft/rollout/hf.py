@@ -110,7 +110,8 @@ class TransformersEngine:
 
     def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
         """Nothing to move: the engine samples from the policy object itself; the step is recorded."""
-        self.weights_step = self.weights_step + 1 if step is None else step
+        if step is not None:
+            self.weights_step = step
 
     def close(self) -> None:
         """Nothing to release."""

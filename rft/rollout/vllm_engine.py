@@ -294,13 +294,15 @@ class VLLMEngine:
     def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
         """Push the tensors that can have changed since the last sync into the engine's model.
 
-        `step`: the updates the policy's weights include (default: one more than the last sync's).
+        `step`: the training step whose update the policy's weights include; None (a sync outside the
+        training loop) leaves the recorded step as it is.
         Sharded weights (FSDP2, ZeRO-3) are gathered a tensor at a time, pushed and freed: every
         process syncs the same tensors in the same order, so the gathers pair up.
         """
         sources, changing = checkpoint_tensors(policy)
         self._push(sources, sync_plan(list(sources), changing, self.packed_modules))
-        self.weights_step = self.weights_step + 1 if step is None else step
+        if step is not None:
+            self.weights_step = step
 
     @torch.no_grad()
     def _push(self, sources: dict[str, Callable[[], torch.Tensor]], names: list[str]) -> None:
