@@ -159,23 +159,32 @@ class Collector:
     def _round(
         self, engine: RolloutEngine, wanted: int, timings: dict[str, float]
     ) -> tuple[list[Group], ScoreMetrics]:
-        """One round: this process's share of `wanted` prompts sampled and scored, then every process's."""
-        accelerator = self.accelerator
-        share = distributed.process_share(wanted, accelerator.process_index, accelerator.num_processes)
+        """One round: this process's share of `wanted` prompts sampled and scored, then every process's.
+
+        The processes of one tensor-parallel engine (`engine.tensor_parallel_size` in a row) sample
+        the same share, with the same results; the first one's counts.
+        """
+        accelerator, tensor_parallel = self.accelerator, engine.tensor_parallel_size
+        share = distributed.process_share(
+            wanted, accelerator.process_index // tensor_parallel, accelerator.num_processes // tensor_parallel
+        )
         examples = self.sampler.take(wanted)[share]
-        with marked_timer(TIME_GENERATION, timings), distributed.full_weights(accelerator, self.model):
+        weights = distributed.sampling_weights(accelerator, self.model, engine.reads_policy)
+        with marked_timer(TIME_GENERATION, timings), weights:
             rollout = engine.generate(
                 [e.prompt_ids for e in examples], self.config.rollout.group_size, self.sampling
             )
         with marked_timer(TIME_REWARD, timings):
             groups, metrics = self._score(examples, rollout)
-        return self._gather(groups, metrics)
+        return self._gather(groups, metrics, tensor_parallel)
 
-    def _gather(self, groups: list[Group], metrics: ScoreMetrics) -> tuple[list[Group], ScoreMetrics]:
-        """All processes' scored groups in process order, and their reward metrics combined."""
+    def _gather(
+        self, groups: list[Group], metrics: ScoreMetrics, tensor_parallel: int
+    ) -> tuple[list[Group], ScoreMetrics]:
+        """All engines' scored groups in process order, and their reward metrics combined."""
         if self.accelerator.num_processes == 1:
             return groups, metrics
-        gathered = distributed.gather_from_processes(self.accelerator, (groups, metrics))
+        gathered = distributed.gather_from_processes(self.accelerator, (groups, metrics))[::tensor_parallel]
         groups = [g for part, _ in gathered for g in part]
         return groups, ScoreMetrics.of_processes([part for _, part in gathered])
 

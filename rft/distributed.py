@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -129,6 +129,14 @@ def full_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[N
         return
     with fsdp2_full_weights(model, bool(accelerator.state.fsdp_plugin.reshard_after_forward)):
         yield
+
+
+def sampling_weights(
+    accelerator: Accelerator, model: torch.nn.Module, engine_reads_policy: bool
+) -> AbstractContextManager[None]:
+    """`full_weights` for an engine that generates with the training model itself; nothing for one with
+    its own copy of the weights (vLLM), which sharded weights reach a tensor at a time at each sync."""
+    return full_weights(accelerator, model) if engine_reads_policy else nullcontext()
 
 
 @contextmanager

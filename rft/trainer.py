@@ -48,7 +48,8 @@ from rft.model_card import record_base_model, write_model_card
 from rft.models import load_policy, load_tokenizer, resolve_model_path
 from rft.report import write_report
 from rft.reward_context import RewardState
-from rft.rollout import make_engine, require_vllm
+from rft.rollout import check_tensor_parallel, choose_engine, make_engine, require_vllm
+from rft.rollout.base import check_weights
 from rft.runlog import RunLog
 from rft.scoring import RewardScorer
 from rft.stats import compare, overall_change
@@ -80,6 +81,8 @@ class Trainer:
         self.accelerator = distributed.make_accelerator(
             log_with=config.output.trackers or None, project_dir=str(config.run_dir / "trackers")
         )
+        if choose_engine(config.rollout.engine) == "vllm":
+            check_tensor_parallel(config.rollout.vllm_tensor_parallel_size, self.accelerator.num_processes)
         if config.training.prompts_per_step < self.accelerator.num_processes:
             raise ConfigError(
                 f"training.prompts_per_step ({config.training.prompts_per_step}) is below the number of "
@@ -229,12 +232,12 @@ class Trainer:
         """One step's phases, each named and timed; its metrics row."""
         timings: dict[str, float] = {}
         with marked_timer(TIME_STEP, timings):
+            check_weights(self.engine, self.step)  # never sample from stale weights
             batch = self.collect_batch()
             with marked_timer(TIME_UPDATE, timings):
                 update_metrics = self.update(batch) if len(batch) else {UPDATE_SKIPPED: 1.0}
-            full_weights = distributed.full_weights(self.accelerator, self.model)
-            with marked_timer(TIME_WEIGHT_SYNC, timings), full_weights:
-                self.engine.sync_weights(self.policy)
+            with marked_timer(TIME_WEIGHT_SYNC, timings):
+                self.engine.sync_weights(self.policy, step=self.step)
         return {
             **batch.metrics, **update_metrics,
             TIME_UPDATE: timings[TIME_UPDATE], TIME_WEIGHT_SYNC: timings[TIME_WEIGHT_SYNC],
@@ -319,7 +322,7 @@ class Trainer:
             results = self._last_evaluation[1]
             self.runlog.record_evaluation(label, results)
             return results[0]
-        with distributed.full_weights(self.accelerator, self.model):
+        with distributed.sampling_weights(self.accelerator, self.model, self.engine.reads_policy):
             results = self.evaluator.baseline(self.config) if label == "base" else self.evaluator.run(label)
         self._last_evaluation = (step, results)
         self.runlog.evaluation(step, label, results)
@@ -374,6 +377,8 @@ class Trainer:
             recipe_changed=bool(self.run_start.new_changes),
         )
         self.start_step, self.sampler.position = state.step, state.data_position
+        # The engine started from the checkpoint's weights (loaded before it was built).
+        self.engine.weights_step = state.step
         if self.accelerator.num_processes > 1:
             # The checkpoint holds the main process's random state; give each process its own stream again.
             set_seed(self.config.training.seed + self.accelerator.process_index + 1_000_003 * state.step)

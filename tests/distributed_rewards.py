@@ -21,3 +21,12 @@ def second_process_fails(completions: list[Any], completion_ids: list[list[int]]
         else:
             os._exit(3)
     return first_token_grade(completions, completion_ids)
+
+
+def killed_in_step(
+    completions: list[Any], completion_ids: list[list[int]], trainer_state: Any, **_: Any
+) -> list[float]:
+    """Every process is killed (SIGKILL: no handler, no checkpoint) while scoring step $RFT_TEST_KILL_STEP."""
+    if trainer_state.global_step + 1 == int(os.environ.get("RFT_TEST_KILL_STEP", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return first_token_grade(completions, completion_ids)

@@ -47,6 +47,12 @@ class PromptSeededEngine:
     def __init__(self, engine: RolloutEngine):
         self.engine = engine
         self.name = engine.name
+        self.reads_policy = engine.reads_policy
+        self.tensor_parallel_size = engine.tensor_parallel_size
+
+    @property
+    def weights_step(self) -> int:
+        return self.engine.weights_step
 
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings
@@ -60,8 +66,8 @@ class PromptSeededEngine:
             merged.truncated.extend(output.truncated)
         return merged
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        self.engine.sync_weights(policy)
+    def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
+        self.engine.sync_weights(policy, step)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,10 +1,11 @@
 """FSDP2 on CPU (gloo), by torch's `fully_shard` directly: `accelerate` turns FSDP off without a GPU.
 
-`torchrun --nproc_per_node 2 tests/fsdp2_worker.py MODEL_DIR`. Checks the two things the trainer
+`torchrun --nproc_per_node 2 tests/fsdp2_worker.py MODEL_DIR`. Checks what the trainer
 relies on under FSDP2: `LogProbModel` as the sharded root gives the gradients of the unsharded
-computation (the LM head, tied to the embeddings, runs inside the root's forward), and
+computation (the LM head, tied to the embeddings, runs inside the root's forward),
 `fsdp2_full_weights` lets each process generate on its own, for different numbers of tokens,
-and train again afterwards.
+and train again afterwards, and the vLLM weight sync's tensors (`checkpoint_tensors`) come out
+whole, one gathered tensor at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from rft.distributed import fsdp2_full_weights
 from rft.models import LogProbModel
+from rft.rollout.weight_sync import checkpoint_tensors
 
 GRADIENT_RTOL = 1e-4
 
@@ -75,6 +77,13 @@ def main(model_dir: str) -> None:
         isinstance(p, DTensor) for p in sharded.parameters()
     ), "weights not sharded again after generation"
     sharded(input_ids[mine], attention_mask[mine], starts[mine], lengths[mine])[0].sum().backward()
+
+    # Weight sync to a vLLM engine: each sharded tensor gathered on its own, whole, on every process.
+    sources, changing = checkpoint_tensors(sharded.policy)
+    expected = dict(whole.policy.named_parameters())
+    assert set(sources) == set(changing) == set(expected)
+    for name, tensor in sources.items():  # the same order everywhere: the gathers pair up
+        assert torch.equal(tensor(), expected[name].detach()), f"{name}: gathered tensor differs"
     dist.destroy_process_group()
     print(f"process {rank}: fsdp2 ok")
 

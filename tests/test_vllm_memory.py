@@ -51,6 +51,10 @@ def test_the_run_sets_context_and_concurrent_sequences(tmp_path: Path) -> None:
     assert context_length(config) == 100 + 20
     # Evaluation: min(batch 64, 5 rows) x 2 samples = 10, under a step's 3 x 4 = 12.
     assert concurrent_sequences(config) == 12
+    # On 2 engines (processes, or tensor-parallel groups) each samples its share: 2 prompts x 4 > 10.
+    assert concurrent_sequences(config, samplers=2) == 10
+    config = load_config(raw={**raw, "training": {**raw["training"], "prompts_per_step": 5}})
+    assert concurrent_sequences(config, samplers=2) == 3 * 4
     config = load_config(raw={**raw, "training": {**raw["training"], "prompts_per_step": 2}})
     assert concurrent_sequences(config) == 10
     config = load_config(raw={**raw, "rollout": {**raw["rollout"], "vllm_max_model_len": 64}})

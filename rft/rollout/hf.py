@@ -42,9 +42,12 @@ class TransformersEngine:
     """
 
     name = "transformers"
+    reads_policy = True
+    tensor_parallel_size = 1
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64):
         self.model = model
+        self.weights_step = 0
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
@@ -105,8 +108,10 @@ class TransformersEngine:
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
         return ids, mask
 
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Nothing to do: the engine samples from the policy object itself."""
+    def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
+        """Nothing to move: the engine samples from the policy object itself; the step is recorded."""
+        if step is not None:
+            self.weights_step = step
 
     def close(self) -> None:
         """Nothing to release."""

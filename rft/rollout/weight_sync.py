@@ -4,14 +4,21 @@ Pure torch / peft code (no vLLM import), shared by the vLLM engine and tested wi
 `checkpoint_tensors` names the policy's weights as a transformers checkpoint would (a LoRA layer
 contributes its merged weight W + B A * scaling, computed on demand), and `sync_plan` picks the
 ones to push: those that can change plus the other parts of every fused layer they load into.
+
+Sharded weights (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions) are gathered when their thunk
+runs, one tensor at a time, so no process ever holds the whole model: each gather is a collective,
+so every process must call the same thunks in the same order (the trainer's processes all sync the
+same plan). ZeRO-3's path is untested here (DeepSpeed is not installed on the CPU machines).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora import LoraLayer
+from torch.distributed.tensor import DTensor
 
 from rft.models import causal_lm
 
@@ -21,6 +28,30 @@ def _layer_key(name: str, fused_groups: dict[str, str]) -> tuple[str, str]:
     module, _, _ = name.rpartition(".")
     parent, _, leaf = module.rpartition(".")
     return parent, fused_groups.get(leaf, leaf)
+
+
+@contextmanager
+def _gathered(parameters: list[torch.Tensor]) -> Iterator[None]:
+    """DeepSpeed ZeRO-3's partitioned parameters among `parameters` whole inside (a collective)."""
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    # Imported here: an optional dependency, present only where ZeRO-3 runs.
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
+def full_tensor(parameter: torch.Tensor) -> torch.Tensor:
+    """All of `parameter`, detached; gathered where the training strategy shards it (a collective then)."""
+    with _gathered([parameter]):
+        tensor = parameter.detach()
+        if isinstance(tensor, DTensor):  # FSDP2
+            return tensor.full_tensor()
+        # A ZeRO-3 parameter is partitioned again on leaving the context: keep a copy.
+        return tensor.clone() if hasattr(parameter, "ds_id") else tensor
 
 
 def _lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -36,11 +67,13 @@ def _merged_weight(layer: LoraLayer) -> torch.Tensor:
     """
     base = layer.get_base_layer().weight
     if layer.merged or layer.disable_adapters:
-        return base.detach()
-    merged = base.detach().float()
-    for adapter in layer.active_adapters:
-        if adapter in layer.lora_A:
-            merged = merged + layer.get_delta_weight(adapter).float()
+        return full_tensor(base)
+    with _gathered(list(layer.parameters())):
+        merged = full_tensor(base).float()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                delta = layer.get_delta_weight(adapter)
+                merged = merged + (delta.full_tensor() if isinstance(delta, DTensor) else delta).float()
     return merged.to(base.dtype)
 
 
@@ -71,7 +104,7 @@ def checkpoint_tensors(policy: torch.nn.Module) -> tuple[dict[str, Callable[[], 
             sources[checkpoint_name] = lambda layer=merged_layer: _merged_weight(layer)
             changing.add(checkpoint_name)
             continue
-        sources[checkpoint_name] = parameter.detach
+        sources[checkpoint_name] = lambda parameter=parameter: full_tensor(parameter)
         if parameter.requires_grad:
             changing.add(checkpoint_name)
     return sources, changing

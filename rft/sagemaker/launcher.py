@@ -39,7 +39,7 @@ from typing import Any
 from rft.config import RecipeConfig
 from rft.log_lines import EVAL_MODES, held_out_regex, line_metric_names, step_metric_regex
 from rft.sagemaker.entry import ENTRY_SCRIPT, SECRETS_VARIABLE
-from rft.sagemaker.sourcedir import LaunchError, SourcePackage, pack, stage
+from rft.sagemaker.sourcedir import LaunchError, SourcePackage, gpu_instance, pack, stage
 
 # The Hugging Face PyTorch training container (torch 2.9, CUDA 13, Python 3.12); requirements.txt
 # brings transformers and the rest up to this project's versions. Account 763104351884 serves most
@@ -79,7 +79,17 @@ class LaunchOptions:
 
 def stage_source(options: LaunchOptions, directory: Path) -> SourcePackage:
     """Validate the recipe and lay out the source directory (`rft.sagemaker.sourcedir`)."""
-    return stage(options.recipe, options.overrides, directory, accelerate_config=options.accelerate_config)
+    return stage(
+        options.recipe, options.overrides, directory, accelerate_config=options.accelerate_config,
+        gpu=gpu_instance(options.instance_type),
+        container_torch=container_torch(options.image_uri or DEFAULT_IMAGE),
+    )
+
+
+def container_torch(image_uri: str) -> str | None:
+    """The torch version of a Hugging Face / AWS PyTorch training image, from its tag (None if unknown)."""
+    match = re.search(r"pytorch-training:(\d+\.\d+\.\d+)-", image_uri)
+    return match.group(1) if match else None
 
 
 def default_job_name(config: RecipeConfig) -> str:

@@ -52,9 +52,26 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def requirements(config: RecipeConfig) -> list[str]:
+def gpu_instance(instance_type: str) -> bool:
+    """Whether a SageMaker instance type has NVIDIA GPUs (the ml.g* and ml.p* families)."""
+    return re.match(r"ml\.[gp]\d", instance_type) is not None
+
+
+def requirements(config: RecipeConfig, gpu: bool = True, container_torch: str | None = None) -> list[str]:
     """This project's dependencies for the container: without torch (the container's CUDA build stays),
-    with vLLM when the recipe samples with it."""
+    with vLLM when the recipe samples with it on a GPU instance (`rollout.engine` vllm, or auto).
+
+    With vLLM, `container_torch` (the container's torch version) is pinned beside it: pip then keeps
+    the container's CUDA torch and installs a vLLM built against it, or fails at install time naming
+    the conflict, instead of replacing torch with one that may not match the container's CUDA.
+    """
+    engine = config.rollout.engine
+    if engine == "vllm" and not gpu:
+        raise LaunchError(
+            "rollout.engine: vllm needs a GPU instance (ml.g*, ml.p*); on CPU instances use "
+            "rollout.engine: transformers (or auto)"
+        )
+    with_vllm = gpu and engine in ("vllm", "auto")
     try:
         declared = metadata.requires(PROJECT) or []
     except metadata.PackageNotFoundError:
@@ -65,9 +82,11 @@ def requirements(config: RecipeConfig) -> list[str]:
         spec, _, marker = requirement.partition(";")
         name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
         extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        wanted = extra is None or (extra.group(1) == "vllm" and config.rollout.engine == "vllm")
+        wanted = extra is None or (extra.group(1) == "vllm" and with_vllm)
         if wanted and name != "torch":
             lines.append(spec.strip())
+    if with_vllm and container_torch is not None:
+        lines.append(f"torch=={container_torch}")
     return lines
 
 
@@ -102,8 +121,12 @@ def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, s
 
 
 def stage(recipe: Path, overrides: list[str], directory: Path, *,
-          accelerate_config: Path | None = None) -> SourcePackage:
-    """Validate the recipe and lay out the source directory; nothing leaves this machine here."""
+          accelerate_config: Path | None = None, gpu: bool = True,
+          container_torch: str | None = None) -> SourcePackage:
+    """Validate the recipe and lay out the source directory; nothing leaves this machine here.
+
+    `gpu`: the job's instances have GPUs; `container_torch`: the container's torch version, when known
+    (both for `requirements`)."""
     config = load_config(recipe, overrides)
     packaged = copy.deepcopy(config)
     root = project_root()
@@ -119,7 +142,7 @@ def stage(recipe: Path, overrides: list[str], directory: Path, *,
         f"# {recipe.name} as launched, every setting resolved (rft sagemaker launch)\n"
         + dump_config(packaged)
     )
-    (directory / "requirements.txt").write_text("\n".join(requirements(config)) + "\n")
+    (directory / "requirements.txt").write_text("\n".join(requirements(config, gpu, container_torch)) + "\n")
     (directory / ENTRY_SCRIPT).write_text(ENTRY_SHIM)
     if accelerate_config is not None:
         if not accelerate_config.is_file():

