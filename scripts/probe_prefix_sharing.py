@@ -31,6 +31,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def _gradient_gap(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """The largest per-tensor gradient difference, relative to the reference tensor's norm."""
+    return max(
+        ((a - b).norm() / a.norm().clamp(min=1e-12)).item() for a, b in zip(reference, other, strict=True)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2)
@@ -121,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     (full_logp, full_grads, full_s), (shared_logp, shared_grads, shared_s) = (
         results["full"], results["shared"]
     )
-    gradient_gap = max(
-        ((a - b).norm() / a.norm().clamp(min=1e-12)).item()
-        for a, b in zip(full_grads, shared_grads, strict=True)
-    )
+    gradient_gap = _gradient_gap(full_grads, shared_grads)
     print(
         f"forward + backward, last of {args.repeats}: full {full_s:.2f} "
         f"s, shared prompt {shared_s:.2f} s ({full_s / shared_s:.2f}x)"
@@ -135,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.packed:
         packed_logp, packed_grads, packed_s = results["packed"]
-        packed_gap = max(
-            ((a - b).norm() / a.norm().clamp(min=1e-12)).item()
-            for a, b in zip(full_grads, packed_grads, strict=True)
-        )
+        packed_gap = _gradient_gap(full_grads, packed_grads)
         print(
             f"packed (padding-free, one row) {packed_s:.2f} s ({full_s / packed_s:.2f}x full); max |log-prob "
             f"difference| {(full_logp - packed_logp).abs().max().item():.2e}, gradient {packed_gap:.2e}"
