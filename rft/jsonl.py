@@ -34,9 +34,9 @@ class JSONLine:
         return f"{self.path}:{self.number}"
 
 
-def json_lines(path: Path) -> Iterator[JSONLine]:
+def json_lines(path: Path, *, invalid_json: str = "not valid JSON") -> Iterator[JSONLine]:
     """Every non-blank line of `path` (gzipped when it ends in .gz), in order; invalid UTF-8 and invalid JSON
-    come back as errors."""
+    come back as errors, the latter as `invalid_json (reason at column N)`: each command keeps its wording."""
     # Bedrock delivers invocation logs gzipped; line numbers are those of the decompressed text.
     with (gzip.open(path, "rb") if Path(path).suffix == ".gz" else Path(path).open("rb")) as handle:
         for number, raw in enumerate(handle, start=1):
@@ -51,7 +51,7 @@ def json_lines(path: Path) -> Iterator[JSONLine]:
             try:
                 yield JSONLine(Path(path), number, value=json.loads(line))
             except json.JSONDecodeError as exc:
-                yield JSONLine(Path(path), number, error=f"not valid JSON ({exc.msg} at column {exc.colno})")
+                yield JSONLine(Path(path), number, error=f"{invalid_json} ({exc.msg} at column {exc.colno})")
 
 
 def read_objects(path: Path) -> list[JSONLine]:
@@ -76,7 +76,7 @@ def read_log(path: Path, *, torn_tail_ok: bool = True) -> tuple[list[dict[str, A
     """
     if not Path(path).exists():
         return [], False
-    lines = list(json_lines(path))
+    lines = list(json_lines(path, invalid_json="not a JSON line"))
     rows = []
     for index, line in enumerate(lines):
         if line.error is None:

@@ -65,7 +65,7 @@ class _Case:
 def read_cases(path: Path, reward_names: Sequence[str]) -> list[_Case]:
     """Parse and validate a completions file; one ConfigError lists every bad line."""
     try:
-        lines = list(json_lines(path))
+        lines = list(json_lines(path, invalid_json="not JSON"))
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     known = {*reward_names, "total"}
@@ -87,8 +87,7 @@ def _case(line: JSONLine, known: set[str]) -> tuple[_Case | None, list[str]]:
     """One line's case (None when it has none) and what is wrong with the line."""
     where = line.where
     if line.error is not None:
-        # This command has always said "not JSON"; the shared reader says "not valid JSON".
-        return None, [f"{where}: {line.error.replace('not valid JSON', 'not JSON', 1)}"]
+        return None, [f"{where}: {line.error}"]
     record = line.value
     if not isinstance(record, dict):
         return None, [f"{where}: expected a JSON object"]

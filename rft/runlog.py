@@ -47,7 +47,7 @@ def _read(path: Path) -> tuple[list[dict[str, Any]], bool]:
     try:
         return read_log(path)
     except JSONLError as exc:
-        raise RunLogError(str(exc).replace(": not valid JSON", ": not a JSON line", 1)) from None
+        raise RunLogError(str(exc)) from None
 
 
 def check_logs(run_dir: Path) -> None:

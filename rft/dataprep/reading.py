@@ -53,10 +53,8 @@ def read_records(path: Path) -> Iterator[tuple[int, Any | Malformed]]:
         if whole is not None:
             yield from _whole_file_records(whole)
             return
-    for line in json_lines(path):
-        # `rft data prep` has always reported "not JSON (...)"; the file was read as UTF-8 above.
-        reason = (line.error or "").replace("not valid JSON", "not JSON", 1)
-        yield line.number, Malformed(reason) if line.error is not None else line.value
+    for line in json_lines(path, invalid_json="not JSON"):
+        yield line.number, Malformed(line.error) if line.error is not None else line.value
 
 
 def _read_text(path: Path) -> str:
