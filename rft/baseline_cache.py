@@ -83,7 +83,8 @@ def cached_baseline(
     engine: str, evaluate: Callable[[], list[EvalResult]],
 ) -> list[EvalResult]:
     """The cached results when nothing they depend on changed, else `evaluate()`'s (then cached)."""
-    if not config.eval.baseline_cache:
+    if not config.eval.baseline_cache or config.is_agent:
+        # An agent's scores also depend on its environment and tools, code this key does not cover.
         return evaluate()
     key, parts = baseline_key(config, examples, plans, slices, engine)
     cacheable = not any(f.get("uncacheable") for group in ("rewards", "metrics") for f in parts[group])

@@ -33,10 +33,11 @@ from rft.metrics import (
     TRUNCATED_SHARE,
     ZERO_VARIANCE_SHARE,
 )
-from rft.rollout.base import RolloutEngine, RolloutOutput
+from rft.rollout.base import RolloutEngine
 from rft.scoring import RewardScorer, ScoreMetrics, score_groups
 from rft.step_metrics import Accumulator
 from rft.timing import marked_timer
+from rft.trajectories import Sampler, Trajectories
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ class Group:
     prompt_ids: list[int]  # [P] the prompt, shared by the group
     completion_ids: list[list[int]]  # G x [L_i]
     rollout_logprobs: list[list[float]] | None  # G x [L_i], the sampler's; None where the engine gives none
-    truncated: list[bool]  # [G] hit max_new_tokens without an end-of-sequence token
+    truncated: list[bool]  # [G] cut by a length limit (max_new_tokens, an episode's token budget)
     rewards: torch.Tensor  # [G], float64
     zero_variance: bool  # every reward of the group equal: no advantage, nothing to learn
+    # G x [L_i]: 1 on the model's tokens, 0 on an environment's (agent episodes); None: all the model's
+    completion_masks: list[list[int]] | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Batch:
     rewards: torch.Tensor  # [B], float64
     advantages: torch.Tensor  # [B], float32
     metrics: dict[str, float] = field(default_factory=dict)
+    completion_masks: list[list[int]] | None = None  # B x [L_i], see `Group.completion_masks`
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -84,7 +88,11 @@ def assemble(groups: list[Group], algorithm: AlgorithmConfig, metrics: dict[str,
     ).flatten().float()
     completion_ids = [c for g in groups for c in g.completion_ids]
     truncated = [t for g in groups for t in g.truncated]
-    lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
+    has_masks = groups[0].completion_masks is not None
+    masks = [m for g in groups for m in g.completion_masks] if has_masks else None  # type: ignore[union-attr]
+    # A completion's length is what the model generated: an environment's tokens are not its.
+    lengths = torch.tensor([sum(m) for m in masks] if masks is not None else [len(c) for c in completion_ids],
+                           dtype=torch.float64)
     sums = Accumulator()
     sums.describe(ADVANTAGE_PREFIX, advantages)
     sums.describe(LENGTH_PREFIX, lengths)
@@ -100,6 +108,7 @@ def assemble(groups: list[Group], algorithm: AlgorithmConfig, metrics: dict[str,
         rewards=rewards.flatten(),
         advantages=advantages,
         metrics=metrics,
+        completion_masks=masks,
     )
 
 
@@ -118,10 +127,11 @@ class Collector:
 
     def __init__(
         self, config: RecipeConfig, accelerator: Accelerator, model: torch.nn.Module, tokenizer: Any,
-        scorer: RewardScorer, sampler: PromptSampler, on_scored: CompletionSink,
+        scorer: RewardScorer, sampler: PromptSampler, rollout: Sampler, on_scored: CompletionSink,
     ):
         self.config, self.accelerator, self.model = config, accelerator, model
         self.tokenizer, self.scorer, self.sampler, self.on_scored = tokenizer, scorer, sampler, on_scored
+        self.rollout = rollout
         self.sampling = config.rollout.sampling()
 
     def collect(self, engine: RolloutEngine) -> Batch:
@@ -171,9 +181,7 @@ class Collector:
         examples = self.sampler.take(wanted)[share]
         weights = distributed.sampling_weights(accelerator, self.model, engine.reads_policy)
         with marked_timer(TIME_GENERATION, timings), weights:
-            rollout = engine.generate(
-                [e.prompt_ids for e in examples], self.config.rollout.group_size, self.sampling
-            )
+            rollout = self.rollout.sample(engine, examples, self.config.rollout.group_size, self.sampling)
         with marked_timer(TIME_REWARD, timings):
             groups, metrics = self._score(examples, rollout)
         return self._gather(groups, metrics, tensor_parallel)
@@ -188,17 +196,16 @@ class Collector:
         groups = [g for part, _ in gathered for g in part]
         return groups, ScoreMetrics.of_processes([part for _, part in gathered])
 
-    def _score(self, examples: list[Example], rollout: RolloutOutput) -> tuple[list[Group], ScoreMetrics]:
+    def _score(self, examples: list[Example], rollout: Trajectories) -> tuple[list[Group], ScoreMetrics]:
         config, group_size = self.config, self.config.rollout.group_size
-        completion_ids = rollout.completion_ids
-        scored = score_groups(self.scorer, self.tokenizer, examples, completion_ids, group_size)
+        scored = score_groups(self.scorer, examples, rollout, group_size)
         rows, completions, scores = scored.rows, scored.completions, scored.scores
         for error in scores.errors:
             logger.warning("reward: %s", error)
         rewards = torch.tensor(scores.total, dtype=torch.float64)
         if config.algorithm.soft_overlong:
             max_length, cache_length = config.overlong_lengths
-            lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
+            lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float64)
             penalty = algorithms.soft_overlong_punishment(
                 lengths, max_length=max_length, cache_length=cache_length
             )
@@ -210,21 +217,22 @@ class Collector:
 
 
 def _groups(
-    examples: list[Example], rollout: RolloutOutput, rewards: torch.Tensor, failed: list[bool]
+    examples: list[Example], rollout: Trajectories, rewards: torch.Tensor, failed: list[bool]
 ) -> list[Group]:
     """The scored groups, less those with a failed reward call (scoring.on_error: skip_group)."""
     group_size = rewards.shape[1]
     failed = failed or [False] * rewards.numel()
     zero_variance = algorithms.zero_variance_groups(rewards)
     groups = []
-    for g, example in enumerate(examples):
+    for g in range(len(examples)):
         members = slice(g * group_size, (g + 1) * group_size)
         if any(failed[members]):
             continue
         logprobs = rollout.logprobs[members] if rollout.logprobs is not None else None
         groups.append(Group(
-            prompt_ids=example.prompt_ids, completion_ids=rollout.completion_ids[members],
+            prompt_ids=rollout.prompt_ids[g * group_size], completion_ids=rollout.completion_ids[members],
             rollout_logprobs=logprobs, truncated=rollout.truncated[members], rewards=rewards[g],
             zero_variance=bool(zero_variance[g]),
+            completion_masks=rollout.masks[members] if rollout.masks is not None else None,
         ))
     return groups

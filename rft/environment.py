@@ -55,13 +55,14 @@ class Environment:
         self.row = row
 
     def reset(self) -> list[Message]:
-        """The first messages: by default the row's prompt."""
-        return list(self.row["prompt"])
+        """The first messages: by default the row's prompt (a plain-text prompt as one user message)."""
+        prompt = self.row["prompt"]
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
     def step(self, message: Message) -> Step | Awaitable[Step]:
         """The environment's answer to an assistant message without tool calls. By default: the end."""
         return Step(done=True)
 
-    def reward(self, conversation: list[Message]) -> float | None | Awaitable[float | None]:
+    def reward(self, conversation: list[Message]) -> float | Awaitable[float | None] | None:
         """A reward for the whole conversation after the prompt (None: none beyond the turn rewards)."""
         return None

@@ -91,9 +91,11 @@ def evaluate_recipe(
 ) -> EvalOutcome:
     """The base model's scores (cached) without a checkpoint or with `compare_with_base`; the checkpoint's."""
     # Heavy imports (transformers, the engines), paid only when `rft eval` runs: see held_out_split.
+    from rft.agents.loading import load_agent, sampler_for
     from rft.models import default_device, load_checkpoint_policy, load_policy
     from rft.rollout import make_engine
 
+    agent = load_agent(config)
     scorer = RewardScorer(config.rewards)
     metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
     try:
@@ -107,17 +109,21 @@ def evaluate_recipe(
     if "base" in held_out:
         model, tokenizer = load_policy(config.base_model(), device)
         engine = make_engine(config, model, tokenizer)
-        evaluator = Evaluator(engine, tokenizer, held_out["base"], scorer, plans, slices, metric_scorer)
+        rollout = sampler_for(config, tokenizer, agent)
+        evaluator = Evaluator(engine, rollout, held_out["base"], scorer, plans, slices, metric_scorer)
         outcome.base = evaluator.baseline(config)
         engine.close()
+        rollout.close()
         del model, engine, evaluator
     if checkpoint is not None:
         model, tokenizer = load_checkpoint_policy(config, checkpoint, device)
         # The engine serves `model`, the checkpoint's weights, whatever files it starts from.
         engine = make_engine(config, model, tokenizer)
-        evaluator = Evaluator(engine, tokenizer, held_out["checkpoint"], scorer, plans, slices, metric_scorer)
+        rollout = sampler_for(config, tokenizer, agent)
+        evaluator = Evaluator(engine, rollout, held_out["checkpoint"], scorer, plans, slices, metric_scorer)
         outcome.checkpoint_results = evaluator.run(str(checkpoint))
         engine.close()
+        rollout.close()
     for before, after in zip(outcome.base or [], outcome.checkpoint_results or [], strict=False):
         outcome.comparisons[after.mode] = compare(before.summary(), after.summary(), config.eval.noise_sigmas)
     return outcome

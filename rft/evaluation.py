@@ -11,7 +11,7 @@ What is reported, per evaluation pass (`greedy` and/or `sampled`, `rft.eval_plan
 "Larger than its noise" is the one rule of `rft.stats`. The base model's scores come from the
 baseline cache when nothing they depend on changed (`rft.baseline_cache`).
 
-`Evaluator` holds what every pass needs (engine, tokenizer, held-out examples, scorers, plans,
+`Evaluator` holds what every pass needs (engine, trajectory sampler, held-out examples, scorers, plans,
 slices), so that a caller evaluates with one call: `evaluator.run(label)` or `evaluator.baseline(config)`.
 """
 
@@ -34,6 +34,7 @@ from rft.reward_context import completion_text
 from rft.rollout.base import RolloutEngine
 from rft.scoring import RewardScorer, ScoreOutput, score_groups
 from rft.stats import pass_at_k
+from rft.trajectories import Sampler
 
 
 def normalize_answer(text: str) -> str:
@@ -92,7 +93,7 @@ class Evaluator:
     """Everything a held-out pass needs, gathered once; `run` evaluates every plan."""
 
     engine: RolloutEngine
-    tokenizer: Any
+    rollout: Sampler
     examples: list[Example]
     scorer: RewardScorer
     plans: Sequence[EvalPlan]
@@ -101,13 +102,13 @@ class Evaluator:
 
     @classmethod
     def from_recipe(
-        cls, config: RecipeConfig, engine: RolloutEngine, tokenizer: Any, examples: list[Example],
+        cls, config: RecipeConfig, engine: RolloutEngine, rollout: Sampler, examples: list[Example],
         scorer: RewardScorer,
     ) -> Evaluator:
         """The recipe's passes, slices (checked against `examples`: `EvalError`) and eval-only metrics."""
         slices = check_held_out(examples, config.eval) if examples else []
         metric_scorer = RewardScorer(config.eval.metrics) if config.eval.metrics else None
-        return cls(engine, tokenizer, examples, scorer, eval_plans(config), slices, metric_scorer)
+        return cls(engine, rollout, examples, scorer, eval_plans(config), slices, metric_scorer)
 
     @property
     def main_mode(self) -> str:
@@ -141,9 +142,8 @@ class Evaluator:
 
     def _sample_and_score(self, examples: list[Example], plan: EvalPlan) -> ScoredChunk:
         n = plan.samples_per_prompt
-        rollout = self.engine.generate([e.prompt_ids for e in examples], n, plan.sampling)
-        scored = score_groups(self.scorer, self.tokenizer, examples, rollout.completion_ids, n,
-                              call_per_group=False)
+        rollout = self.rollout.sample(self.engine, examples, n, plan.sampling)
+        scored = score_groups(self.scorer, examples, rollout, n, call_per_group=False)
         metric_scores = None
         if self.metric_scorer is not None:
             metric_scores = self.metric_scorer.score_examples(scored.rows, scored.completions,

@@ -59,6 +59,13 @@ DYNAMIC_PASS_RATE = "dynamic_sampling/pass_rate"
 DYNAMIC_GROUPS = "dynamic_sampling/groups"
 TRUNCATED_SHARE = Metric("completion/truncated_share", Reduction.MEAN)
 COMPLETION_TOKENS = Metric("completion/tokens", Reduction.SUM)
+# Agent episodes (`rft.agents.episodes`): per trajectory, except tool failures (per call).
+AGENT_TURNS = Metric("agent/turns", Reduction.MEAN)
+AGENT_TOOL_CALLS = Metric("agent/tool_calls", Reduction.MEAN)
+AGENT_TOOL_FAILURES = Metric("agent/tool_failure_share", Reduction.MEAN)
+AGENT_ENVIRONMENT_FAILURES = Metric("agent/environment_failure_share", Reduction.MEAN)
+AGENT_ENVIRONMENT_TOKENS = Metric("agent/environment_tokens", Reduction.MEAN)
+ENVIRONMENT_REWARD = Metric("reward/environment/mean", Reduction.MEAN)
 # The update (`rft.update`): token means and shares over the counted tokens of every micro-batch.
 LOSS = Metric("loss", Reduction.MEAN)  # mean over the step's optimizer updates of each update's loss
 GRAD_NORM = Metric("grad_norm", Reduction.MEAN)  # over updates

@@ -115,7 +115,8 @@ class OtherRunRow:
 
 @dataclass(frozen=True)
 class Sample:
-    """A prompt (as "role: content" lines, no system prompt) and a completion's text, with its reward."""
+    """A prompt (as "role: content" lines, no system prompt) and a completion's text (an agent's
+    conversation as lines too), with its reward."""
 
     prompt: str
     completion: str
@@ -123,7 +124,15 @@ class Sample:
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> Sample:
-        return cls(_prompt_text(row["prompt"]), completion_text(row["completion"]), num(row["reward"]))
+        return cls(_prompt_text(row["prompt"]), _completion_text(row["completion"]), num(row["reward"]))
+
+
+def _completion_text(completion: Any) -> str:
+    """A single answer's text; an agent's whole conversation (tool calls and results, the environment's
+    turns) as "role: content" lines."""
+    if isinstance(completion, list) and any(message.get("role") != "assistant" for message in completion):
+        return conversation_text(completion)
+    return completion_text(completion)
 
 
 def _prompt_text(prompt: Any) -> str:

@@ -125,7 +125,7 @@ def _expectations(
 
 
 def _as_trained(prompt: Any, completion: Any) -> Any:
-    """The completion as the trainer hands it to rewards (`rft.scoring.decode_completions`): after a
+    """The completion as the trainer hands it to rewards (`rft.trajectories.decode_completions`): after a
     chat prompt (a list of messages), TRL's `[{"role": "assistant", "content": text}]`; chat-style
     rewards index it so."""
     if isinstance(prompt, list) and isinstance(completion, str):
@@ -230,11 +230,13 @@ def sample_and_score(
     # Heavy imports (torch, the model and engine code): only sampling needs them, not a completions file.
     import torch
 
+    from rft.agents.loading import load_agent, sampler_for
     from rft.data import PromptSampler, load_splits
     from rft.models import load_policy
     from rft.rollout import make_engine
 
-    # Bad rows and columns the rewards need but the rows lack fail before the model loads.
+    # Bad rows, columns the rewards need but the rows lack, and agent parts fail before the model loads.
+    agent = load_agent(config)
     train, held_out = load_splits(config.data, None, config.training.seed)
     scorer.check_splits(config.data, train, held_out)
     base = config.base_model()
@@ -243,11 +245,13 @@ def sample_and_score(
     train, _ = load_splits(config.data, tokenizer, config.training.seed)
     examples = PromptSampler(train, config.training.seed, config.data.shuffle).take(min(prompts, len(train)))
     engine = make_engine(base, model, tokenizer)
+    sampler = sampler_for(config, tokenizer, agent)
     try:
-        rollout = engine.generate([e.prompt_ids for e in examples], group_size, config.rollout.sampling())
+        rollout = sampler.sample(engine, examples, group_size, config.rollout.sampling())
     finally:
         engine.close()
-    scored = score_groups(scorer, tokenizer, examples, rollout.completion_ids, group_size)
+        sampler.close()
+    scored = score_groups(scorer, examples, rollout, group_size)
     prompt_texts = [e.prompt for e in scored.rows]
     return summarize_scores(
         scored.scores, [group_size] * len(examples), reward_range,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rft.reward_context import conversation_text
 from rft.scoring import RewardScorer, ScoreOutput
 
 NEAR_MAX = 0.9  # mean total above this share of the range: the base model already does well
@@ -176,8 +177,11 @@ def pick_samples(
 
 
 def _text(value: Any) -> str:
-    """A prompt's or completion's text for display: a message list shows its last message's content."""
+    """A prompt's or completion's text for display: a message list shows its last message's content, an
+    agent's conversation (several messages from the assistant's first) every message."""
     if isinstance(value, list) and value and isinstance(value[-1], dict):
+        if len(value) > 1 and value[0].get("role") == "assistant":
+            return conversation_text(value)
         return str(value[-1].get("content", ""))
     return str(value)
 

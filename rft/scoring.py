@@ -42,7 +42,7 @@ from typing import Any
 
 from rft.config import DataConfig, RewardConfig, ScoringConfig
 from rft.data import Example
-from rft.metrics import reward_key
+from rft.metrics import ENVIRONMENT_REWARD, reward_key
 from rft.reward_calls import Call, Outcome, Reward, Spread, run_calls
 from rft.reward_context import RewardState, accepted_context
 from rft.reward_loading import (
@@ -54,10 +54,12 @@ from rft.reward_loading import (
 )
 from rft.reward_workers import WorkerPool
 from rft.step_metrics import Accumulator, merged
+from rft.trajectories import Trajectories
 
-__all__ = ["RewardError", "RewardScorer", "ScoreMetrics", "ScoreOutput", "ScoredGroups", "decode_completions",
-           "score_groups"]
+__all__ = ["RewardError", "RewardScorer", "ScoreMetrics", "ScoreOutput", "ScoredGroups", "score_groups"]
 
+# The name an agent environment's rewards go by beside the recipe's reward functions.
+ENVIRONMENT = "environment"
 # Columns the scorer passes itself; a row field of the same name would shadow them.
 _RESERVED_COLUMNS = ("prompt", "prompts", "completions", "completion_ids")
 
@@ -285,20 +287,7 @@ def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     return {key: [row.get(key) for row in rows] for key in keys if key not in _RESERVED_COLUMNS}
 
 
-# ------------------------------------------------------------------ sampled groups: expand, decode, score
-def decode_completions(
-    tokenizer: Any, examples: Sequence[Example], completion_ids: Sequence[Sequence[int]], group_size: int
-) -> list[Any]:
-    """Completion texts (completion i answers `examples[i // group_size]`); after a chat prompt, TRL's
-    form: [{"role": "assistant", "content": text}]."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions: list[Any] = []
-    for i, text in enumerate(texts):
-        chat = examples[i // group_size].is_chat
-        completions.append([{"role": "assistant", "content": text}] if chat else text)
-    return completions
-
-
+# ------------------------------------------------------------------ sampled groups: score
 @dataclass(frozen=True)
 class ScoredGroups:
     """`group_size` sampled completions of each example, prompt-major, as the rewards saw them; their scores.
@@ -314,17 +303,29 @@ class ScoredGroups:
 
 def score_groups(
     scorer: RewardScorer,
-    tokenizer: Any,
     examples: Sequence[Example],
-    completion_ids: Sequence[Sequence[int]],
+    trajectories: Trajectories,
     group_size: int,
     *,
     call_per_group: bool = True,
 ) -> ScoredGroups:
-    """Expand the examples to their completions, decode and score them: the trainer's, the evaluator's
-    and `rft reward check`'s way from sampled ids to rewards. `call_per_group`: each reward is called once
-    per group (a failure touches one group), else once for the whole batch."""
-    completions = decode_completions(tokenizer, examples, completion_ids, group_size)
+    """Score `group_size` sampled trajectories of each example: the trainer's, the evaluator's and `rft
+    reward check`'s way from samples to rewards. `call_per_group`: each reward is called once per group
+    (a failure touches one group), else once for the whole batch."""
+    completions = trajectories.completions
     rows = [examples[i // group_size] for i in range(len(completions))]
-    scores = scorer.score_examples(rows, completions, completion_ids, group_size if call_per_group else None)
+    scores = scorer.score_examples(
+        rows, completions, trajectories.completion_ids, group_size if call_per_group else None
+    )
+    if trajectories.environment_rewards is not None:
+        _add_environment_rewards(scores, trajectories.environment_rewards)
+    for metric, (total, count) in trajectories.sums.items():
+        scores.stats.sums.add(metric, total, count)
     return ScoredGroups(rows, completions, scores)
+
+
+def _add_environment_rewards(scores: ScoreOutput, rewards: list[float]) -> None:
+    """An agent environment's rewards join the recipe's: added to the total, listed as `environment`."""
+    scores.total = [total + reward for total, reward in zip(scores.total, rewards, strict=True)]
+    scores.per_function[ENVIRONMENT] = list(rewards)
+    scores.stats.sums.add(ENVIRONMENT_REWARD, sum(rewards), len(rewards))

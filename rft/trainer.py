@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rft import distributed, run_dir
+from rft.agents.loading import load_agent, sampler_for
 from rft.batch import Batch, Collector
 from rft.checkpoint import (
     TrainerState,
@@ -93,6 +94,7 @@ class Trainer:
         set_seed(config.training.seed)
         # Rewards and data are checked before the model loads: bad input fails in seconds.
         self.scorer = RewardScorer(config.rewards, config.scoring)
+        self.agent = load_agent(config)
         self.train_examples, self.eval_examples = self._load_data()
         # The main process writes the run folder, and holds it for the run's life.
         self.run_lock = run_dir.RunLock(self.run_dir) if self.accelerator.is_main_process else None
@@ -101,7 +103,7 @@ class Trainer:
         self._load_models(self.run_start.checkpoint)
         self.runlog = RunLog(config, self.accelerator, self.scorer.names)
         self.collector = Collector(config, self.accelerator, self.model, self.tokenizer, self.scorer,
-                                   self.sampler, self._log_completions)
+                                   self.sampler, self.rollout, self._log_completions)
         self.updater = Updater(config, self.accelerator, self.model, self.policy, self.reference,
                                self.optimizer, self.scheduler, self.tokenizer.pad_token_id)
         self.sampling = self.collector.sampling  # what the engine samples with (tests sample with it too)
@@ -143,6 +145,7 @@ class Trainer:
             self.reference = logprob_model(reference.eval().requires_grad_(False), config)
         # After the restored weights: the engine serves the model as it is now.
         self.engine = make_engine(config, policy, self.tokenizer)
+        self.rollout = sampler_for(config, self.tokenizer, self.agent)
         training = config.training
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad], lr=training.learning_rate,
@@ -284,6 +287,7 @@ class Trainer:
 
     def _close(self) -> None:
         self.engine.close()
+        self.rollout.close()
         self.scorer.close()
         if self.evaluator.metric_scorer is not None:
             self.evaluator.metric_scorer.close()
@@ -309,7 +313,7 @@ class Trainer:
         """Evaluation inputs are resolved (and bad ones rejected) before the first rollout."""
         config = self.config
         self.evaluator = Evaluator.from_recipe(
-            config, self.engine, self.tokenizer, self.eval_examples, self.scorer
+            config, self.engine, self.rollout, self.eval_examples, self.scorer
         )
         self._last_evaluation: tuple[int, list[EvalResult]] | None = None
         self.early_stopping = (EarlyStopping(config.eval.patience, config.eval.noise_sigmas)

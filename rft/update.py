@@ -141,7 +141,10 @@ def collate(
     width = max(len(s) for s in sequences)
     lengths = [len(batch.completion_ids[i]) for i in indices]
     completion_width = max(lengths)
-    mask = _pad([[1.0] * n for n in lengths], completion_width, 0.0, torch.float32)
+    # The model's tokens count; an agent environment's tokens (mask 0) are context only.
+    model_tokens = ([[float(t) for t in batch.completion_masks[i]] for i in indices]
+                    if batch.completion_masks is not None else [[1.0] * n for n in lengths])
+    mask = _pad(model_tokens, completion_width, 0.0, torch.float32)
     if mask_truncated:
         mask = algorithms.truncation_mask(torch.tensor([batch.truncated[i] for i in indices]), mask)
     rollout_logp = None

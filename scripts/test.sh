@@ -8,5 +8,5 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will skip"
 fi
 . .venv/bin/activate
-ruff check rft rewards scripts tests
+ruff check rft rewards environments scripts tests
 exec python -m pytest tests -q "$@"

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("rft/**/*.py"), *ROOT.glob("rewards/**/*.py")])
+SOURCES = sorted([*ROOT.glob("rft/**/*.py"), *ROOT.glob("rewards/**/*.py"),
+                  *ROOT.glob("environments/**/*.py")])
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 MAX_NESTING = 4
 NESTING_NODES = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match,
                  ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-TORCH_FREE = ["rft.monitors", "rft.report", "rft.stats", "rft.metrics", "rft.reward_loading", "rewards.base"]
+TORCH_FREE = ["rft.monitors", "rft.report", "rft.stats", "rft.metrics", "rft.reward_loading", "rewards.base",
+              "rft.environment"]
 
 
 def _relative(path: Path) -> str:
@@ -90,7 +92,7 @@ REWARD_BOUNDARY = "rft/reward_loading.py"
 def test_rft_does_not_import_the_reward_plugins(path: Path) -> None:
     """Plugins depend on `rewards.base`, never the trainer on the plugins (they are loaded by spec)."""
     imported = _imported_modules(ast.parse(path.read_text()))
-    plugins = sorted(name for name in imported if name == "rewards" or name.startswith("rewards."))
+    plugins = sorted(name for name in imported if name.split(".")[0] in ("rewards", "environments"))
     assert not plugins, f"{_relative(path)} imports {plugins}"
 
 
@@ -100,6 +102,15 @@ def test_reward_plugins_use_only_the_public_helpers(path: Path) -> None:
     # `rft.reward_context` is the public helper a reward may call for the trainer's state.
     internal = sorted(name for name in imported
                       if (name == "rft" or name.startswith("rft.")) and name != "rft.reward_context")
+    assert not internal, f"{_relative(path)} imports {internal}"
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("environments/**/*.py")), ids=_relative)
+def test_environment_plugins_use_only_the_contract_and_rewards(path: Path) -> None:
+    imported = _imported_modules(ast.parse(path.read_text()))
+    # `rft.environment` is the contract environments implement; `rewards.*` helpers may score answers.
+    internal = sorted(name for name in imported
+                      if (name == "rft" or name.startswith("rft.")) and name != "rft.environment")
     assert not internal, f"{_relative(path)} imports {internal}"
 
 

@@ -21,6 +21,7 @@ from rft.models import load_checkpoint_policy
 from rft.rollout.base import RolloutOutput, SamplingSettings
 from rft.scoring import RewardScorer
 from rft.stats import compare, mean_and_stderr, pass_at_k
+from rft.trajectories import SingleTurn
 from tests.conftest import ADDITION_HELDOUT, ARITHMETIC_REWARD, tiny_recipe
 
 # A reward with graded values on a random tiny model (the arithmetic reward is always 0 there).
@@ -108,7 +109,8 @@ def test_evaluate_reports_reward_exact_match_pass_at_k_metrics_and_slices(tmp_pa
     judge = RewardScorer([RewardConfig(fn=f"{tmp_path / 'judge.py'}:judge")])
 
     plan = _plan()
-    result = Evaluator(engine, tokenizer, examples, scorer, [plan], ["domain"], judge).evaluate("base", plan)
+    evaluator = Evaluator(engine, SingleTurn(tokenizer), examples, scorer, [plan], ["domain"], judge)
+    result = evaluator.evaluate("base", plan)
 
     # Per prompt: reward .75 .25 0 1; exact match .5 .25 0 1 ("The answer is 2." scores but is not exact).
     assert engine.calls == 2  # batch_size 3 over 4 prompts
@@ -217,7 +219,7 @@ def test_sampled_evaluation_is_seeded_and_leaves_training_randomness_alone(
     state = torch.get_rng_state()
     def evaluate(label: str, plan: EvalPlan):
         return Evaluator(
-            TransformersEngine(model, tokenizer), tokenizer, held_out, scorer, [plan]
+            TransformersEngine(model, tokenizer), SingleTurn(tokenizer), held_out, scorer, [plan]
         ).evaluate(label, plan)
 
     first = evaluate("a", plan)
@@ -250,7 +252,7 @@ def test_baseline_cache_hits_only_when_nothing_changed(
         engine = TransformersEngine(model, tokenizer)
         scorer = RewardScorer(config.rewards)
         return Evaluator(
-            engine, tokenizer, held_out, scorer, eval_plans(config), ["phrasing"]
+            engine, SingleTurn(tokenizer), held_out, scorer, eval_plans(config), ["phrasing"]
         ).baseline(config)
 
     first = baseline()

@@ -12,7 +12,8 @@ import rft.reward_loading
 from rft.config import DataConfig, RewardConfig, ScoringConfig
 from rft.data import Example
 from rft.reward_context import completion_text, conversation_text, prompt_text
-from rft.scoring import RewardError, RewardScorer, decode_completions, score_groups
+from rft.scoring import RewardError, RewardScorer, score_groups
+from rft.trajectories import Trajectories, decode_completions
 
 HERE = Path(__file__).resolve()
 CHAT = [
@@ -64,12 +65,35 @@ def test_score_groups_expands_decodes_and_scores():
     scorer = _scorer()
     try:
         for per_group in (True, False):
-            scored = score_groups(scorer, CharacterTokenizer(), examples, ids, 2, call_per_group=per_group)
+            scored = score_groups(scorer, examples, _sampled(examples, ids), 2, call_per_group=per_group)
             assert scored.rows == [examples[0], examples[0], examples[1], examples[1]]
             assert scored.completions == ["a", "ab", "abc", ""]
             assert scored.scores.total == [1.0, 2.0, 3.0, 0.0]
     finally:
         scorer.close()
+
+
+def _sampled(examples: list[Example], ids: list[list[int]], **fields) -> Trajectories:
+    return Trajectories(
+        prompt_ids=[e.prompt_ids for e in examples for _ in range(2)], completion_ids=ids, masks=None,
+        logprobs=None, truncated=[False] * len(ids),
+        completions=decode_completions(CharacterTokenizer(), examples, ids, 2), **fields,
+    )
+
+
+def test_an_environments_rewards_add_to_the_recipes_and_are_listed_as_environment():
+    examples = [Example(prompt="a", prompt_ids=[1], row={"id": 1}),
+                Example(prompt="b", prompt_ids=[2], row={"id": 2})]
+    ids = [[97], [97, 98], [97, 98, 99], [0]]
+    scorer = _scorer()
+    try:
+        sampled = _sampled(examples, ids, environment_rewards=[0.5, 0.0, -1.0, 0.25])
+        scored = score_groups(scorer, examples, sampled, 2)
+    finally:
+        scorer.close()
+    assert scored.scores.total == [1.5, 2.0, 2.0, 0.25]
+    assert scored.scores.per_function["environment"] == [0.5, 0.0, -1.0, 0.25]
+    assert scored.scores.metrics["reward/environment/mean"] == pytest.approx(-0.25 / 4)
 
 
 def test_check_splits_names_each_source():

@@ -142,6 +142,9 @@ def _resolve_paths(config: RecipeConfig, base: Path) -> None:
         config.data.eval = _resolve_against(config.data.eval, base)
     if not config.model.name_or_path.startswith("embedded:"):
         config.model.name_or_path = _resolve_against(config.model.name_or_path, base)
+    if config.environment is not None:
+        config.environment = _resolve_spec(config.environment, base)
+    config.tools = [_resolve_spec(spec, base) for spec in config.tools]
     for reward in [*config.rewards, *config.eval.metrics]:
         reward.fn = _resolve_spec(reward.fn, base)
         # Handler files, schema files and the like in kwargs are relative to the recipe; only there, and only

@@ -34,7 +34,18 @@ class RecipeConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig
-    rewards: list[RewardConfig] = Field(..., min_length=1)
+    rewards: list[RewardConfig] = Field(
+        default_factory=list, description="Reward functions, weighted and summed; at least one unless an "
+        "`environment` gives the rewards.",
+    )
+    environment: str | None = Field(
+        None, description="Agents: `path/to/env.py:Factory` (or `package.module:Factory`), built per "
+        "trajectory from the row; see rft/environment.py. Episodes run up to rollout.max_turns turns.",
+    )
+    tools: list[str] = Field(
+        default_factory=list, description="Agents: tool functions `path.py:function` offered to the model "
+        "(chat template `tools=`); its calls run in worker processes and their results answer it.",
+    )
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -59,12 +70,20 @@ class RecipeConfig(Section):
     @property
     def overlong_lengths(self) -> tuple[int, int]:
         """(L_max, L_cache) for the soft overlong punishment."""
-        max_length = self.algorithm.overlong_max_length or self.rollout.max_new_tokens
+        longest = self.rollout.trajectory_tokens if self.is_agent else self.rollout.max_new_tokens
+        max_length = self.algorithm.overlong_max_length or longest
         cache_length = self.algorithm.overlong_cache_length or max(1, max_length // 4)
         return max_length, cache_length
 
+    @property
+    def is_agent(self) -> bool:
+        """Episodes with an environment or tools, rather than one completion per prompt."""
+        return self.environment is not None or bool(self.tools)
+
     @model_validator(mode="after")
     def _check(self) -> RecipeConfig:
+        if not self.rewards and self.environment is None:
+            raise ValueError("rewards: at least one reward function (or an environment that gives rewards)")
         max_length, cache_length = self.overlong_lengths
         if self.algorithm.soft_overlong and cache_length >= max_length:
             raise ValueError(f"algorithm.overlong_cache_length ({cache_length}) must be below L_max "

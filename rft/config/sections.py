@@ -192,6 +192,29 @@ class RolloutConfig(Section):
         "before sampling.",
     )
 
+    max_turns: int = Field(
+        1, ge=1, description="Agents (`environment`, `tools`): the model's turns per episode at most; each "
+        "turn is at most max_new_tokens.",
+    )
+    max_trajectory_tokens: int | None = Field(
+        None, ge=1, description="Agents: the token budget of an episode after its prompt (the model's and "
+        "the environment's tokens); an episode that runs out is truncated. None: 2 x max_turns x "
+        "max_new_tokens.",
+    )
+    environment_timeout_s: float = Field(
+        30.0, gt=0, description="Agents: the time an environment's `step` or `reward` may take; past it (or "
+        "when it raises) the episode ends and scores 0 from the environment, counted in the metrics.",
+    )
+    tool_timeout_s: float = Field(
+        10.0, gt=0, description="Agents: the time one tool call may take (in its worker process, capped at "
+        "scoring.memory_mb); past it the worker is killed and the model is told the call timed out.",
+    )
+
+    @property
+    def trajectory_tokens(self) -> int:
+        """An episode's token budget after its prompt (`max_trajectory_tokens` or its default)."""
+        return self.max_trajectory_tokens or 2 * self.max_turns * self.max_new_tokens
+
     def sampling(self, *, max_new_tokens: int | None = None, greedy: bool = False) -> SamplingSettings:
         """The engines' settings for this rollout (`max_new_tokens` for evaluation's own length)."""
         if greedy:

@@ -83,6 +83,8 @@ def kv_cache_bytes(*, max_num_seqs: int, max_model_len: int, bytes_per_token: in
 def context_length(config: RecipeConfig) -> int:
     """vLLM's context: `rollout.vllm_max_model_len`, else the longest prompt plus the longest completion."""
     longest_completion = max(config.rollout.max_new_tokens, config.eval.max_new_tokens or 0)
+    if config.is_agent:  # an episode's last turn starts at most a budget after the prompt
+        longest_completion += config.rollout.trajectory_tokens
     return config.rollout.vllm_max_model_len or config.data.max_prompt_length + longest_completion
 
 

