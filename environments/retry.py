@@ -29,9 +29,17 @@ class RetryOnce(Environment):
 
     def step(self, message: Message) -> Step:
         self.answers += 1
-        right = final_number_correct([message["content"]], [self.row["answer"]])[0] == 1.0
-        if right:
-            return Step(done=True, reward=FIRST_TRY_REWARD if self.answers == 1 else SECOND_TRY_REWARD)
-        if self.answers == 1:
-            return Step(messages=[{"role": "user", "content": TRY_AGAIN}])
-        return Step(done=True, reward=0.0)
+        if self._right(message) or self.answers > 1:
+            return Step(done=True)
+        return Step(messages=[{"role": "user", "content": TRY_AGAIN}])
+
+    def reward(self, conversation: list[Message]) -> float:
+        """Scored from the conversation, so that an answer cut at max_new_tokens (which ends the episode
+        before any `step`) is judged too, as a single-turn reward would judge it."""
+        answers = [message for message in conversation if message["role"] == "assistant"]
+        if self._right(answers[0]):
+            return FIRST_TRY_REWARD
+        return SECOND_TRY_REWARD if len(answers) > 1 and self._right(answers[1]) else 0.0
+
+    def _right(self, message: Message) -> bool:
+        return final_number_correct([message["content"]], [self.row["answer"]])[0] == 1.0

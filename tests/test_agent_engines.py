@@ -21,23 +21,24 @@ from rft.rollout import vllm_available
 from tests.conftest import REPO, tiny_recipe
 
 RETRY = f"{REPO / 'environments' / 'retry.py'}:RetryOnce"
+# Answers every turn with "Go on.": every first answer that ends gets a second turn.
+GO_ON = f"{REPO / 'tests' / 'agent_envs.py'}:NeverDone"
 # Float32 on both sides; what remains is kernel arithmetic (see tests/test_vllm_engine.py).
 LOGPROB_TOL = {"transformers": 1e-4, "vllm": 1e-3}
-ENVIRONMENT_TURN = (
-    "\n<|im_start|>user\nWrong, try again. Answer with the number only.<|im_end|>\n<|im_start|>assistant\n"
-)
+ENVIRONMENT_TURN = "\n<|im_start|>user\nGo on.<|im_end|>\n<|im_start|>assistant\n"
 
 
-def agent_recipe(model_dir: Path, run_dir: Path, engine: str) -> dict:
+def agent_recipe(model_dir: Path, run_dir: Path, engine: str, environment: str = RETRY) -> dict:
     recipe = tiny_recipe(
         model_dir, run_dir,
-        rollout={"engine": engine, "group_size": 4, "max_new_tokens": 12, "max_turns": 2},
+        # Short answers (the system prompt, a lower temperature) end within max_new_tokens more often.
+        data={"system_prompt": "Answer with the number only.", "max_eval_rows": 4},
+        rollout={"engine": engine, "group_size": 4, "max_new_tokens": 24, "max_turns": 2, "temperature": 0.7},
         training={"steps": 1, "prompts_per_step": 2, "micro_batch_size": 8, "threads": None},
         eval={"greedy": True, "every": 0, "before_training": True, "after_training": True},
         output={"log_completions": 8},
     )
-    recipe["environment"], recipe["rewards"] = RETRY, []
-    recipe["data"]["max_eval_rows"] = 4
+    recipe["environment"], recipe["rewards"] = environment, []
     return recipe
 
 
@@ -64,11 +65,11 @@ def test_two_turn_trajectories_are_scored_on_exactly_the_sampled_tokens(
 ) -> None:
     from rft.trainer import Trainer
 
-    trainer = Trainer(load_config(raw=agent_recipe(embedded_model_dir, tmp_path / "run", engine)))
+    trainer = Trainer(load_config(raw=agent_recipe(embedded_model_dir, tmp_path / "run", engine, GO_ON)))
     try:
         batch = trainer.collect_batch()
         two_turn = [i for i, mask in enumerate(batch.completion_masks) if 0 in mask]
-        assert two_turn, "no first answer was wrong: nothing multi-turn to check"
+        assert two_turn, "no first answer ended within max_new_tokens: nothing multi-turn to check"
         for i in two_turn:
             ids, mask = batch.completion_ids[i], batch.completion_masks[i]
             start = mask.index(0)
@@ -81,6 +82,15 @@ def test_two_turn_trajectories_are_scored_on_exactly_the_sampled_tokens(
             gap = (computed - sampled)[model].abs().max().item()
             assert gap < LOGPROB_TOL[engine], f"trajectory {i}: the trainer's log-probs miss by {gap}"
             assert torch.all(sampled[~model] == 0)
+        # The check can fail: without the environment's turn as context, the second answer's log-probs
+        # are far from the sampler's.
+        i = two_turn[0]
+        ids, mask = batch.completion_ids[i], batch.completion_masks[i]
+        without = [token for token, kept in zip(ids, mask, strict=True) if kept]
+        first_turn = mask.index(0)
+        second = trainer_logprobs(trainer, batch.prompt_ids[i], without)[first_turn:]
+        model_logprobs = torch.tensor(batch.rollout_logprobs[i])[torch.tensor(mask, dtype=torch.bool)]
+        assert (second - model_logprobs[first_turn:]).abs().max().item() > 0.05
         assert batch.metrics["agent/turns"] > 1.0
         metrics = trainer.update(batch)
         assert metrics["rollout/mismatch_abs_mean"] < LOGPROB_TOL[engine]

@@ -11,17 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from rft.agents.tools import ToolRunner
 
 from rft.agents.chat import ChatFormat
 from rft.agents.episodes import Episodes
+from rft.agents.tools import ToolRunner
 from rft.data import Example
 from rft.reward_loading import load_function
 from rft.rollout.base import RolloutOutput
 from rft.sampling import SamplingSettings
 
 ENVS = Path(__file__).parent / "agent_envs.py"
-SAMPLING = SamplingSettings(max_new_tokens=32)
+SAMPLING = SamplingSettings(max_new_tokens=64)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ class ScriptedTurns:
         self.contexts: list[list[int]] = []
 
     def generate(self, prompt_ids, n: int, sampling: SamplingSettings) -> RolloutOutput:
-        completions, logprobs = [], []
+        completions, logprobs, truncated = [], [], []
         for context in prompt_ids:
             self.contexts.append(list(context))
             text = self.tokenizer.decode(context)
@@ -52,7 +52,7 @@ class ScriptedTurns:
                 ids = [*ids, self.tokenizer.eos_token_id] if self.end else ids
                 completions.append(ids[: sampling.max_new_tokens])
                 logprobs.append([-(turn + 1) / 10] * len(completions[-1]))
-        truncated = [not self.end] * len(completions)
+                truncated.append(not self.end or len(ids) > sampling.max_new_tokens)
         return RolloutOutput(completions, logprobs, truncated)
 
 
@@ -101,7 +101,8 @@ def test_a_group_shares_its_prompt_and_each_episode_its_own_environment(tokenize
     sampled = _episodes(tokenizer, "RetryOnce").sample(engine, examples, 3, SAMPLING)
     assert len(sampled) == 6 and sampled.prompt_ids[0] == sampled.prompt_ids[2] != sampled.prompt_ids[3]
     assert sampled.environment_rewards == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    assert all(m == [1] * len(ids) for m, ids in zip(sampled.masks, sampled.completion_ids, strict=True))
+    # Right at once: the model's tokens only; wrong twice: the environment's turn in between.
+    assert [0 in mask for mask in sampled.masks] == [False] * 3 + [True] * 3
 
 
 def test_max_turns_ends_an_episode_that_the_environment_does_not(tokenizer) -> None:

@@ -151,10 +151,7 @@ class Episodes:
         if self.tools is not None:
             parsed = parse_tool_calls(text)
             if parsed.calls or parsed.errors:
-                message["tool_calls"] = [
-                    {"type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-                    for call in parsed.calls
-                ]
+                message["tool_calls"] = [call.as_message_call() for call in parsed.calls]
         return message
 
     async def _environment_turns(self, live: list[Episode]) -> None:
