@@ -240,3 +240,21 @@ def test_a_tracker_that_is_not_installed_fails_before_the_model_loads(
     recipe = tiny_recipe(tmp_path / "no-such-model", tmp_path / "run", output={"trackers": [missing]})
     with pytest.raises(ConfigError, match="not installed"):
         Trainer(load_config(raw=recipe))
+
+
+def test_an_agent_sample_shows_the_whole_conversation() -> None:
+    from rft.report_page import Sample
+
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "2 + 3"}}</tool_call>'
+    conversation = [
+        {"role": "assistant", "content": call, "tool_calls": [{"type": "function", "function": {
+            "name": "calculate", "arguments": {"expression": "2 + 3"}}}]},
+        {"role": "tool", "name": "calculate", "content": "5"},
+        {"role": "assistant", "content": "5"},
+    ]
+    sample = Sample.of({"prompt": [{"role": "user", "content": "2 + 3?"}], "completion": conversation,
+                        "reward": 1.0})
+    assert sample.completion == f"assistant: {call}\ntool: 5\nassistant: 5"
+    answer = [{"role": "assistant", "content": "5"}]
+    single = Sample.of({"prompt": "2 + 3?", "completion": answer, "reward": 1})
+    assert single.completion == "5"

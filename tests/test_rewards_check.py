@@ -19,6 +19,7 @@ from rft.reward_check import (
     summarize_scores,
 )
 from rft.scoring import RewardScorer, ScoreOutput
+from tests.conftest import REPO, tiny_recipe
 
 
 def test_statistics_and_zero_variance_share():
@@ -208,3 +209,22 @@ def test_likely_cause_of_an_unreachable_reward():
     absent = {"correct": [[0.0, 0.0], [0.0, 0.0]], "cited": [[None, None], [None, None]]}
     assert "Likely cause: a column, cited returned None" in warning(absent, 0.1)
     assert "Likely cause: the format" in warning(zeros, 0.0)
+
+
+def test_sampled_check_of_an_agent_recipe_shows_whole_conversations(tmp_path, embedded_model_dir, capsys):
+    """Episodes through `rft reward check`: the environment's rewards listed, samples as conversations."""
+    recipe = tiny_recipe(
+        embedded_model_dir, tmp_path / "run", data={"system_prompt": "Answer with the number only."},
+        rollout={"engine": "transformers", "max_new_tokens": 24, "max_turns": 2, "temperature": 0.7},
+    )
+    recipe["environment"], recipe["rewards"] = f"{REPO / 'tests' / 'agent_envs.py'}:NeverDone", []
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    report_path = tmp_path / "report.json"
+    assert run(parse([str(path), "--prompts", "2", "--group-size", "2", "--json", str(report_path)])) == 0
+    report = json.loads(report_path.read_text())
+    assert report["completions"] == 4
+    assert all(set(sample["scores"]) == {"environment", "total"} for sample in report["samples"])
+    # NeverDone pays 0.25 a turn: an episode of two turns shows both, and the environment's turn between.
+    two_turns = [s for s in report["samples"] if s["scores"]["environment"] == 0.5]
+    assert all("user: Go on." in sample["completion"] for sample in two_turns)
