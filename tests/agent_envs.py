@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from rft.environment import Environment, Message, Step
@@ -85,3 +86,11 @@ class RandomStart(Environment):
     def reset(self) -> list[Message]:
         RandomStart.count += 1
         return [{"role": "user", "content": f"Question {RandomStart.count}"}]
+
+
+class Hangs(Environment):
+    """A sync `step` that never returns in time."""
+
+    def step(self, message: Message) -> Step:
+        time.sleep(30)
+        return Step(done=True)

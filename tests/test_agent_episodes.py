@@ -7,6 +7,7 @@ the tokenizer and chat template are the embedded SmolLM2's. Real engines run epi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,11 +58,12 @@ class ScriptedTurns:
 
 
 def _episodes(tokenizer, environment: str, *, tools: dict[str, str] | None = None, max_turns: int = 4,
-              max_tokens: int = 512, schemas: list | None = None) -> Episodes:
+              max_tokens: int = 512, schemas: list | None = None, timeout_s: float = 5) -> Episodes:
     runner = ToolRunner(tools, timeout_s=5, memory_mb=None, concurrency=2) if tools else None
     chat = ChatFormat(tokenizer, {}, schemas or [])
     factory = load_function(f"{ENVS}:{environment}")
-    return Episodes(tokenizer, chat, factory, runner, max_turns=max_turns, max_tokens=max_tokens, timeout_s=5)
+    return Episodes(tokenizer, chat, factory, runner, max_turns=max_turns, max_tokens=max_tokens,
+                    timeout_s=timeout_s)
 
 
 def _example(question: str = "What is 2 + 3?", answer: str = "5") -> Example:
@@ -166,6 +168,19 @@ def test_malformed_and_failing_tool_calls_are_answered_with_errors_never_raised(
 def test_an_environment_that_raises_ends_its_episode_with_no_reward(tokenizer) -> None:
     engine = ScriptedTurns(tokenizer, lambda turn, _: "5")
     sampled = _episodes(tokenizer, "Raises").sample(engine, [_example()], 2, SAMPLING)
+    assert sampled.environment_rewards == [0.0, 0.0]
+    failures = next(m for m in sampled.sums if m.name == "agent/environment_failure_share")
+    assert sampled.sums[failures] == (2, 2)
+
+
+def test_an_environment_that_hangs_is_left_behind_after_its_time(tokenizer) -> None:
+    engine = ScriptedTurns(tokenizer, lambda turn, _: "5")
+    episodes = _episodes(tokenizer, "Hangs", timeout_s=1)
+    start = time.perf_counter()
+    sampled = episodes.sample(engine, [_example()], 2, SAMPLING)
+    episodes.close()
+    # The step sleeps 30 s; the rollout goes on after its 1 s limit (with room for a loaded machine).
+    assert time.perf_counter() - start < 10
     assert sampled.environment_rewards == [0.0, 0.0]
     failures = next(m for m in sampled.sums if m.name == "agent/environment_failure_share")
     assert sampled.sums[failures] == (2, 2)

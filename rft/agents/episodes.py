@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ from rft.trajectories import Trajectories
 logger = logging.getLogger(__name__)
 
 EnvironmentFactory = Callable[[dict[str, Any]], Environment]
+# Sync environments' calls run side by side in this many threads.
+ENVIRONMENT_THREADS = 8
 
 
 @dataclass
@@ -78,13 +81,17 @@ async def _bounded(value: Any, timeout_s: float) -> Any:
     return value
 
 
-async def _call(function: Callable[..., Any], argument: Any, timeout_s: float) -> Any:
-    """An environment method, sync or async, bounded in time. A sync one runs in a thread, so a slow
-    environment does not hold up the others (a thread cannot be stopped: one past its time is left
-    behind, its result ignored)."""
+async def _call(
+    function: Callable[..., Any], argument: Any, timeout_s: float, threads: ThreadPoolExecutor
+) -> Any:
+    """An environment method, sync or async, bounded in time. A sync one runs in `threads`, so a slow
+    environment does not hold up the others. A thread cannot be stopped: one past its time is left
+    behind, its result ignored; the pool is the episodes' own, never joined, so it cannot hold up the
+    trainer either (asyncio's default pool is joined at the end of every `asyncio.run`)."""
     if inspect.iscoroutinefunction(function):
         return await asyncio.wait_for(function(argument), timeout_s)
-    return await _bounded(await asyncio.wait_for(asyncio.to_thread(function, argument), timeout_s), timeout_s)
+    running = asyncio.get_running_loop().run_in_executor(threads, function, argument)
+    return await _bounded(await asyncio.wait_for(running, timeout_s), timeout_s)
 
 
 class Episodes:
@@ -97,6 +104,7 @@ class Episodes:
         self.tokenizer, self.chat, self.make_environment = tokenizer, chat, make_environment
         self.tools = tools
         self.max_turns, self.max_tokens, self.timeout_s = max_turns, max_tokens, timeout_s
+        self.threads = ThreadPoolExecutor(ENVIRONMENT_THREADS, thread_name_prefix="rft-environment")
 
     def sample(
         self, engine: RolloutEngine, examples: Sequence[Example], n: int, sampling: SamplingSettings
@@ -116,6 +124,7 @@ class Episodes:
         return self._trajectories(flat)
 
     def close(self) -> None:
+        self.threads.shutdown(wait=False, cancel_futures=True)
         if self.tools is not None:
             self.tools.close()
 
@@ -173,13 +182,14 @@ class Episodes:
         message = episode.messages[-1]
         if "tool_calls" in message and self.tools is not None:
             parsed = parse_tool_calls(message["content"])
-            results = await asyncio.to_thread(self.tools.run, parsed.calls)
+            # The runner bounds every call itself (its workers are killed past their time).
+            results = await self.tools.arun(parsed.calls)
             episode.tool_calls += len(parsed.calls) + len(parsed.errors)
             episode.tool_failures += len(parsed.errors) + sum(r.failed for r in results)
             errors = [{"role": "tool", "content": f"error: {error}"} for error in parsed.errors]
             return Step(messages=[r.message for r in results] + errors)
         try:
-            step = await _call(episode.environment.step, message, self.timeout_s)
+            step = await _call(episode.environment.step, message, self.timeout_s, self.threads)
         except Exception as exc:  # the environment's failure is the episode's, never the run's
             return self._failed(episode, "step", exc)
         if not isinstance(step, Step):
@@ -197,7 +207,9 @@ class Episodes:
                 episode.reward = 0.0
                 return
             try:
-                value = await _call(episode.environment.reward, list(episode.messages), self.timeout_s)
+                value = await _call(
+                    episode.environment.reward, list(episode.messages), self.timeout_s, self.threads
+                )
             except Exception as exc:  # as in `_answer`
                 self._failed(episode, "reward", exc)
                 episode.reward = 0.0
