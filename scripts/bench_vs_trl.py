@@ -165,6 +165,7 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
     from rft.models import load_tokenizer
     from rft.rollout.hf import TransformersEngine
     from rft.scoring import RewardScorer
+    from rft.trajectories import SingleTurn
 
     config = load_config(raw={
         "model": {"name_or_path": job.model},
@@ -182,7 +183,7 @@ def held_out_evaluation(job: Job) -> Callable[[Any], float] | None:
 
     def score(policy: Any) -> float:
         engine = TransformersEngine(policy, tokenizer, batch_size=EVAL_BATCH_SIZE)
-        return Evaluator(engine, tokenizer, held_out, scorer, [plan]).evaluate("final", plan).mean
+        return Evaluator(engine, SingleTurn(tokenizer), held_out, scorer, [plan]).evaluate("final", plan).mean
 
     return score
 
