@@ -23,7 +23,7 @@ from rft.manifest import data_fingerprint, model_fingerprint, reward_fingerprint
 
 logger = logging.getLogger(__name__)
 
-BASELINE_VERSION = 1  # bump when the cached result format or the meaning of a score changes
+BASELINE_VERSION = 2  # bump when the cached result format or the meaning of a score changes
 
 
 def baseline_key(

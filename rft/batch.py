@@ -178,10 +178,13 @@ class Collector:
         share = distributed.process_share(
             wanted, accelerator.process_index // tensor_parallel, accelerator.num_processes // tensor_parallel
         )
+        # The round's seed follows the data position (restored on resume): a resumed run samples as an
+        # uninterrupted one would, from the same weights.
+        sampling = self.sampling.seeded(self.config.training.seed, self.sampler.position, share.start)
         examples = self.sampler.take(wanted)[share]
         weights = distributed.sampling_weights(accelerator, self.model, engine.reads_policy)
         with marked_timer(TIME_GENERATION, timings), weights:
-            rollout = self.rollout.sample(engine, examples, self.config.rollout.group_size, self.sampling)
+            rollout = self.rollout.sample(engine, examples, self.config.rollout.group_size, sampling)
         with marked_timer(TIME_REWARD, timings):
             groups, metrics = self._score(examples, rollout)
         return self._gather(groups, metrics, tensor_parallel)

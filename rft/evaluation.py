@@ -32,6 +32,7 @@ from rft.eval_plans import EvalPlan, check_held_out, eval_plans, tag_value
 from rft.eval_results import EvalResult, summarise
 from rft.reward_context import completion_text
 from rft.rollout.base import RolloutEngine
+from rft.sampling import SamplingSettings
 from rft.scoring import RewardScorer, ScoreOutput, score_groups
 from rft.stats import pass_at_k
 from rft.trajectories import Sampler
@@ -127,22 +128,26 @@ class Evaluator:
     def evaluate(self, label: str, plan: EvalPlan) -> EvalResult:
         """Sample `plan.samples_per_prompt` completions per held-out prompt, score them, summarise.
 
-        Sampling runs under a forked RNG seeded with `plan.seed`: the same prompts get the same random
-        stream before and after training, and evaluating does not shift the training run's randomness.
+        Sampling runs under a forked RNG seeded with `plan.seed`, and each batch with its own seed from
+        it (vLLM): the same prompts get the same random stream before and after training, and evaluating
+        does not shift the training run's randomness.
         """
         per_prompt: list[dict[str, float]] = []
         samples: list[dict[str, Any]] = []
         with torch.random.fork_rng():
             torch.manual_seed(plan.seed)
             for start in range(0, len(self.examples), plan.batch_size):
-                chunk = self._sample_and_score(self.examples[start : start + plan.batch_size], plan)
+                sampling = plan.sampling.seeded(plan.seed, start)
+                chunk = self._sample_and_score(self.examples[start : start + plan.batch_size], plan, sampling)
                 per_prompt += [prompt_values(chunk, i, plan) for i in range(len(chunk.examples))]
                 samples += self._samples(chunk, plan.keep_samples - len(samples))
         return summarise(label, plan, self.examples, per_prompt, self.slices, samples)
 
-    def _sample_and_score(self, examples: list[Example], plan: EvalPlan) -> ScoredChunk:
+    def _sample_and_score(
+        self, examples: list[Example], plan: EvalPlan, sampling: SamplingSettings
+    ) -> ScoredChunk:
         n = plan.samples_per_prompt
-        rollout = self.rollout.sample(self.engine, examples, n, plan.sampling)
+        rollout = self.rollout.sample(self.engine, examples, n, sampling)
         scored = score_groups(self.scorer, examples, rollout, n, call_per_group=False)
         metric_scores = None
         if self.metric_scorer is not None:

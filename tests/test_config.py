@@ -137,3 +137,15 @@ def test_recipe_warnings_name_what_cannot_learn() -> None:
         "prompts_per_step (500) exceeds the 3 training prompts" in warnings[1] and "167 times" in warnings[1]
     )
     assert recipe_warnings(load_config(raw=minimal()), train_rows=100) == []
+
+
+def test_a_rounds_sampling_seed_depends_only_on_its_parts() -> None:
+    from rft.sampling import SamplingSettings, derived_seed
+
+    sampling = SamplingSettings(max_new_tokens=8)
+    seeded = sampling.seeded(0, 16, 2)
+    assert seeded.seed == derived_seed(0, 16, 2) == sampling.seeded(0, 16, 2).seed  # the same in any run
+    assert len({derived_seed(0, position, 0) for position in range(0, 4096, 2)}) == 2048
+    assert 0 <= seeded.seed < 2**31 and seeded.max_new_tokens == 8
+    greedy = SamplingSettings(max_new_tokens=8, greedy=True)
+    assert greedy.seeded(0, 16, 2) is greedy  # greedy decoding draws nothing

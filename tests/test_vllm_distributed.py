@@ -51,18 +51,30 @@ def test_every_process_samples_with_its_own_synced_engine(vllm_model_dir: Path, 
         assert result.stdout.count(f": {mode} ok") == 2, output[-6000:]
 
 
-def test_a_killed_two_process_vllm_run_resumes(vllm_model_dir: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def _killable_recipe(model_dir: Path, run_dir: Path) -> Path:
     recipe = tiny_recipe(
-        vllm_model_dir, run_dir, lora={"enabled": False},
+        model_dir, run_dir, lora={"enabled": False},
         rollout={"engine": "vllm", "group_size": 4, "max_new_tokens": 6},
         training={"steps": 2, "prompts_per_step": 2, "learning_rate": 1e-3, "threads": None},
-        output={"save_every": 1, "log_completions": 0},
+        output={"save_every": 1, "log_completions": 8},
         scoring={"isolation": "thread"},  # the reward kills the training process itself
     )
     recipe["rewards"] = [{"fn": f"{REWARDS}:killed_in_step"}]
-    path = tmp_path / "recipe.yaml"
+    path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _step_rows(run_dir: Path, name: str, step: int) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+    return [row for row in rows if row["step"] == step]
+
+
+def test_a_killed_two_process_vllm_run_resumes_as_it_would_have_run(
+    vllm_model_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    path = _killable_recipe(vllm_model_dir, run_dir)
     killed = _torchrun("-m", "rft", "train", str(path), environment={"RFT_TEST_KILL_STEP": "2"})
     assert killed.returncode != 0
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000001"]
@@ -75,3 +87,14 @@ def test_a_killed_two_process_vllm_run_resumes(vllm_model_dir: Path, tmp_path: P
     # Step 2 sampled from the engines built on resume: they served the checkpoint's weights.
     assert metrics[1]["rollout/mismatch_abs_mean"] < LOGPROB_TOL
     assert (run_dir / "final" / "model.safetensors").exists()
+
+    # Seeded by the data position, the resumed step 2 samples what an uninterrupted run samples.
+    uninterrupted_dir = tmp_path / "uninterrupted"
+    uninterrupted = _torchrun("-m", "rft", "train", str(_killable_recipe(vllm_model_dir, uninterrupted_dir)))
+    assert uninterrupted.returncode == 0, (uninterrupted.stdout + uninterrupted.stderr)[-6000:]
+    resumed_samples = _step_rows(run_dir, "completions.jsonl", 2)
+    assert resumed_samples and resumed_samples == _step_rows(uninterrupted_dir, "completions.jsonl", 2)
+    (resumed_step,) = _step_rows(run_dir, "metrics.jsonl", 2)
+    (uninterrupted_step,) = _step_rows(uninterrupted_dir, "metrics.jsonl", 2)
+    for name in ("reward/mean", "completion/length/mean", "loss"):
+        assert resumed_step[name] == uninterrupted_step[name], name

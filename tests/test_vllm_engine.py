@@ -225,6 +225,21 @@ def test_prompt_longer_than_the_context_is_rejected_before_sampling(trainer: Tra
         engine.generate(too_long, 1, trainer.sampling)
 
 
+@pytest.mark.parametrize("trainer", ["full"], indirect=True)
+def test_a_seeded_call_samples_the_same_whatever_came_before(trainer: Trainer) -> None:
+    """Resume and evaluation rely on it: a seed per request, not the engine's running stream."""
+    from dataclasses import replace
+
+    prompts = [example.prompt_ids for example in trainer.train_examples[:2]]
+    seeded = replace(trainer.sampling, seed=1234)
+    first = trainer.engine.generate(prompts, 4, seeded).completion_ids
+    trainer.engine.generate(prompts, 4, trainer.sampling)  # the engine's own stream moves on
+    assert trainer.engine.generate(prompts, 4, seeded).completion_ids == first
+    assert trainer.engine.generate(prompts, 4, replace(seeded, seed=1235)).completion_ids != first
+    unseeded = [trainer.engine.generate(prompts, 4, trainer.sampling).completion_ids for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+
+
 @pytest.mark.parametrize("trainer", ["lora"], indirect=True)
 def test_vllm_and_transformers_feed_the_same_training_step(trainer: Trainer, tmp_path: Path) -> None:
     raw = trainer.config.model_dump(mode="json")

@@ -112,11 +112,13 @@ class Episodes:
         self._engine_logprobs = True
         episodes = [self._start(example, n) for example in examples]
         flat = [episode for group in episodes for episode in group]
-        for _ in range(self.max_turns):
+        for turn in range(self.max_turns):
             live = [e for e in flat if not e.done]
             if not live:
                 break
-            self._model_turn(engine, live, sampling)
+            # Each turn its own seeds (when the call has any): the first turn's must not repeat.
+            turn_sampling = sampling.seeded(sampling.seed, turn) if sampling.seed is not None else sampling
+            self._model_turn(engine, live, turn_sampling)
             asyncio.run(self._environment_turns([e for e in live if not e.done]))
         for episode in flat:
             episode.done = True

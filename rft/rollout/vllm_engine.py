@@ -250,7 +250,7 @@ class VLLMEngine:
                     "longer prompts)"
                 )
 
-    def _sampling_params(self, n: int, sampling: SamplingSettings) -> vllm.SamplingParams:
+    def _sampling_params(self, n: int, sampling: SamplingSettings, seed: int | None) -> vllm.SamplingParams:
         return vllm.SamplingParams(
             n=n,
             max_tokens=sampling.max_new_tokens,
@@ -260,6 +260,7 @@ class VLLMEngine:
             logprobs=0,  # the sampled token's own log-prob
             stop_token_ids=self.eos_ids,
             detokenize=False,  # the trainer decodes; vLLM's detokenizer would only cost time
+            seed=seed,
         )
 
     def generate(
@@ -268,7 +269,11 @@ class VLLMEngine:
         self._check_lengths(prompt_ids, sampling.max_new_tokens)
         self._wake(["weights", "kv_cache"])
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(requests, self._sampling_params(n, sampling), use_tqdm=False)
+        if sampling.seed is None:
+            params: vllm.SamplingParams | list[vllm.SamplingParams] = self._sampling_params(n, sampling, None)
+        else:  # a seed per request: its samples do not depend on what the engine sampled before
+            params = [self._sampling_params(n, sampling, sampling.seed + i) for i in range(len(requests))]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
