@@ -82,12 +82,15 @@ class Trainer:
         self.accelerator = distributed.make_accelerator(
             log_with=config.output.trackers or None, project_dir=str(config.run_dir / "trackers")
         )
+        # The processes of one tensor-parallel vLLM engine sample the same prompts.
+        samplers = self.accelerator.num_processes
         if choose_engine(config.rollout.engine) == "vllm":
             check_tensor_parallel(config.rollout.vllm_tensor_parallel_size, self.accelerator.num_processes)
-        if config.training.prompts_per_step < self.accelerator.num_processes:
+            samplers //= config.rollout.vllm_tensor_parallel_size
+        if config.training.prompts_per_step < samplers:
             raise ConfigError(
                 f"training.prompts_per_step ({config.training.prompts_per_step}) is below the number of "
-                f"processes ({self.accelerator.num_processes}): every process generates at least one group"
+                f"engines sampling ({samplers}): every engine generates at least one group"
             )
         if config.training.threads:
             torch.set_num_threads(config.training.threads)

