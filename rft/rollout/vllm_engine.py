@@ -291,8 +291,10 @@ class VLLMEngine:
         else:  # a seed per request: its samples do not depend on what the engine sampled before
             params = [self._sampling_params(n, sampling, sampling.seed + i) for i in range(len(requests))]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # Drawn before the fork, so that the process's stream moves on: the next call samples anew.
+        seed = _engine_seed()
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_engine_seed())
+            torch.manual_seed(seed)
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
