@@ -108,7 +108,7 @@ def evaluate_recipe(
     outcome = EvalOutcome(recipe, checkpoint)
     if "base" in held_out:
         model, tokenizer = load_policy(config.base_model(), device)
-        engine = make_engine(config, model, tokenizer)
+        engine = make_engine(config, model, tokenizer, [e.prompt_ids for e in held_out["base"]])
         rollout = sampler_for(config, tokenizer, agent)
         evaluator = Evaluator(engine, rollout, held_out["base"], scorer, plans, slices, metric_scorer)
         outcome.base = evaluator.baseline(config)
@@ -118,7 +118,7 @@ def evaluate_recipe(
     if checkpoint is not None:
         model, tokenizer = load_checkpoint_policy(config, checkpoint, device)
         # The engine serves `model`, the checkpoint's weights, whatever files it starts from.
-        engine = make_engine(config, model, tokenizer)
+        engine = make_engine(config, model, tokenizer, [e.prompt_ids for e in held_out["checkpoint"]])
         rollout = sampler_for(config, tokenizer, agent)
         evaluator = Evaluator(engine, rollout, held_out["checkpoint"], scorer, plans, slices, metric_scorer)
         outcome.checkpoint_results = evaluator.run(str(checkpoint))

@@ -244,7 +244,7 @@ def sample_and_score(
     model, tokenizer = load_policy(base, device)
     train, _ = load_splits(config.data, tokenizer, config.training.seed)
     examples = PromptSampler(train, config.training.seed, config.data.shuffle).take(min(prompts, len(train)))
-    engine = make_engine(base, model, tokenizer)
+    engine = make_engine(base, model, tokenizer, [e.prompt_ids for e in examples])
     sampler = sampler_for(config, tokenizer, agent)
     try:
         rollout = sampler.sample(engine, examples, group_size, config.rollout.sampling())

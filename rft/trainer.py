@@ -147,7 +147,8 @@ class Trainer:
             reference, _ = load_policy(config.base_model(), accelerator.device)
             self.reference = logprob_model(reference.eval().requires_grad_(False), config)
         # After the restored weights: the engine serves the model as it is now.
-        self.engine = make_engine(config, policy, self.tokenizer)
+        prompts = [e.prompt_ids for e in [*self.train_examples, *self.eval_examples]]
+        self.engine = make_engine(config, policy, self.tokenizer, prompts)
         self.rollout = sampler_for(config, self.tokenizer, self.agent)
         training = config.training
         optimizer = torch.optim.AdamW(

@@ -57,8 +57,10 @@ def test_the_run_sets_context_and_concurrent_sequences(tmp_path: Path) -> None:
     assert concurrent_sequences(config, samplers=2) == 3 * 4
     config = load_config(raw={**raw, "training": {**raw["training"], "prompts_per_step": 2}})
     assert concurrent_sequences(config) == 10
+    # The run's prompts known: its longest, not the cap.
+    assert context_length(config, longest_prompt=31) == 31 + 20
     config = load_config(raw={**raw, "rollout": {**raw["rollout"], "vllm_max_model_len": 64}})
-    assert context_length(config) == 64
+    assert context_length(config) == context_length(config, longest_prompt=31) == 64
 
 
 def test_kv_cache_is_sized_unless_the_recipe_sets_a_share(tmp_path: Path) -> None:

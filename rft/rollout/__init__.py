@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,8 +70,14 @@ def check_tensor_parallel(tensor_parallel_size: int, processes: int) -> None:
         )
 
 
-def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
-    """The recipe's engine, serving `model`'s current weights (a checkpoint, restored weights, the base)."""
+def make_engine(
+    config: RecipeConfig, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]] = ()
+) -> RolloutEngine:
+    """The recipe's engine, serving `model`'s current weights (a checkpoint, restored weights, the base).
+
+    `prompts`: every prompt the run will sample (token ids), when known: vLLM's context is then sized
+    to the longest rather than to `data.max_prompt_length`. Agent episodes render their own prompts
+    (tool instructions added), so for them the cap stays."""
     if choose_engine(config.rollout.engine) != "vllm":
         return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
     require_vllm()
@@ -85,10 +92,11 @@ def make_engine(config: RecipeConfig, model: torch.nn.Module, tokenizer: Any) ->
     dtype_bytes = next(model.parameters()).element_size()
     text_config = causal_lm(model).config.get_text_config()
     samplers = processes // rollout.vllm_tensor_parallel_size
+    longest = max((len(p) for p in prompts), default=None) if not config.is_agent else None
     return VLLMEngine(
         model, tokenizer,
         model_path=resolve_model_path(config.model.name_or_path),
-        memory=engine_memory(config, text_config, dtype_bytes, samplers=samplers),
+        memory=engine_memory(config, text_config, dtype_bytes, samplers=samplers, longest_prompt=longest),
         seed=config.training.seed,
         sleep_mode=rollout.vllm_sleep_mode,
         trust_remote_code=config.model.trust_remote_code,

@@ -80,12 +80,19 @@ def kv_cache_bytes(*, max_num_seqs: int, max_model_len: int, bytes_per_token: in
     return blocks * KV_BLOCK_TOKENS * bytes_per_token
 
 
-def context_length(config: RecipeConfig) -> int:
-    """vLLM's context: `rollout.vllm_max_model_len`, else the longest prompt plus the longest completion."""
+def context_length(config: RecipeConfig, longest_prompt: int | None = None) -> int:
+    """vLLM's context: `rollout.vllm_max_model_len`, else the longest prompt plus the longest completion.
+
+    `longest_prompt`: the run's longest prompt in tokens, when its prompts are known (they are fixed,
+    and `data.max_prompt_length` is only a cap: 512 against the quickstart's 40 made the KV cache 10x
+    what the run uses); else the cap."""
     longest_completion = max(config.rollout.max_new_tokens, config.eval.max_new_tokens or 0)
     if config.is_agent:  # an episode's last turn starts at most a budget after the prompt
         longest_completion += config.rollout.trajectory_tokens
-    return config.rollout.vllm_max_model_len or config.data.max_prompt_length + longest_completion
+    prompt = config.data.max_prompt_length
+    if longest_prompt:
+        prompt = min(longest_prompt, prompt)
+    return config.rollout.vllm_max_model_len or prompt + longest_completion
 
 
 def concurrent_sequences(config: RecipeConfig, samplers: int = 1) -> int:
@@ -126,12 +133,13 @@ def startup_share(memory: EngineMemory, weight_bytes: int, device_bytes: int) ->
 
 
 def engine_memory(
-    config: RecipeConfig, text_config: Any, dtype_bytes: int, samplers: int = 1
+    config: RecipeConfig, text_config: Any, dtype_bytes: int, samplers: int = 1,
+    longest_prompt: int | None = None,
 ) -> EngineMemory:
     """The recipe's vLLM memory for a model with this transformers config and dtype size, for one of
-    `samplers` engines that share a step's prompts."""
+    `samplers` engines that share a step's prompts (`longest_prompt`: see `context_length`)."""
     max_num_seqs = min(concurrent_sequences(config, samplers), MAX_NUM_SEQS)
-    max_model_len = context_length(config)
+    max_model_len = context_length(config, longest_prompt)
     share = memory_share(config.rollout)
     if share is not None:
         return EngineMemory(max_num_seqs=max_num_seqs, max_model_len=max_model_len, share=share)
