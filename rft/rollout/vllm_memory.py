@@ -89,10 +89,15 @@ def context_length(config: RecipeConfig, longest_prompt: int | None = None) -> i
     longest_completion = max(config.rollout.max_new_tokens, config.eval.max_new_tokens or 0)
     if config.is_agent:  # an episode's last turn starts at most a budget after the prompt
         longest_completion += config.rollout.trajectory_tokens
-    prompt = config.data.max_prompt_length
-    if longest_prompt:
-        prompt = min(longest_prompt, prompt)
-    return config.rollout.vllm_max_model_len or prompt + longest_completion
+    capped = config.data.max_prompt_length + longest_completion
+    if config.rollout.vllm_max_model_len:
+        return config.rollout.vllm_max_model_len
+    if not longest_prompt:
+        return capped
+    # Whole KV blocks cost the same as part of one: the room up to the block's end is free, and it
+    # lets a whole sequence be scored (teacher-forced, one more token asked for) as well as sampled.
+    blocks = math.ceil((longest_prompt + longest_completion + 1) / KV_BLOCK_TOKENS)
+    return min(blocks * KV_BLOCK_TOKENS, capped)
 
 
 def concurrent_sequences(config: RecipeConfig, samplers: int = 1) -> int:
