@@ -48,12 +48,6 @@ class Trajectories:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
-    def model_tokens(self, index: int) -> int:
-        """How many of trajectory `index`'s tokens the model generated."""
-        if self.masks is None:
-            return len(self.completion_ids[index])
-        return sum(self.masks[index])
-
 
 def decode_completions(
     tokenizer: Any, examples: Sequence[Example], completion_ids: Sequence[Sequence[int]], group_size: int
