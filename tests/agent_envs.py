@@ -94,3 +94,15 @@ class Hangs(Environment):
     def step(self, message: Message) -> Step:
         time.sleep(30)
         return Step(done=True)
+
+
+class BadMessages(Environment):
+    """Answers with something that is no list of messages."""
+
+    def step(self, message: Message) -> Step:
+        return Step(messages=["not a message"])  # type: ignore[list-item]
+
+
+class CannotOpen(Environment):
+    def reset(self) -> list[Message]:
+        raise KeyError("question")

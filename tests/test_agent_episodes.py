@@ -186,6 +186,20 @@ def test_an_environment_that_hangs_is_left_behind_after_its_time(tokenizer) -> N
     assert sampled.sums[failures] == (2, 2)
 
 
+def test_an_environment_answering_with_no_messages_ends_its_episode(tokenizer) -> None:
+    engine = ScriptedTurns(tokenizer, lambda turn, _: "5")
+    sampled = _episodes(tokenizer, "BadMessages").sample(engine, [_example()], 1, SAMPLING)
+    assert sampled.environment_rewards == [0.0] and len(sampled.completions[0]) == 1
+    failures = next(m for m in sampled.sums if m.name == "agent/environment_failure_share")
+    assert sampled.sums[failures] == (1, 1)
+
+
+def test_an_environment_that_cannot_open_names_the_row(tokenizer) -> None:
+    engine = ScriptedTurns(tokenizer, lambda turn, _: "5")
+    with pytest.raises(ValueError, match=r"test\.jsonl:1: the environment could not open .*KeyError"):
+        _episodes(tokenizer, "CannotOpen").sample(engine, [_example()], 2, SAMPLING)
+
+
 def test_async_environments_are_awaited(tokenizer) -> None:
     engine = ScriptedTurns(tokenizer, lambda turn, _: ["4", "5"][turn])
     sampled = _episodes(tokenizer, "AsyncRetryOnce").sample(engine, [_example()], 1, SAMPLING)

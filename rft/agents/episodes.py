@@ -105,6 +105,7 @@ class Episodes:
         self.tools = tools
         self.max_turns, self.max_tokens, self.timeout_s = max_turns, max_tokens, timeout_s
         self.threads = ThreadPoolExecutor(ENVIRONMENT_THREADS, thread_name_prefix="rft-environment")
+        self._engine_logprobs = True  # every turn of the current call came with the sampler's log-probs
 
     def sample(
         self, engine: RolloutEngine, examples: Sequence[Example], n: int, sampling: SamplingSettings
@@ -133,8 +134,12 @@ class Episodes:
     def _start(self, example: Example, n: int) -> list[Episode]:
         """The example's n episodes; their environments must open alike (one prompt per group)."""
         row = {**example.row, "prompt": example.prompt}
-        environments = [self.make_environment(row) for _ in range(n)]
-        first = [environment.reset() for environment in environments]
+        try:
+            environments = [self.make_environment(row) for _ in range(n)]
+            first = [environment.reset() for environment in environments]
+        except Exception as exc:  # no prompt to play: the row, not one episode, is broken; say which
+            raise ValueError(f"{example.source}: the environment could not open an episode for this row: "
+                             f"{type(exc).__name__}: {exc}") from exc
         if any(messages != first[0] for messages in first[1:]):
             raise ValueError(
                 f"{example.source}: the environments built from this row open with different messages; "
@@ -196,6 +201,8 @@ class Episodes:
             return self._failed(episode, "step", exc)
         if not isinstance(step, Step):
             return self._failed(episode, "step", TypeError(f"returned {type(step).__name__}, not a Step"))
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in step.messages):
+            return self._failed(episode, "step", TypeError("Step.messages must be a list of message dicts"))
         return step
 
     def _failed(self, episode: Episode, method: str, error: BaseException) -> Step:
