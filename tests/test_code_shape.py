@@ -96,21 +96,20 @@ def test_rft_does_not_import_the_reward_plugins(path: Path) -> None:
     assert not plugins, f"{_relative(path)} imports {plugins}"
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("rewards/**/*.py")), ids=_relative)
-def test_reward_plugins_use_only_the_public_helpers(path: Path) -> None:
-    imported = _imported_modules(ast.parse(path.read_text()))
-    # `rft.reward_context` is the public helper a reward may call for the trainer's state.
-    internal = sorted(name for name in imported
-                      if (name == "rft" or name.startswith("rft.")) and name != "rft.reward_context")
-    assert not internal, f"{_relative(path)} imports {internal}"
+# The one public `rft` module each kind of plugin may import: rewards the helper for the trainer's state,
+# environments their contract. Both may use `rewards.*` (environments score answers with reward helpers).
+PLUGIN_HELPERS = {"rewards": "rft.reward_context", "environments": "rft.environment"}
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("environments/**/*.py")), ids=_relative)
-def test_environment_plugins_use_only_the_contract_and_rewards(path: Path) -> None:
+PLUGINS = sorted(path for folder in PLUGIN_HELPERS for path in ROOT.glob(f"{folder}/**/*.py"))
+
+
+@pytest.mark.parametrize("path", PLUGINS, ids=_relative)
+def test_plugins_use_only_their_public_helper(path: Path) -> None:
+    helper = PLUGIN_HELPERS[path.relative_to(ROOT).parts[0]]
     imported = _imported_modules(ast.parse(path.read_text()))
-    # `rft.environment` is the contract environments implement; `rewards.*` helpers may score answers.
     internal = sorted(name for name in imported
-                      if (name == "rft" or name.startswith("rft.")) and name != "rft.environment")
+                      if (name == "rft" or name.startswith("rft.")) and name != helper)
     assert not internal, f"{_relative(path)} imports {internal}"
 
 

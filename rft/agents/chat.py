@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from rft.agents.tools import template_renders_tools, with_tools
+from rft.agents.tools import template_renders_tools, with_tools_block
 from rft.config import ConfigError
 from rft.environment import Message
 
@@ -62,7 +62,7 @@ class ChatFormat:
         """The first messages as the model sees them: with the tool instructions in the system message
         when the template does not render `tools=` itself."""
         if self.tool_schemas and not self.template_takes_tools:
-            return with_tools(messages, self.tool_schemas, self.tokenizer)
+            return with_tools_block(messages, self.tool_schemas)
         return messages
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:

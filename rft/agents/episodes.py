@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rft.agents.chat import ChatFormat
-from rft.agents.tools import ToolRunner, parse_tool_calls
+from rft.agents.tools import ParsedTurn, ToolRunner, parse_tool_calls
 from rft.data import Example
 from rft.environment import Environment, Message, Step
 from rft.metrics import (
@@ -59,6 +59,7 @@ class Episode:
     tool_calls: int = 0
     tool_failures: int = 0
     failed: bool = False  # the environment raised or timed out: its reward is 0
+    calls: ParsedTurn | None = None  # the last turn's tool calls, when it made any (well-formed or not)
     truncated: bool = False
     done: bool = False
 
@@ -158,16 +159,17 @@ class Episodes:
         for i, episode in enumerate(live):
             logprobs = output.logprobs[i][: len(kept[i])] if output.logprobs is not None else None
             episode.add_model_turn(kept[i], logprobs)
-            episode.messages.append(self._assistant_message(texts[i]))
+            episode.messages.append(self._assistant_message(episode, texts[i]))
             if len(kept[i]) < len(sampled[i]) or output.truncated[i]:
                 episode.truncated = episode.done = True
 
-    def _assistant_message(self, text: str) -> Message:
+    def _assistant_message(self, episode: Episode, text: str) -> Message:
+        """The turn as a message; its tool calls, parsed once, kept on the episode for `_answer`."""
         message: Message = {"role": "assistant", "content": text}
-        if self.tools is not None:
-            parsed = parse_tool_calls(text)
-            if parsed.calls or parsed.errors:
-                message["tool_calls"] = [call.as_message_call() for call in parsed.calls]
+        parsed = parse_tool_calls(text) if self.tools is not None else None
+        episode.calls = parsed if parsed is not None and (parsed.calls or parsed.errors) else None
+        if episode.calls is not None:
+            message["tool_calls"] = [call.as_message_call() for call in episode.calls.calls]
         return message
 
     async def _environment_turns(self, live: list[Episode]) -> None:
@@ -186,9 +188,8 @@ class Episodes:
 
     async def _answer(self, episode: Episode) -> Step:
         """The tools' answer to a turn with tool calls, else the environment's; a failure ends the episode."""
-        message = episode.messages[-1]
-        if "tool_calls" in message and self.tools is not None:
-            parsed = parse_tool_calls(message["content"])
+        message, parsed = episode.messages[-1], episode.calls
+        if parsed is not None and self.tools is not None:
             # The runner bounds every call itself (its workers are killed past their time).
             results = await self.tools.arun(parsed.calls)
             episode.tool_calls += len(parsed.calls) + len(parsed.errors)

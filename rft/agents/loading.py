@@ -23,11 +23,10 @@ from rft.trajectories import Sampler, SingleTurn
 
 @dataclass(frozen=True)
 class AgentParts:
-    """An agent recipe's environment factory and tools (by name: loading spec and JSON schema)."""
+    """An agent recipe's environment factory and its tools' loading specs, by tool name."""
 
     make_environment: EnvironmentFactory
     tool_specs: dict[str, str]
-    tool_schemas: list[dict[str, Any]]
 
 
 def _load(spec: str, field: str) -> Callable[..., Any]:
@@ -48,19 +47,15 @@ def load_agent(config: RecipeConfig) -> AgentParts | None:
     functions = [_load(spec, "tools") for spec in config.tools]
     functions += list(getattr(factory, "tools", ()) or ())
     specs: dict[str, str] = {}
-    schemas = []
     for function in functions:
         try:
             schema, spec = tool_schema(function), tool_spec(function)
         except ToolError as exc:
             raise ConfigError(f"tools: {exc}") from None
         name = schema["function"]["name"]
-        if name in specs and specs[name] != spec:
+        if specs.setdefault(name, spec) != spec:
             raise ConfigError(f"tools: two tools are named {name!r} ({specs[name]}, {spec})")
-        if name not in specs:
-            specs[name] = spec
-            schemas.append(schema)
-    return AgentParts(factory, specs, schemas)
+    return AgentParts(factory, specs)
 
 
 def sampler_for(config: RecipeConfig, tokenizer: Any, agent: AgentParts | None) -> Sampler:
@@ -73,7 +68,7 @@ def sampler_for(config: RecipeConfig, tokenizer: Any, agent: AgentParts | None) 
             agent.tool_specs, timeout_s=config.rollout.tool_timeout_s, memory_mb=config.scoring.memory_mb,
             concurrency=config.scoring.concurrency,
         )
-    chat = ChatFormat(tokenizer, config.data.chat_template_kwargs, agent.tool_schemas)
+    chat = ChatFormat(tokenizer, config.data.chat_template_kwargs, tools.schemas if tools else [])
     rollout = config.rollout
     return Episodes(
         tokenizer, chat, agent.make_environment, tools, max_turns=rollout.max_turns,

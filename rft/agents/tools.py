@@ -128,6 +128,12 @@ def with_tools(
     """
     if not schemas or template_renders_tools(tokenizer):
         return list(messages)
+    return with_tools_block(messages, schemas)
+
+
+def with_tools_block(messages: Sequence[Message], schemas: Sequence[Schema]) -> list[Message]:
+    """The messages with `tools_system_prompt` after the system message's text, or in a system message
+    put first (for a template known to ignore `tools=`: `with_tools` checks that first)."""
     block = tools_system_prompt(schemas)
     if messages and messages[0].get("role") == "system":
         system = messages[0]

