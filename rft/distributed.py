@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 TIMEOUT_ENV = "RFT_DISTRIBUTED_TIMEOUT_S"
@@ -48,11 +49,20 @@ def make_accelerator(**options: Any) -> Accelerator:
     (gloo: "Timed out waiting ... for recv"; NCCL: the watchdog aborts the communicator) and the
     launcher reports the failure. A process that dies outright is caught sooner: torchrun (and
     `accelerate launch`, which uses it) stops the others as soon as one exits with an error.
-    `options` go to `Accelerator` (trackers, project directory).
+    `options` go to `Accelerator` (trackers, project directory, mixed precision).
     """
+    # Unset: accelerate's own setting (`accelerate launch --mixed_precision`), as Accelerator would read it.
+    precision = options.pop("mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        # accelerate keeps the first Accelerator's precision for the whole process and refuses another;
+        # a process may build several trainers (a notebook, the tests), each with its recipe's. The
+        # process group (PartialState) is kept.
+        AcceleratorState._reset_state()
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
+        mixed_precision=precision,
         **options,
     )
 

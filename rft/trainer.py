@@ -27,7 +27,7 @@ from rft.checkpoint import (
     save_checkpoint,
     save_policy,
 )
-from rft.config import ConfigError, RecipeConfig, eval_interval, recipe_warnings
+from rft.config import ConfigError, RecipeConfig, eval_interval, recipe_warnings, runs_evaluation
 from rft.data import Example, PromptSampler, load_splits
 from rft.early_stopping import EarlyStopping
 from rft.eval_results import EvalResult
@@ -80,7 +80,8 @@ class Trainer:
             require_vllm()  # a missing extra fails in one line, before any model loads
         check_trackers(config.output.trackers)
         self.accelerator = distributed.make_accelerator(
-            log_with=config.output.trackers or None, project_dir=str(config.run_dir / "trackers")
+            log_with=config.output.trackers or None, project_dir=str(config.run_dir / "trackers"),
+            mixed_precision=config.model.mixed_precision,
         )
         # The processes of one tensor-parallel vLLM engine sample the same prompts.
         samplers = self.accelerator.num_processes
@@ -148,7 +149,8 @@ class Trainer:
             self.reference = logprob_model(reference.eval().requires_grad_(False), config)
         # After the restored weights: the engine serves the model as it is now.
         prompts = [e.prompt_ids for e in [*self.train_examples, *self.eval_examples]]
-        self.engine = make_engine(config, policy, self.tokenizer, prompts)
+        evaluates = bool(self.eval_examples) and runs_evaluation(config)
+        self.engine = make_engine(config, policy, self.tokenizer, prompts, evaluates=evaluates)
         self.rollout = sampler_for(config, self.tokenizer, self.agent)
         training = config.training
         optimizer = torch.optim.AdamW(

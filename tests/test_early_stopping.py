@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from rft.config import eval_interval, load_config
+from rft.config import eval_interval, load_config, runs_evaluation
 from rft.early_stopping import EarlyStopping
 from rft.trainer import Trainer
 from tests.conftest import REPO, tiny_recipe
@@ -58,6 +58,16 @@ def test_the_automatic_interval_gives_about_ten_evaluations(tiny_model_dir: Path
 
     assert [interval(steps) for steps in (2, 40, 200, 5000)] == [5, 5, 20, 50]
     assert interval(200, every=0) == 0 and interval(200, every=3) == 3
+
+
+def test_a_run_evaluates_when_any_evaluation_is_asked_for(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def evaluates(**eval_options: object) -> bool:
+        return runs_evaluation(load_config(raw=tiny_recipe(tiny_model_dir, tmp_path, eval=eval_options)))
+
+    never = {"before_training": False, "after_training": False, "every": 0}
+    assert not evaluates(**never)
+    assert evaluates(**{**never, "after_training": True}) and evaluates(**{**never, "every": 3})
+    assert evaluates(**{**never, "before_training": True}) and evaluates(**{**never, "every": None})
 
 
 def test_a_constant_reward_run_stops_early_and_ends_as_a_finished_one(

@@ -57,6 +57,8 @@ def test_the_run_sets_context_and_concurrent_sequences(tmp_path: Path) -> None:
     assert concurrent_sequences(config, samplers=2) == 3 * 4
     config = load_config(raw={**raw, "training": {**raw["training"], "prompts_per_step": 2}})
     assert concurrent_sequences(config) == 10
+    # An engine that never evaluates holds only a step's sequences: 2 prompts x 4.
+    assert concurrent_sequences(config, evaluates=False) == 8
     # The run's prompts known: its longest, not the cap, up to the end of its KV block (256 tokens).
     assert context_length(config, longest_prompt=31) == 100 + 20  # the cap is below a block
     long_prompts = load_config(raw={**raw, "data": {**raw["data"], "max_prompt_length": 2000}})

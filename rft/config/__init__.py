@@ -22,7 +22,7 @@ from rft.config.monitoring import (
     EvalConfig,
     MonitorConfig,
 )
-from rft.config.recipe import RecipeConfig, dump_config, eval_interval, recipe_warnings
+from rft.config.recipe import RecipeConfig, dump_config, eval_interval, recipe_warnings, runs_evaluation
 from rft.config.schema import FieldDoc, format_schema, schema_fields
 from rft.config.sections import (
     EMBEDDED_MODEL,
@@ -65,5 +65,6 @@ __all__ = [
     "format_schema",
     "load_config",
     "recipe_warnings",
+    "runs_evaluation",
     "schema_fields",
 ]

@@ -101,6 +101,11 @@ def eval_interval(config: RecipeConfig) -> int:
     return min(max(interval, AUTO_EVAL_MIN_INTERVAL), AUTO_EVAL_MAX_INTERVAL)
 
 
+def runs_evaluation(config: RecipeConfig) -> bool:
+    """Whether a training run evaluates at all: before, after or during training."""
+    return config.eval.before_training or config.eval.after_training or eval_interval(config) > 0
+
+
 def recipe_warnings(config: RecipeConfig, train_rows: int) -> list[str]:
     """What a valid recipe does that its author is unlikely to mean; the trainer logs each once, at start."""
     warnings = []

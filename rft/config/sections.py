@@ -36,6 +36,12 @@ class ModelConfig(Section):
         "auto", description="Weights and compute dtype. `auto`: bfloat16 on a GPU that supports it, else "
         "float32.",
     )
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="The update's forward passes under autocast (accelerate's mixed precision, TRL's "
+        "`bf16=True`): weights and optimizer stay in model.dtype, matmuls run in bf16 / fp16. Sampling is "
+        "unchanged. Faster on CPUs with bf16 units (AMX, AVX512-BF16) and GPUs. None: accelerate's setting "
+        "(`accelerate launch --mixed_precision`), else no.",
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory (GPU runs).")
     attn_implementation: str | None = Field(
         None, description="Passed to transformers (e.g. `sdpa`, `flash_attention_2`).",

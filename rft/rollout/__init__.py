@@ -71,13 +71,15 @@ def check_tensor_parallel(tensor_parallel_size: int, processes: int) -> None:
 
 
 def make_engine(
-    config: RecipeConfig, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]] = ()
+    config: RecipeConfig, model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequence[int]] = (),
+    evaluates: bool = True,
 ) -> RolloutEngine:
     """The recipe's engine, serving `model`'s current weights (a checkpoint, restored weights, the base).
 
     `prompts`: every prompt the run will sample (token ids), when known: vLLM's context is then sized
     to the longest rather than to `data.max_prompt_length`. Agent episodes render their own prompts
-    (tool instructions added), so for them the cap stays."""
+    (tool instructions added), so for them the cap stays. `evaluates`: whether the engine runs
+    evaluation batches, which vLLM's KV cache then holds at once (else only a training step's share)."""
     if choose_engine(config.rollout.engine) != "vllm":
         return TransformersEngine(model, tokenizer, batch_size=config.rollout.batch_size)
     require_vllm()
@@ -96,7 +98,9 @@ def make_engine(
     return VLLMEngine(
         model, tokenizer,
         model_path=resolve_model_path(config.model.name_or_path),
-        memory=engine_memory(config, text_config, dtype_bytes, samplers=samplers, longest_prompt=longest),
+        memory=engine_memory(
+            config, text_config, dtype_bytes, samplers=samplers, longest_prompt=longest, evaluates=evaluates
+        ),
         seed=config.training.seed,
         sleep_mode=rollout.vllm_sleep_mode,
         trust_remote_code=config.model.trust_remote_code,

@@ -100,9 +100,9 @@ def context_length(config: RecipeConfig, longest_prompt: int | None = None) -> i
     return min(blocks * KV_BLOCK_TOKENS, capped)
 
 
-def concurrent_sequences(config: RecipeConfig, samplers: int = 1) -> int:
-    """The most sequences one engine's `generate` call asks for: a training step's share or an evaluation
-    batch.
+def concurrent_sequences(config: RecipeConfig, samplers: int = 1, evaluates: bool = True) -> int:
+    """The most sequences one engine's `generate` call asks for: a training step's share or, when the
+    engine `evaluates`, an evaluation batch.
 
     A step samples `group_size` completions for each of `prompts_per_step` prompts, split over
     `samplers` engines (one per process, or per tensor-parallel group: the largest share is rounded
@@ -111,6 +111,8 @@ def concurrent_sequences(config: RecipeConfig, samplers: int = 1) -> int:
     (an upper bound: a greedy pass takes one) for each prompt of a batch of at most `max_eval_rows`.
     """
     training = math.ceil(config.training.prompts_per_step / samplers) * config.rollout.group_size
+    if not evaluates:
+        return training
     eval_prompts = [config.eval.batch_size]
     if config.data.max_eval_rows is not None:
         eval_prompts.append(config.data.max_eval_rows)
@@ -139,11 +141,12 @@ def startup_share(memory: EngineMemory, weight_bytes: int, device_bytes: int) ->
 
 def engine_memory(
     config: RecipeConfig, text_config: Any, dtype_bytes: int, samplers: int = 1,
-    longest_prompt: int | None = None,
+    longest_prompt: int | None = None, evaluates: bool = True,
 ) -> EngineMemory:
     """The recipe's vLLM memory for a model with this transformers config and dtype size, for one of
-    `samplers` engines that share a step's prompts (`longest_prompt`: see `context_length`)."""
-    max_num_seqs = min(concurrent_sequences(config, samplers), MAX_NUM_SEQS)
+    `samplers` engines that share a step's prompts (`longest_prompt`: see `context_length`; `evaluates`:
+    see `concurrent_sequences`)."""
+    max_num_seqs = min(concurrent_sequences(config, samplers, evaluates), MAX_NUM_SEQS)
     max_model_len = context_length(config, longest_prompt)
     share = memory_share(config.rollout)
     if share is not None:
