@@ -212,10 +212,10 @@ def test_launch_uploads_the_package_and_creates_the_job(tiny_recipe_file: Path, 
 
 def test_requirements_follow_the_engine() -> None:
     config = load_config(REPO / "recipes" / "gsm8k_grpo_lora_qwen05b.yaml")
-    lines = sourcedir.requirements(config, image=launcher.DEFAULT_IMAGE.format(region=REGION))
+    lines = sourcedir.requirements(config, launcher.DEFAULT_IMAGE.format(region=REGION))
     assert [line for line in lines if line.startswith(("vllm", "torch"))] == ["vllm==0.32.0", "torch==2.13.0"]
     config.rollout.engine = "transformers"
-    lines = sourcedir.requirements(config, image="my-registry/custom:latest")
+    lines = sourcedir.requirements(config, "my-registry/custom:latest")
     assert not any(line.startswith(("vllm", "torch")) for line in lines)
 
 

@@ -60,12 +60,12 @@ def gpu_instance(instance_type: str) -> bool:
     return re.match(r"ml\.[gp]\d", instance_type) is not None
 
 
-def requirements(config: RecipeConfig, gpu: bool = True, image: str | None = None) -> list[str]:
+def requirements(config: RecipeConfig, image: str, gpu: bool = True) -> list[str]:
     """This project's dependencies for the container on `image`: without torch (the container's CUDA
-    build stays), with vLLM when the recipe samples with it on a GPU instance (`rollout.engine` vllm,
-    or auto).
+    build stays), with the `vllm` extra when the recipe samples with vLLM on a GPU instance
+    (`rollout.engine` vllm, or auto).
 
-    With vLLM, the release built for the image's torch is pinned, with that torch beside it
+    vLLM itself is pinned to the release built for the image's torch, with that torch beside it
     (`rft.sagemaker.vllm_pins`); LaunchError, before anything uploads, when the image has none.
     """
     engine = config.rollout.engine
@@ -79,24 +79,33 @@ def requirements(config: RecipeConfig, gpu: bool = True, image: str | None = Non
     except metadata.PackageNotFoundError:
         raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies "
                           "are unknown") from None
-    lines = [_without_marker(requirement) for requirement in declared
-             if requirement.marker is None and requirement.name != "torch"]
-    if gpu and engine in ("vllm", "auto"):
-        supported = next(requirement.specifier for requirement in declared
-                         if requirement.name == "vllm" and requirement.marker is not None
-                         and requirement.marker.evaluate({"extra": "vllm"}))
-        try:
-            release, torch_version = vllm_for_image(image or "", supported)
-        except ValueError as exc:
-            raise LaunchError(
-                f"rollout.engine: {engine} on a GPU instance samples with vLLM, but the {exc}"
-            ) from None
-        lines += [f"vllm=={release}", f"torch=={torch_version}"]
-    return lines
+    # Markers other than `extra` stay, for pip to read in the container.
+    lines = [str(requirement) for requirement in declared
+             if _extra(requirement) is None and requirement.name != "torch"]
+    if not (gpu and engine in ("vllm", "auto")):
+        return lines
+    extra = [requirement for requirement in declared if _extra(requirement) == "vllm"]
+    supported = next(requirement.specifier for requirement in extra if requirement.name == "vllm")
+    try:
+        release, torch_version = vllm_for_image(image, supported)
+    except ValueError as exc:
+        raise LaunchError(
+            f"rollout.engine: {engine} on a GPU instance samples with vLLM, but the {exc}"
+        ) from None
+    lines += [_without_marker(requirement) for requirement in extra if requirement.name != "vllm"]
+    return [*lines, f"vllm=={release}", f"torch=={torch_version}"]
 
 
 def _without_marker(requirement: Requirement) -> str:
-    return str(requirement).partition(";")[0].strip()
+    unmarked = copy.copy(requirement)
+    unmarked.marker = None
+    return str(unmarked)
+
+
+def _extra(requirement: Requirement) -> str | None:
+    """The extra a declared requirement belongs to (None: a dependency of every install)."""
+    match = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", str(requirement.marker or ""))
+    return match.group(1) if match else None
 
 
 def _carry_file(source: Path, directory: Path, carried: dict[Path, str]) -> str:
@@ -140,13 +149,12 @@ def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, s
 
 
 def stage(recipe: Path, overrides: list[str], directory: Path, *,
-          accelerate_config: Path | None = None, gpu: bool = True,
-          image: str | None = None) -> SourcePackage:
+          image: str, accelerate_config: Path | None = None, gpu: bool = True) -> SourcePackage:
     """Validate the recipe and lay out the source directory; nothing leaves this machine here.
 
     `gpu`: the job's instances have GPUs; `image`: the training image (both for `requirements`)."""
     config = load_config(recipe, overrides)
-    needed = requirements(config, gpu, image)
+    needed = requirements(config, image, gpu)
     packaged = copy.deepcopy(config)
     root = project_root()
     for package in PACKAGES:
