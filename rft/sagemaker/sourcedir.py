@@ -18,8 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+
 from rft.config import EMBEDDED_MODEL, RecipeConfig, dump_config, load_config
 from rft.sagemaker.entry import ENTRY_SCRIPT
+from rft.sagemaker.vllm_pins import vllm_for_image
 
 PROJECT = "rft-trainer"
 PACKAGES = ("rft", "rewards", "environments")
@@ -57,13 +60,13 @@ def gpu_instance(instance_type: str) -> bool:
     return re.match(r"ml\.[gp]\d", instance_type) is not None
 
 
-def requirements(config: RecipeConfig, gpu: bool = True, container_torch: str | None = None) -> list[str]:
-    """This project's dependencies for the container: without torch (the container's CUDA build stays),
-    with vLLM when the recipe samples with it on a GPU instance (`rollout.engine` vllm, or auto).
+def requirements(config: RecipeConfig, image: str, gpu: bool = True) -> list[str]:
+    """This project's dependencies for the container on `image`: without torch (the container's CUDA
+    build stays), with the `vllm` extra when the recipe samples with vLLM on a GPU instance
+    (`rollout.engine` vllm, or auto).
 
-    With vLLM, `container_torch` (the container's torch version) is pinned beside it: pip then keeps
-    the container's CUDA torch and installs a vLLM built against it, or fails at install time naming
-    the conflict, instead of replacing torch with one that may not match the container's CUDA.
+    vLLM itself is pinned to the release built for the image's torch, with that torch beside it
+    (`rft.sagemaker.vllm_pins`); LaunchError, before anything uploads, when the image has none.
     """
     engine = config.rollout.engine
     if engine == "vllm" and not gpu:
@@ -71,23 +74,38 @@ def requirements(config: RecipeConfig, gpu: bool = True, container_torch: str | 
             "rollout.engine: vllm needs a GPU instance (ml.g*, ml.p*); on CPU instances use "
             "rollout.engine: transformers (or auto)"
         )
-    with_vllm = gpu and engine in ("vllm", "auto")
     try:
-        declared = metadata.requires(PROJECT) or []
+        declared = [Requirement(line) for line in metadata.requires(PROJECT) or []]
     except metadata.PackageNotFoundError:
         raise LaunchError(f"{PROJECT} is not installed (pip install -e . in the project): its dependencies "
                           "are unknown") from None
-    lines = []
-    for requirement in declared:
-        spec, _, marker = requirement.partition(";")
-        name = re.split(r"[<>=!~\[ ]", spec.strip(), maxsplit=1)[0]
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        wanted = extra is None or (extra.group(1) == "vllm" and with_vllm)
-        if wanted and name != "torch":
-            lines.append(spec.strip())
-    if with_vllm and container_torch is not None:
-        lines.append(f"torch=={container_torch}")
-    return lines
+    # Markers other than `extra` stay, for pip to read in the container.
+    lines = [str(requirement) for requirement in declared
+             if _extra(requirement) is None and requirement.name != "torch"]
+    if not (gpu and engine in ("vllm", "auto")):
+        return lines
+    extra = [requirement for requirement in declared if _extra(requirement) == "vllm"]
+    supported = next(requirement.specifier for requirement in extra if requirement.name == "vllm")
+    try:
+        release, torch_version = vllm_for_image(image, supported)
+    except ValueError as exc:
+        raise LaunchError(
+            f"rollout.engine: {engine} on a GPU instance samples with vLLM, but the {exc}"
+        ) from None
+    lines += [_without_marker(requirement) for requirement in extra if requirement.name != "vllm"]
+    return [*lines, f"vllm=={release}", f"torch=={torch_version}"]
+
+
+def _without_marker(requirement: Requirement) -> str:
+    unmarked = copy.copy(requirement)
+    unmarked.marker = None
+    return str(unmarked)
+
+
+def _extra(requirement: Requirement) -> str | None:
+    """The extra a declared requirement belongs to (None: a dependency of every install)."""
+    match = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", str(requirement.marker or ""))
+    return match.group(1) if match else None
 
 
 def _carry_file(source: Path, directory: Path, carried: dict[Path, str]) -> str:
@@ -131,13 +149,12 @@ def _carry_values(values: dict[str, Any], directory: Path, carried: dict[Path, s
 
 
 def stage(recipe: Path, overrides: list[str], directory: Path, *,
-          accelerate_config: Path | None = None, gpu: bool = True,
-          container_torch: str | None = None) -> SourcePackage:
+          image: str, accelerate_config: Path | None = None, gpu: bool = True) -> SourcePackage:
     """Validate the recipe and lay out the source directory; nothing leaves this machine here.
 
-    `gpu`: the job's instances have GPUs; `container_torch`: the container's torch version, when known
-    (both for `requirements`)."""
+    `gpu`: the job's instances have GPUs; `image`: the training image (both for `requirements`)."""
     config = load_config(recipe, overrides)
+    needed = requirements(config, image, gpu)
     packaged = copy.deepcopy(config)
     root = project_root()
     for package in PACKAGES:
@@ -152,7 +169,7 @@ def stage(recipe: Path, overrides: list[str], directory: Path, *,
         f"# {recipe.name} as launched, every setting resolved (rft sagemaker launch)\n"
         + dump_config(packaged)
     )
-    (directory / "requirements.txt").write_text("\n".join(requirements(config, gpu, container_torch)) + "\n")
+    (directory / "requirements.txt").write_text("\n".join(needed) + "\n")
     (directory / ENTRY_SCRIPT).write_text(ENTRY_SHIM)
     if accelerate_config is not None:
         if not accelerate_config.is_file():
