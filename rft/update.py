@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 
 from rft import algorithms, distributed, objective
 from rft.batch import Batch
@@ -317,6 +318,9 @@ class Updater:
             grad_norm = torch.sqrt(
                 sum((p.grad.float() ** 2).sum() for p in self.model.parameters() if p.grad is not None)
             )
+        if isinstance(grad_norm, DTensor):
+            # FSDP2: the norm of sharded gradients is a DTensor, which the metrics' gather cannot send.
+            grad_norm = grad_norm.full_tensor()
         # Each process holds its share of this update's loss: the shares add up to one update.
         sums.add(LOSS, update_loss, 1 / accelerator.num_processes)
         # Global and the same in every process (the mean over processes is the value). DeepSpeed

