@@ -22,6 +22,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 TIMEOUT_ENV = "RFT_DISTRIBUTED_TIMEOUT_S"
+# Set by `accelerate launch` for a DeepSpeed config (as the other ACCELERATE_USE_* for theirs).
+DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"
 # Long enough for a slow generation round or a checkpoint on one process while the others wait in a
 # collective; short enough that a job with a hung process dies within the hour instead of burning it.
 DEFAULT_TIMEOUT_S = 1800.0
@@ -50,21 +52,34 @@ def make_accelerator(**options: Any) -> Accelerator:
     launcher reports the failure. A process that dies outright is caught sooner: torchrun (and
     `accelerate launch`, which uses it) stops the others as soon as one exits with an error.
     `options` go to `Accelerator` (trackers, project directory, mixed precision).
+
+    DeepSpeed without CUDA (its CPU accelerator, over gloo): `accelerate` ignores DeepSpeed when told
+    `cpu=True` and would silently train with plain data parallelism instead, and without `cpu=True`
+    it finds no GPU backend and counts every process as process 0. Naming gloo avoids both.
     """
-    # Unset: accelerate's own setting (`accelerate launch --mixed_precision`), as Accelerator would read it.
-    precision = options.pop("mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = _mixed_precision(options.pop("mixed_precision", None))
+    cpu = not torch.cuda.is_available()
+    deepspeed_on_cpu = cpu and os.environ.get(DEEPSPEED_ENV, "false").lower() == "true"
+    process_group = InitProcessGroupKwargs(timeout=collective_timeout())
+    if deepspeed_on_cpu:
+        process_group = InitProcessGroupKwargs(backend="gloo", timeout=collective_timeout())
+    return Accelerator(
+        cpu=cpu and not deepspeed_on_cpu, kwargs_handlers=[process_group], mixed_precision=precision,
+        **options,
+    )
+
+
+def _mixed_precision(asked: str | None) -> str:
+    """The precision this process's Accelerator takes: `asked`, else accelerate's own setting
+    (`accelerate launch --mixed_precision`), as Accelerator would read it."""
+    precision = asked or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") != precision:
         # accelerate keeps the first Accelerator's precision for the whole process and refuses another;
         # a process may build several trainers (a notebook, the tests), each with its recipe's. The
         # process group (PartialState) is kept.
         AcceleratorState._reset_state()
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
-        mixed_precision=precision,
-        **options,
-    )
+    return precision
 
 
 def process_share(count: int, index: int, processes: int) -> slice:
@@ -129,7 +144,8 @@ def full_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[N
         import deepspeed
         from trl.models.utils import add_hooks, remove_hooks
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        with gathered, _transformers_unaware_of_zero3(accelerator):
             # ZeRO-3's per-module hooks would re-partition the gathered weights after each forward.
             remove_hooks(model)
             try:
@@ -139,6 +155,41 @@ def full_weights(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[N
         return
     with fsdp2_full_weights(model, bool(accelerator.state.fsdp_plugin.reshard_after_forward)):
         yield
+
+
+@contextmanager
+def whole_weights_loading(accelerator: Accelerator) -> Iterator[None]:
+    """Models loaded inside hold all their weights on every process; under ZeRO-3 as well.
+
+    Under ZeRO-3, transformers partitions every model as it loads (`deepspeed.zero.Init`, see
+    `_transformers_unaware_of_zero3`). That load is a collective, which deadlocks against
+    `local_main_process_first`, and its partitioned tensors are not what a checkpoint restore, the
+    reference model or the vLLM engine's copy can read. ZeRO-3 partitions the policy at `prepare`.
+    """
+    with _transformers_unaware_of_zero3(accelerator):
+        yield
+
+
+@contextmanager
+def _transformers_unaware_of_zero3(accelerator: Accelerator) -> Iterator[None]:
+    """transformers acts as without DeepSpeed inside: whole-weight loading, process-local `generate`.
+
+    accelerate (1.15) registers a ZeRO-3 config with transformers whatever its `zero3_init_flag`
+    says; transformers then loads under `deepspeed.zero.Init` and generates with `synced_gpus`
+    (an all-reduce per token), which hangs when processes make different numbers of `generate` calls.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if not (shards_parameters(accelerator) and plugin is not None):
+        yield
+        return
+    # Imported here: transformers' DeepSpeed integration is only wanted where DeepSpeed runs.
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
 
 
 def sampling_weights(

@@ -138,14 +138,15 @@ class Trainer:
     def _load_models(self, checkpoint: Path | None) -> None:
         """The policy (restored weights), the reference, the engine, the optimizer and its schedule."""
         config, accelerator = self.config, self.accelerator
-        with accelerator.local_main_process_first():
+        with accelerator.local_main_process_first(), distributed.whole_weights_loading(accelerator):
             policy, self.tokenizer = load_policy(config, accelerator.device)
         if checkpoint is not None:
             # Before `prepare`: FSDP2 / ZeRO-3 then shard the restored weights, DDP broadcasts them.
             load_policy_weights(checkpoint, policy)
         self.reference = None
         if config.algorithm.beta > 0 and not config.lora.enabled:
-            reference, _ = load_policy(config.base_model(), accelerator.device)
+            with distributed.whole_weights_loading(accelerator):
+                reference, _ = load_policy(config.base_model(), accelerator.device)
             self.reference = logprob_model(reference.eval().requires_grad_(False), config)
         # After the restored weights: the engine serves the model as it is now.
         prompts = [e.prompt_ids for e in [*self.train_examples, *self.eval_examples]]
