@@ -20,6 +20,8 @@ the same pool with its own seeded sampler.
 Engines:
     ours-transformers    our trainer, transformers `generate` rollouts
     ours-vllm            our trainer, colocated vLLM engine with in-process weight sync
+    ours-*-amp           the same, float32 weights and a bfloat16-autocast update (`model.mixed_precision`),
+                         as trl-transformers-amp; sampling stays in float32
     trl-transformers     TRL, transformers `generate` (its default generation path), weights in --dtype
     trl-transformers-amp TRL with its documented precision defaults: float32 weights, `bf16=True` autocast
     trl-transformers-cb  TRL, transformers continuous batching (`use_transformers_continuous_batching`)
@@ -69,7 +71,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 REWARD_SPEC = f"{REPO / 'rewards' / 'arithmetic.py'}:final_number_correct"
-OURS = ("ours-transformers", "ours-vllm")
+OURS = ("ours-transformers", "ours-vllm", "ours-transformers-amp", "ours-vllm-amp")
 TRL = ("trl-transformers", "trl-transformers-amp", "trl-transformers-cb", "trl-vllm")
 ENGINES = (*OURS, *TRL)
 DEFAULT_ENGINES = ("ours-transformers", "ours-vllm", "trl-transformers", "trl-vllm")
@@ -218,17 +220,18 @@ def run_ours(job: Job) -> dict[str, Any]:
     from rft.trainer import Trainer
 
     setting = job.setting
+    amp = job.engine.endswith("-amp")
     raw = {
         "model": {
-            "name_or_path": job.model, "dtype": job.dtype,
-            "gradient_checkpointing": job.gradient_checkpointing,
+            "name_or_path": job.model, "dtype": "float32" if amp else job.dtype,
+            "gradient_checkpointing": job.gradient_checkpointing, "mixed_precision": "bf16" if amp else "no",
         },
         "lora": {"enabled": job.lora, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": setting.train, "eval": setting.held_out},
         "rewards": [{"fn": REWARD_SPEC}],
         "algorithm": {"loss_agg": "token-mean", "beta": 0.0, "eps_low": 0.2, "eps_high": 0.2},
         "rollout": {
-            "engine": job.engine.removeprefix("ours-"), "group_size": setting.group_size,
+            "engine": job.engine.removeprefix("ours-").removesuffix("-amp"), "group_size": setting.group_size,
             "max_new_tokens": setting.max_new_tokens, "temperature": 1.0,
             **({} if job.vllm_memory is None else {"vllm_gpu_memory_utilization": job.vllm_memory}),
         },
@@ -237,7 +240,8 @@ def run_ours(job: Job) -> dict[str, Any]:
             "learning_rate": job.learning_rate, "seed": job.seed,
         },
         "output": {"run_dir": job.run_dir, "save_every": 0, "log_completions": 0},
-        "eval": {"before_training": False, "after_training": False},
+        # TRL evaluates nothing while it trains; the held-out reward is computed after, alike for both.
+        "eval": {"before_training": False, "after_training": False, "every": 0},
     }
     config = load_config(raw=raw)
     final_evaluation = held_out_evaluation(job)
@@ -255,8 +259,8 @@ def run_ours(job: Job) -> dict[str, Any]:
         }
         for r in records
     ]
-    final_reward = final_evaluation(trainer.policy) if final_evaluation else None
     trainer.engine.close()
+    final_reward = final_evaluation(trainer.policy) if final_evaluation else None
     return summarise(job, steps, startup, final_reward)
 
 
