@@ -132,6 +132,7 @@ class Job:
     seed: int
     threads: int | None
     vllm_memory: float | None  # None: ours sizes its KV cache to the run, TRL takes its default share
+    max_tokens_per_micro_batch: int | None  # ours only: TRL batches by rows
     run_dir: str
 
 
@@ -238,6 +239,7 @@ def run_ours(job: Job) -> dict[str, Any]:
         "training": {
             "steps": setting.steps, "prompts_per_step": setting.prompts_per_step,
             "learning_rate": job.learning_rate, "seed": job.seed,
+            "max_tokens_per_micro_batch": job.max_tokens_per_micro_batch,
         },
         "output": {"run_dir": job.run_dir, "save_every": 0, "log_completions": 0},
         # TRL evaluates nothing while it trains; the held-out reward is computed after, alike for both.
@@ -683,6 +685,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="vLLM memory share for ours-vllm and trl-vllm (of GPU memory; of RAM on CPU); default: ours "
         f"sizes its KV cache to the run (rft.rollout.vllm_memory), TRL {TRL_VLLM_MEMORY}",
     )
+    parser.add_argument(
+        "--max-tokens-per-micro-batch", type=positive_int,
+        help="our side's token budget per forward/backward (training.max_tokens_per_micro_batch); TRL has no "
+        "equivalent (it splits by rows), so it is reported in the header",
+    )
     parser.add_argument("--out", type=Path, help="write bench_vs_trl.json and bench_vs_trl.md here")
     parser.add_argument(
         "--keep", type=Path, help="keep run folders and child logs here (default: a temporary folder)"
@@ -739,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                         gradient_checkpointing=args.gradient_checkpointing, device=args.device,
                         seed=args.seed, threads=args.threads,
                         vllm_memory=args.vllm_memory, run_dir=str(scratch / label),
+                        max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                     )
                     results.append({**run_child(job, scratch, label), "repeat": repeat})
     header = (
@@ -747,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         f"weights {args.dtype}, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} on both sides, "
         f"{args.threads or 'default'} torch threads, seed {args.seed}, "
+        f"our token budget per micro-batch {args.max_tokens_per_micro_batch or 'none'}, "
         f"{args.repeats} interleaved run{'s' if args.repeats > 1 else ''} per engine"
     )
     table = format_results(results, settings, header)
