@@ -7,6 +7,7 @@ import importlib
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 from rft.config import EMBEDDED_MODEL, ConfigError, format_schema, load_config, schema_fields
@@ -45,6 +46,7 @@ def resume_target(resume: str | None) -> str | bool | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     # Imported here: they load torch and transformers, which no other command needs.
     from rft.interrupt import TrainingInterrupted, raise_on_sigterm
     from rft.trainer import Trainer
@@ -66,9 +68,16 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"run directory: {config.run_dir}  (rollout engine: {results['engine']})")
+    print(f"time: {_minutes(results['steps_s'])} training, {_minutes(time.perf_counter() - started)} in all "
+          "(start-up and evaluations included)")
     if "held_out_change" in results:
         print(f"held-out mean reward, base -> trained: {results['held_out_change']}")
     return 0
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def _prepare_model(args: argparse.Namespace) -> int:

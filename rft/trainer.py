@@ -8,6 +8,7 @@ maths, `objective` above all), `rft.runlog` (every file of the run folder), `rft
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,9 @@ class Trainer:
             if self.early_stopping is not None:
                 self.early_stopping.observe(0, results["before"])
         stop = StopOnSignal(self.accelerator)
+        started = time.perf_counter()
         self._steps(stop, results)
+        results["steps_s"] = time.perf_counter() - started
         if stop.stopped_by is not None:
             self._stop(stop.stopped_by, self.step)
         if "early_stopped" in results and not self._saves_at(self.step):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -393,3 +394,29 @@ def test_a_sigterm_on_one_of_two_processes_stops_both_after_the_same_step(
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert [row["step"] for row in _rows(tmp_path / "run")] == [1, 2, 3]
     assert (tmp_path / "run" / "final" / ADAPTER).exists()
+
+
+def test_rft_train_prints_the_training_time_and_the_whole_commands(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rft.cli import main
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"steps": 2})
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    started = time.perf_counter()
+    assert main(["train", str(recipe_file)]) == 0
+    elapsed = time.perf_counter() - started
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time: ")]
+    training, whole = (_seconds(part) for part in line.removeprefix("time: ").split(", "))
+    # The steps' time is part of the command's, and the command's is what the caller saw (rounded).
+    assert training <= whole <= round(elapsed) and line.endswith("in all (start-up and evaluations included)")
+    step_seconds = sum(row["time/step"] for row in _rows(tmp_path / "run"))
+    assert abs(training - step_seconds) <= 1
+
+
+def _seconds(printed: str) -> int:
+    """`2 min 5 s training` -> 125."""
+    match = re.match(r"(?:(\d+) min )?(\d+) s", printed)
+    assert match, printed
+    return int(match[1] or 0) * 60 + int(match[2])
