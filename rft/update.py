@@ -85,7 +85,8 @@ def partition(
     """This process's micro-batches (one forward/backward each) of each mini-batch (one optimizer update).
 
     Mini-batches are cut from the global batch the same way in every process; each process takes
-    its share of every mini-batch. A micro-batch holds at most `micro_batch_size` sequences and, with
+    its share of every mini-batch, of about equal tokens by `cost` (`balanced_shares`; of equal
+    sequence counts without it). A micro-batch holds at most `micro_batch_size` sequences and, with
     `max_tokens`, at most that many tokens by `cost`, so that long and short sequences cost what they
     hold. Shares may differ by a sequence or, under dynamic sampling, be
     empty, so a process short of micro-batches gets padding ones (an empty index list): every
@@ -96,13 +97,41 @@ def partition(
     result = []
     for start in range(0, size, per_mini):
         mini = list(range(start, min(start + per_mini, size)))
-        shares = [mini[distributed.process_share(len(mini), rank, processes)] for rank in range(processes)]
+        shares = (
+            balanced_shares(mini, processes, cost) if cost is not None
+            else [mini[distributed.process_share(len(mini), rank, processes)] for rank in range(processes)]
+        )
         # Every process holds the global batch: each computes every process's count of passes.
         micros_of = [_micro_batches(share, micro_batch_size, max_tokens, cost) for share in shares]
         passes = max(len(micros) for micros in micros_of)
         micros = micros_of[process_index]
         result.append(micros + [[]] * (passes - len(micros)))
     return result
+
+
+def balanced_shares(indices: list[int], processes: int, cost: TokenCost) -> list[list[int]]:
+    """`indices` cut in order into `processes` shares of about equal tokens, each sequence counted alone
+    by `cost`: a process given the long completions would keep the others waiting at every collective.
+
+    Each cut falls where its share's tokens come closest to an equal split of what remains (a tie goes
+    to the larger share): equal sequences split into counts that differ by at most one. The shares
+    stay contiguous so that a group's sequences stay together and share their prompt.
+    """
+    sizes = [cost([index]) for index in indices]
+    shares, start = [], 0
+    for part in range(processes):
+        remaining_parts, remaining = processes - part, sum(sizes[start:])
+        end, total = start, 0
+        # Take the next sequence while that brings the share closer to remaining / remaining_parts
+        # (in integers: 2 * total + size <= 2 * remaining / remaining_parts); the last share takes the rest.
+        while end < len(sizes) and (
+            remaining_parts == 1 or (2 * total + sizes[end]) * remaining_parts <= 2 * remaining
+        ):
+            total += sizes[end]
+            end += 1
+        shares.append(indices[start:end])
+        start = end
+    return shares
 
 
 def padded_tokens(batch: Batch, share_prompts: bool) -> TokenCost:

@@ -15,7 +15,7 @@ from rft.config import ConfigError
 from rft.metrics import Reduction, finish, pool, sample_std
 from rft.runlog import LOG_NAMES, METRICS_NAME, check_logs, cut_back
 from rft.timing import marked_timer
-from rft.update import collate, padded_tokens, partition
+from rft.update import balanced_shares, collate, padded_tokens, partition
 
 
 # ---------------------------------------------------------------- partition
@@ -53,12 +53,37 @@ def test_partition_under_a_token_budget() -> None:
                      cost=tokens) == [[[0, 1], [2], [3], [4]]]
     assert partition(5, mini_batches=1, micro_batch_size=1, process_index=0, processes=1, max_tokens=100,
                      cost=tokens) == [[[0], [1], [2], [3], [4]]]
-    # Two processes, shares [0, 1, 2] and [3, 4] of 8 tokens at most: [0, 1], [2] and [3, 4] -> 2 passes
-    # each, the second's last a padding one.
+    # Two processes: shares of equal tokens, [0, 1] and [2, 3, 4] (8 each), one pass each under a budget
+    # of 8; equal row counts ([0, 1, 2] and [3, 4]) would have cost 2 passes each.
     lengths[3] = 2
     shares = [partition(5, mini_batches=1, micro_batch_size=4, process_index=rank, processes=2, max_tokens=8,
                         cost=tokens) for rank in (0, 1)]
-    assert shares == [[[[0, 1], [2]]], [[[3, 4], []]]]
+    assert shares == [[[[0, 1]]], [[[2, 3, 4]]]]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "processes", "expected"),
+    [
+        # Equal sequences split as equal counts (a tie to the larger share).
+        ([3] * 5, 2, [[0, 1, 2], [3, 4]]),
+        ([3] * 16, 2, [list(range(8)), list(range(8, 16))]),
+        ([3] * 10, 3, [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]),
+        # One long completion: its process takes fewer sequences (tokens 100 / 4 + 4 + ...).
+        ([100, 1, 1, 1, 1], 2, [[0], [1, 2, 3, 4]]),
+        ([1, 1, 1, 1, 100], 2, [[0, 1, 2, 3], [4]]),
+        # Long and short groups of 4 over 2 processes: 4 x 10 + 4 x 1 = 44 tokens, 22 each at best.
+        ([10, 10, 10, 10, 1, 1, 1, 1], 2, [[0, 1], [2, 3, 4, 5, 6, 7]]),
+        # More processes than sequences: the last get nothing (padding passes).
+        ([5, 5], 3, [[0], [1], []]),
+        ([], 2, [[], []]),
+    ],
+)
+def test_balanced_shares_split_tokens_evenly_in_order(
+    lengths: list[int], processes: int, expected: list[list[int]]
+) -> None:
+    shares = balanced_shares(list(range(len(lengths))), processes, lambda rows: sum(lengths[i] for i in rows))
+    assert shares == expected
+    assert [index for share in shares for index in share] == list(range(len(lengths)))
 
 
 def test_padded_tokens_counts_a_shared_prompt_once() -> None:
