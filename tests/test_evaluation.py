@@ -411,6 +411,6 @@ def test_a_recipe_without_held_out_data_trains_and_says_so_once(
     del recipe["data"]["eval"], recipe["data"]["max_eval_rows"]
     with caplog.at_level("INFO"):
         results = Trainer(load_config(raw=recipe)).train()
-    assert results == {"engine": "transformers"}
+    assert results.pop("steps_s") > 0 and results == {"engine": "transformers"}
     said = [r for r in caplog.records if "trains without evaluation" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "WARNING"
