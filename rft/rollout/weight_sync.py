@@ -32,15 +32,22 @@ def _layer_key(name: str, fused_groups: dict[str, str]) -> tuple[str, str]:
 
 @contextmanager
 def _gathered(parameters: list[torch.Tensor]) -> Iterator[None]:
-    """DeepSpeed ZeRO-3's partitioned parameters among `parameters` whole inside (a collective)."""
+    """DeepSpeed ZeRO-3's partitioned parameters among `parameters` whole inside (a collective).
+
+    Parameters an enclosing `_gathered` holds whole already are left to it: DeepSpeed refuses to
+    gather one parameter in two nested contexts (a LoRA layer's base weight, see `_merged_weight`).
+    """
     partitioned = [p for p in parameters if hasattr(p, "ds_id")]
     if not partitioned:
         yield
         return
     # Imported here: an optional dependency, present only where ZeRO-3 runs.
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    with deepspeed.zero.GatheredParameters(partitioned):
+    with deepspeed.zero.GatheredParameters(
+        [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    ):
         yield
 
 
