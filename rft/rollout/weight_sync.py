@@ -8,7 +8,7 @@ ones to push: those that can change plus the other parts of every fused layer th
 Sharded weights (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions) are gathered when their thunk
 runs, one tensor at a time, so no process ever holds the whole model: each gather is a collective,
 so every process must call the same thunks in the same order (the trainer's processes all sync the
-same plan). ZeRO-3's path is untested here (DeepSpeed is not installed on the CPU machines).
+same plan). tests/test_vllm_distributed.py runs both (ZeRO-3 on CPU over gloo).
 """
 
 from __future__ import annotations
