@@ -88,8 +88,8 @@ def partition(
     its share of every mini-batch, of about equal tokens by `cost` (`balanced_shares`; of equal
     sequence counts without it). A micro-batch holds at most `micro_batch_size` sequences and, with
     `max_tokens`, at most that many tokens by `cost`, so that long and short sequences cost what they
-    hold. Shares may differ by a sequence or, under dynamic sampling, be
-    empty, so a process short of micro-batches gets padding ones (an empty index list): every
+    hold. Shares may hold different numbers of sequences (or, under dynamic sampling, none), so a
+    process short of micro-batches gets padding ones (an empty index list): every
     process must run as many forward/backward passes as the others, since each pass holds
     collectives (DDP's gradient all-reduce and buffer broadcast, FSDP2 / ZeRO-3 parameter gathers).
     """
